@@ -1,0 +1,25 @@
+# `make run`: set up .venv and run the default pipeline; `make test`: set up .venv and run the test suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export MALLOC_MMAP_THRESHOLD_ := 16777216
+export MALLOC_TRIM_THRESHOLD_ := 1073741824
+
+.PHONY: run test setup clean-outputs
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+run: setup
+	$(BIN)/landscape run
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean-outputs:
+	rm -rf artifacts reports/tables reports/metrics.json

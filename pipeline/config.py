@@ -1,0 +1,300 @@
+"""Typed, validated configuration: one frozen dataclass per ``params.yaml`` section.
+
+Every field declares its type, its allowed range or names, and its unit (``unit`` in the field metadata, mirrored
+by the comment beside it in ``params.yaml``). Loading fails before any compute with a :class:`ConfigError` whose
+message names the dotted key and what is allowed, e.g. ``train.lr: must be > 0, got -0.1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+DATASETS = ("digits", "synthetic", "cifar10", "mnist", "fashion_mnist")
+MODELS = ("mlp", "resnet20", "resnet20_noshort")
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("constant", "step", "cosine")
+ACTIVATIONS = ("relu", "tanh", "gelu", "elu")
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+_RUN_NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range.
+
+    ``str(error)`` is one line: ``<dotted key>: <what is wrong and what is allowed>``.
+    """
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        self.message = message
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+def spec(default: Any, *, unit: str = "", ge=None, gt=None, le=None, lt=None, choices=None, pattern=None):
+    """A dataclass field with its validation rules and unit kept in the metadata."""
+    meta = dict(unit=unit, ge=ge, gt=gt, le=le, lt=lt, choices=choices, pattern=pattern)
+    if isinstance(default, (list, dict)):
+        raise TypeError("use tuples for sequence defaults so that configs stay frozen")
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """``data`` section: which dataset, how it is split, and the fixed probe subset."""
+
+    dataset: str = spec("digits", choices=DATASETS)  # name
+    root: str = spec("data/raw")  # folder holding torchvision datasets (cifar10, mnist, fashion_mnist)
+    download: bool = spec(False)  # allow torchvision to download into `root` (needs internet)
+    test_fraction: float = spec(0.25, gt=0.0, lt=1.0, unit="fraction of samples")  # digits/synthetic only
+    train_samples: int = spec(0, ge=0, unit="samples")  # keep a stratified subset of the train split; 0 = all
+    probe_size: int = spec(512, ge=1, unit="samples")  # fixed probe subset of the train split (curvature, scans)
+    seed: int = spec(0, ge=0)  # split, subset and probe selection
+    synthetic_samples: int = spec(600, ge=4, unit="samples")  # synthetic only: train + test
+    synthetic_classes: int = spec(3, ge=2, unit="classes")  # synthetic only
+    synthetic_size: int = spec(8, ge=1, unit="pixels per side")  # synthetic only
+    synthetic_channels: int = spec(1, ge=1, unit="channels")  # synthetic only
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``model`` section: architecture hyper-parameters shared by the runs (a run may override them)."""
+
+    mlp_depth: int = spec(2, ge=0, unit="hidden layers")
+    mlp_width: int = spec(128, ge=1, unit="units per hidden layer")
+    mlp_activation: str = spec("relu", choices=ACTIVATIONS)  # name
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``train`` section: optimiser, schedule, checkpointing and logging (a run may override any key)."""
+
+    epochs: int = spec(30, ge=1, unit="epochs")
+    batch_size: int = spec(64, ge=1, unit="samples per step")
+    optimizer: str = spec("sgd", choices=OPTIMIZERS)  # name
+    lr: float = spec(0.05, gt=0.0, unit="learning rate per step (peak of the schedule)")
+    momentum: float = spec(0.9, ge=0.0, lt=1.0, unit="SGD heavy-ball coefficient")
+    nesterov: bool = spec(False)  # SGD only; needs momentum > 0
+    weight_decay: float = spec(5e-4, ge=0.0, unit="L2 coefficient added to the gradient")
+    adam_beta1: float = spec(0.9, ge=0.0, lt=1.0)  # Adam only
+    adam_beta2: float = spec(0.999, ge=0.0, lt=1.0)  # Adam only
+    schedule: str = spec("cosine", choices=SCHEDULES)  # name
+    milestones: tuple[int, ...] = spec((), unit="epochs")  # step schedule: epochs at which lr *= gamma
+    gamma: float = spec(0.1, gt=0.0, le=1.0, unit="factor per milestone")  # step schedule
+    checkpoint_every: int = spec(5, ge=1, unit="epochs")  # plus the init and final checkpoints
+    log_every: int = spec(0, ge=0, unit="steps")  # extra per-step history rows; 0 = per-epoch rows only
+    eval_batch_size: int = spec(1024, ge=1, unit="samples per forward")  # evaluation only; results do not change
+    seed: int = spec(0, ge=0)  # initialisation and batch order
+    device: str = spec("auto", pattern=_DEVICE_PATTERN)  # auto (CUDA when present, else CPU), cpu, cuda, cuda:N
+
+    def __post_init__(self):
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0.0):
+            raise ConfigError("train.nesterov", "needs optimizer: sgd and momentum > 0")
+        if list(self.milestones) != sorted(set(self.milestones)) or any(m < 1 for m in self.milestones):
+            raise ConfigError("train.milestones", f"must be strictly increasing epochs >= 1, got {list(self.milestones)}")
+        if self.schedule == "step" and not self.milestones:
+            raise ConfigError("train.milestones", "schedule: step needs at least one milestone (epochs)")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One training run (``runs.<name>``): an architecture plus its resolved model and train settings."""
+
+    name: str
+    model_name: str
+    model: ModelConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "model_name": self.model_name,
+                "model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole validated ``params.yaml``."""
+
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    runs: tuple[RunConfig, ...]
+
+    def run(self, name: str) -> RunConfig:
+        for run in self.runs:
+            if run.name == name:
+                return run
+        raise ConfigError("runs", f"no run named {name!r}; defined: {', '.join(r.name for r in self.runs)}")
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _check_value(key: str, tp, value: Any, meta: Mapping[str, Any]) -> Any:
+    """Check one scalar or sequence value against its declared type and metadata; return the coerced value."""
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        item_type = typing.get_args(tp)[0]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"expected a list of {_type_name(item_type)[2:]}s, got {value!r}")
+        return tuple(_check_value(f"{key}[{i}]", item_type, v, meta) for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    # bool is a subclass of int: never accept it where a number is expected, nor a number where a bool is.
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, tp)
+    if not ok:
+        raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        raise ConfigError(key, f"unknown name {value!r}; allowed: {', '.join(meta['choices'])}")
+    if meta.get("pattern") is not None and not meta["pattern"].match(value):
+        raise ConfigError(key, f"invalid value {value!r}; allowed: auto, cpu, cuda, cuda:N, mps")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(key, f"must be finite, got {value!r}")
+        for bound, op, text in (("ge", lambda a, b: a >= b, ">="), ("gt", lambda a, b: a > b, ">"),
+                                ("le", lambda a, b: a <= b, "<="), ("lt", lambda a, b: a < b, "<")):
+            limit = meta.get(bound)
+            if limit is not None and not op(value, limit):
+                raise ConfigError(key, f"must be {text} {limit}, got {value!r}")
+    return value
+
+
+def build_section(cls: type, raw: Any, prefix: str, base: Any = None):
+    """Build the frozen dataclass ``cls`` from the mapping ``raw``; keys missing in ``raw`` come from ``base``.
+
+    Raises:
+        ConfigError: naming ``prefix.key`` for unknown keys, wrong types and out-of-range values.
+    """
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(prefix, f"expected a mapping of keys to values, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(f"{prefix}.{key}", f"unknown key; allowed: {', '.join(fields)}")
+    values = {}
+    for name, f in fields.items():
+        if name in raw:
+            values[name] = _check_value(f"{prefix}.{name}", hints[name], raw[name], f.metadata)
+        elif base is not None:
+            values[name] = getattr(base, name)
+    try:
+        return cls(**values)
+    except ConfigError as err:  # cross-field checks name the section key; re-prefix for run overrides
+        if prefix.startswith("runs."):
+            raise ConfigError(prefix + "." + err.key.split(".", 1)[1], err.message) from None
+        raise
+
+
+def _build_runs(raw: Any, model: ModelConfig, train: TrainConfig) -> tuple[RunConfig, ...]:
+    if not isinstance(raw, Mapping) or not raw:
+        raise ConfigError("runs", "expected a non-empty mapping of run names to {model: NAME, <train/model overrides>}")
+    runs = []
+    model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    for name, entry in raw.items():
+        key = f"runs.{name}"
+        if not isinstance(name, str) or not _RUN_NAME_PATTERN.match(name):
+            raise ConfigError(key, "run names start with a letter and use letters, digits, '_' and '-'")
+        if not isinstance(entry, Mapping):
+            raise ConfigError(key, f"expected a mapping with at least 'model', got {entry!r}")
+        if "model" not in entry:
+            raise ConfigError(f"{key}.model", f"missing; allowed: {', '.join(MODELS)}")
+        model_name = _check_value(f"{key}.model", str, entry["model"], {"choices": MODELS})
+        overrides = {k: v for k, v in entry.items() if k != "model"}
+        for k in overrides:
+            if k not in model_keys and k not in train_keys:
+                allowed = ["model", *sorted(model_keys), *sorted(train_keys)]
+                raise ConfigError(f"{key}.{k}", f"unknown key; allowed: {', '.join(allowed)}")
+        run_model = build_section(ModelConfig, {k: v for k, v in overrides.items() if k in model_keys}, key, model)
+        run_train = build_section(TrainConfig, {k: v for k, v in overrides.items() if k in train_keys}, key, train)
+        runs.append(RunConfig(name=name, model_name=model_name, model=run_model, train=run_train))
+    return tuple(runs)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Read YAML 1.2 (as DVC does: ``5e-4`` is a number), raising ConfigError for a missing or malformed file."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("", f"{path}: file not found")
+    try:
+        return YAML(typ="safe", pure=True).load(path.read_text())
+    except YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError("", f"{path}: not valid YAML{where}: {problem}") from None
+
+
+def parse_params(raw: Any) -> Params:
+    """Validate a parsed ``params.yaml`` mapping and return the typed :class:`Params`."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError("", f"expected a mapping of sections ({', '.join([*SECTIONS, 'runs'])}), got {type(raw).__name__}")
+    allowed = [*SECTIONS, "runs"]
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(str(key), f"unknown section; allowed: {', '.join(allowed)}")
+    sections = {name: build_section(cls, raw.get(name), name) for name, cls in SECTIONS.items()}
+    if "runs" not in raw:
+        raise ConfigError("runs", "missing; define at least one run, e.g. runs: {mlp: {model: mlp}}")
+    runs = _build_runs(raw["runs"], sections["model"], sections["train"])
+    return Params(runs=runs, **sections)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``.
+
+    Raises:
+        ConfigError: one line naming the file or the dotted key and what is allowed.
+    """
+    return parse_params(read_yaml(path))
+
+
+def resolve_device(name: str) -> str:
+    """Map ``train.device`` to a concrete torch device string; a missing accelerator is a ConfigError."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device", f"{name!r} requested but no CUDA device is available; allowed here: auto, cpu")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError("train.device", f"{name!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+    if name == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError("train.device", "'mps' requested but not available; allowed here: auto, cpu")
+    return name

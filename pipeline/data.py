@@ -1,0 +1,282 @@
+"""Datasets: load, split, standardise and fix the probe subset, deterministically from a :class:`DataConfig`.
+
+Images are kept in their stored form (uint8 for image datasets, float32 for the synthetic one) and standardised on
+demand with ``(x.float() - mean) / std``, where mean and std come from the train split only. The same config gives
+bitwise-identical tensors (and fingerprint) in any process; nothing is downloaded unless ``data.download`` is true.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pipeline.config import DataConfig
+
+_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+_CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
+
+
+class DataError(RuntimeError):
+    """A dataset cannot be prepared or loaded; ``str(error)`` is one line naming the key or file and the fix."""
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: tensors have no boolean equality
+class PreparedData:
+    """A split dataset in stored form plus its train-split statistics and the fixed probe subset."""
+
+    name: str
+    x_train: Tensor  # [N, C, H, W] uint8 (images) or float32 (synthetic)
+    y_train: Tensor  # int64 [N]
+    x_test: Tensor  # [M, C, H, W], same dtype as x_train
+    y_test: Tensor  # int64 [M]
+    mean: Tensor  # float32 [C, H, W] (per pixel) or [C, 1, 1] (per channel)
+    std: Tensor  # float32, same shape as mean, zeros replaced by 1
+    probe_index: Tensor  # int64 [P], sorted distinct rows of the train split
+    num_classes: int
+    config: DataConfig | None = None  # the config that produced it (recorded in meta.json; not fingerprinted)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """Shape of one sample, (C, H, W)."""
+        c, h, w = self.x_train.shape[1:]
+        return int(c), int(h), int(w)
+
+    def standardise(self, x: Tensor) -> Tensor:
+        """Return ``(x.float() - mean) / std`` as float32 (x in stored form, [B, C, H, W])."""
+        return (x.float() - self.mean) / self.std
+
+    def train_tensors(self) -> tuple[Tensor, Tensor]:
+        """Returns: standardised float32 train images [N, C, H, W] and int64 labels [N]."""
+        return self.standardise(self.x_train), self.y_train
+
+    def test_tensors(self) -> tuple[Tensor, Tensor]:
+        """Returns: standardised float32 test images [M, C, H, W] and int64 labels [M]."""
+        return self.standardise(self.x_test), self.y_test
+
+    def probe_tensors(self) -> tuple[Tensor, Tensor]:
+        """Returns: the probe rows of the standardised train split, [P, C, H, W] float32 and [P] int64."""
+        return self.standardise(self.x_train[self.probe_index]), self.y_train[self.probe_index]
+
+    def fingerprint(self) -> str:
+        """Returns: sha256 hex digest over the name, num_classes and every tensor's dtype, shape and bytes."""
+        digest = hashlib.sha256(f"{self.name}|{self.num_classes}".encode())
+        for field_name in _TENSOR_FIELDS:
+            t = getattr(self, field_name).contiguous()
+            digest.update(f"|{field_name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            digest.update(t.numpy().tobytes())
+        return digest.hexdigest()
+
+
+_TENSOR_FIELDS = ("x_train", "y_train", "x_test", "y_test", "mean", "std", "probe_index")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Raw datasets: each returns (x_train, y_train, x_test, y_test, num_classes, per_pixel_stats)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _stratified_split(x: Tensor, y: Tensor, cfg: DataConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fixed stratified train/test split (sklearn, random_state=cfg.seed); each part keeps the original order."""
+    from sklearn.model_selection import train_test_split
+
+    try:
+        train_idx, test_idx = train_test_split(np.arange(len(y)), test_size=cfg.test_fraction,
+                                               stratify=y.numpy(), random_state=cfg.seed)
+    except ValueError as err:  # e.g. fewer test samples than classes
+        raise DataError(f"data.test_fraction: cannot split {len(y)} samples stratified with test_fraction "
+                        f"{cfg.test_fraction}: {str(err).splitlines()[0]}") from None
+    train_idx, test_idx = torch.from_numpy(np.sort(train_idx)), torch.from_numpy(np.sort(test_idx))
+    return x[train_idx], y[train_idx], x[test_idx], y[test_idx]
+
+
+def _load_digits(cfg: DataConfig):
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()  # bundled with scikit-learn: 1797 images 8x8, values 0..16
+    x = torch.from_numpy(bunch.images.astype(np.uint8)).unsqueeze(1)  # [1797, 1, 8, 8]
+    y = torch.from_numpy(bunch.target.astype(np.int64))
+    return (*_stratified_split(x, y, cfg), 10, True)
+
+
+def _make_synthetic(cfg: DataConfig):
+    g = torch.Generator().manual_seed(cfg.seed)
+    shape = (cfg.synthetic_channels, cfg.synthetic_size, cfg.synthetic_size)
+    y = torch.arange(cfg.synthetic_samples, dtype=torch.int64) % cfg.synthetic_classes  # balanced classes
+    class_means = torch.randn((cfg.synthetic_classes, *shape), generator=g)
+    x = class_means[y] + torch.randn((cfg.synthetic_samples, *shape), generator=g)  # float32 [N, C, S, S]
+    return (*_stratified_split(x, y, cfg), cfg.synthetic_classes, False)
+
+
+def _load_torchvision(cfg: DataConfig):
+    """Official train/test splits of CIFAR-10, MNIST or FashionMNIST from ``cfg.root`` as uint8 NCHW."""
+    from torchvision import datasets
+
+    root = cfg.root
+    if cfg.dataset == "cifar10":
+        label, folder, files = "CIFAR-10", os.path.join(root, "cifar-10-batches-py"), _CIFAR_FILES
+        hint = f"extract cifar-10-python.tar.gz into {root}"
+
+        class FilesCIFAR10(datasets.CIFAR10):
+            """CIFAR10 that checks the batch files exist instead of their md5 (the data are read identically)."""
+
+            meta = {**datasets.CIFAR10.meta, "md5": None}  # check_integrity(path, None) only tests existence
+
+            def _check_integrity(self) -> bool:
+                return all(os.path.isfile(os.path.join(self.root, self.base_folder, f)) for f in _CIFAR_FILES)
+
+        cls = FilesCIFAR10
+    else:
+        cls = datasets.MNIST if cfg.dataset == "mnist" else datasets.FashionMNIST
+        label = "MNIST" if cfg.dataset == "mnist" else "FashionMNIST"
+        folder, files = os.path.join(root, cls.__name__, "raw"), _MNIST_FILES
+        hint = f"uncompressed idx files; gunzip the {label} .gz downloads into {folder}"
+    expected = f"expected {folder}/{{{','.join(files)}}} ({hint}) or set data.download: true"
+    if cfg.dataset == "cifar10":  # shorter, as the files are numbered
+        expected = expected.replace(",".join(files[:5]), "data_batch_1..5")
+    if not cfg.download and not all(os.path.isfile(os.path.join(folder, f)) for f in files):
+        raise DataError(f"data.root: {label} not found: {expected}")
+    try:
+        train, test = cls(root, train=True, download=cfg.download), cls(root, train=False, download=cfg.download)
+    except Exception as err:  # network errors, truncated or foreign files; torchvision messages may span lines
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(f"data.root: could not load {label} from {root} ({first}); {expected}") from None
+
+    def to_nchw(ds) -> tuple[Tensor, Tensor]:
+        if cfg.dataset == "cifar10":  # .data is a numpy NHWC uint8 array
+            x = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+        else:  # .data is a uint8 tensor [N, 28, 28]
+            x = ds.data.to(torch.uint8).unsqueeze(1).contiguous()
+        return x, torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
+
+    return (*to_nchw(train), *to_nchw(test), len(train.classes), False)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Subset, statistics, probe
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _stratified_subset(y: Tensor, n: int, seed: int) -> Tensor:
+    """Sorted indices of n samples whose class counts are the proportional quotas rounded by largest remainder."""
+    classes, counts = torch.unique(y, return_counts=True)
+    quota = counts.double() * n / len(y)
+    take = quota.floor().long()
+    extra = torch.argsort(quota - take, descending=True, stable=True)[: n - int(take.sum())]
+    take[extra] += 1  # so each class is within one sample of its exact share
+    g = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c, k in zip(classes.tolist(), take.tolist()):
+        members = torch.nonzero(y == c).flatten()
+        chosen.append(members[torch.randperm(len(members), generator=g)[:k]])
+    return torch.cat(chosen).sort().values
+
+
+def _moments(x: Tensor, per_pixel: bool, chunk: int = 4096) -> tuple[Tensor, Tensor]:
+    """Mean and population std over the samples (and pixels unless per_pixel), in float64 chunks -> float32."""
+    dims = (0,) if per_pixel else (0, 2, 3)
+    count = x.shape[0] * (1 if per_pixel else x.shape[2] * x.shape[3])
+    total = sum(x[i:i + chunk].double().sum(dims, keepdim=True) for i in range(0, len(x), chunk))
+    mean = total / count  # [1, C, H, W] or [1, C, 1, 1]
+    sq = sum(((x[i:i + chunk].double() - mean) ** 2).sum(dims, keepdim=True) for i in range(0, len(x), chunk))
+    std = (sq / count).sqrt()
+    std[std == 0] = 1.0  # constant pixels (digits borders) pass through unscaled
+    return mean[0].float(), std[0].float()
+
+
+def prepare_dataset(cfg: DataConfig) -> PreparedData:
+    """Load, split, subset and standardise the dataset named by ``cfg.dataset`` and fix its probe subset.
+
+    Args:
+        cfg: the ``data`` section.
+    Returns:
+        The prepared data; identical (bitwise) for identical configs.
+    Raises:
+        DataError: missing files, a subset or probe larger than the train split, or an impossible split.
+    """
+    loader = {"digits": _load_digits, "synthetic": _make_synthetic}.get(cfg.dataset, _load_torchvision)
+    x_train, y_train, x_test, y_test, num_classes, per_pixel = loader(cfg)
+    if cfg.train_samples > 0:
+        if cfg.train_samples > len(y_train):
+            raise DataError(f"data.train_samples: {cfg.train_samples} requested but the train split of "
+                            f"{cfg.dataset} has only {len(y_train)} samples; use <= {len(y_train)} or 0 for all")
+        keep = _stratified_subset(y_train, cfg.train_samples, cfg.seed)
+        x_train, y_train = x_train[keep], y_train[keep]
+    if cfg.probe_size > len(y_train):
+        raise DataError(f"data.probe_size: {cfg.probe_size} requested but the train split of {cfg.dataset} has "
+                        f"only {len(y_train)} samples; use <= {len(y_train)}")
+    mean, std = _moments(x_train, per_pixel)
+    g = torch.Generator().manual_seed(cfg.seed)
+    probe_index = torch.randperm(len(y_train), generator=g)[: cfg.probe_size].sort().values
+    return PreparedData(cfg.dataset, x_train.contiguous(), y_train, x_test.contiguous(), y_test, mean, std,
+                        probe_index, int(num_classes), cfg)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Persistence
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call ``write(file)`` on a temp file beside ``path``, then rename it over ``path`` (readers never see half)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_prepared(data: PreparedData, folder: str | Path) -> None:
+    """Write ``folder/data.pt`` (tensors) and ``folder/meta.json`` (summary, fingerprint, config) atomically.
+
+    Args:
+        data: the prepared data.
+        folder: created if needed.
+    """
+    config = dataclasses.asdict(data.config) if data.config is not None else None
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = {"name": data.name, "num_classes": data.num_classes, "config": config,  # plain types: weights_only
+               **{name: getattr(data, name) for name in _TENSOR_FIELDS}}
+    _atomic_write(folder / "data.pt", lambda f: torch.save(payload, f))
+    meta = {"name": data.name, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
+            "n_train": len(data.y_train), "n_test": len(data.y_test), "probe_size": len(data.probe_index),
+            "fingerprint": data.fingerprint(), "config": config}
+    _atomic_write(folder / "meta.json", lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
+
+
+def load_prepared(folder: str | Path) -> PreparedData:
+    """Read data written by :func:`save_prepared` (tensors only: ``torch.load(weights_only=True)``).
+
+    Raises:
+        DataError: data.pt is missing or unreadable, or it does not match the fingerprint in meta.json.
+    """
+    path = Path(folder) / "data.pt"
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; run the data preparation stage first")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        config = DataConfig(**payload["config"]) if payload.get("config") is not None else None
+        data = PreparedData(**{k: payload[k] for k in ("name", "num_classes", *_TENSOR_FIELDS)}, config=config)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(f"{path}: unreadable ({first}); delete it and rerun the data preparation stage") from None
+    meta_path = path.with_name("meta.json")
+    if meta_path.is_file():
+        expected = json.loads(meta_path.read_text()).get("fingerprint")
+        if expected is not None and expected != data.fingerprint():
+            raise DataError(f"{path}: does not match the fingerprint in {meta_path}; rerun the data preparation stage")
+    return data

@@ -1,0 +1,103 @@
+"""The stage flows: ``prepare``, ``train`` (one flow run per run) and ``metrics``.
+
+Each flow's tasks are its units of work: for training, one task per checkpoint interval, so the UI shows a task
+run per checkpoint with its logs; a progress artifact and a terminal bar follow the epochs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+
+from pipeline.config import Params
+from pipeline.data import load_prepared, prepare_dataset, save_prepared
+from pipeline.flows.common import Progress, unit_of_work
+from pipeline.io import write_json
+from pipeline.provenance import provenance
+from pipeline.tables import TRAIN_HISTORY, write_table
+from pipeline.training import Trainer
+
+
+@flow(name="prepare", flow_run_name="prepare-{params.data.dataset}", log_prints=True)
+def prepare_flow(params: Params, out_dir: Path) -> dict:
+    """Load, split and standardise the dataset; fix the probe subset; write ``out_dir``."""
+    logger = get_run_logger()
+    data = unit_of_work(prepare_dataset, name="load-and-split")(params.data)
+    unit_of_work(save_prepared, name="write-prepared")(data, out_dir)
+    meta = json.loads((Path(out_dir) / "meta.json").read_text())
+    logger.info("%s: %d train, %d test, probe %d, input %s, %d classes", data.name, len(data.y_train),
+                len(data.y_test), len(data.probe_index), data.input_shape, data.num_classes)
+    return meta
+
+
+@unit_of_work
+def train_until_checkpoint(trainer: Trainer, progress: Progress) -> dict:
+    """Train epochs up to and including the next checkpoint (or the end); returns the last epoch row."""
+    logger = get_run_logger()
+    while True:
+        row = trainer.train_epoch()
+        progress.advance(1, {"loss": f"{row['batch_loss']:.3f}", "test_acc": f"{row['test_accuracy']:.3f}"})
+        logger.info("epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | lr %.4g",
+                    row["epoch"], trainer.cfg.epochs, row["train_loss"], row["train_accuracy"],
+                    row["test_loss"], row["test_accuracy"], row["lr"])
+        if trainer.done or row["epoch"] % trainer.cfg.checkpoint_every == 0:
+            return row
+
+
+@unit_of_work
+def write_train_outputs(trainer: Trainer, history_path: Path, metrics_path: Path) -> dict:
+    """Write the history table (with provenance) and the run's headline metrics."""
+    write_table(trainer.state.history, history_path, TRAIN_HISTORY,
+                metadata={"provenance": provenance(), "run": trainer.run.to_dict(),
+                          "data_fingerprint": trainer.data.fingerprint()})
+    summary = trainer.summary()
+    write_json(metrics_path, summary)
+    return summary
+
+
+@flow(name="train", flow_run_name="train-{run_name}")
+def train_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: Path, history_path: Path,
+               metrics_path: Path) -> dict:
+    """Train one run, resuming from ``checkpoint_dir`` when its checkpoints match the config, data and code."""
+    logger = get_run_logger()
+    run = params.run(run_name)
+    trainer = Trainer(run, load_prepared(data_dir), checkpoint_dir)
+    logger.info("%s: %s on %s, %s", run_name, run.model_name, trainer.device, trainer.start())
+    progress = Progress(run.train.epochs, trainer.state.epoch, f"train {run_name}", "epoch")
+    try:
+        while not trainer.done:
+            train_until_checkpoint.with_options(
+                task_run_name=f"epochs-to-checkpoint-{trainer.state.epoch + 1}")(trainer, progress)
+    finally:
+        progress.close()
+    summary = write_train_outputs(trainer, history_path, metrics_path)
+    if summary["status"] == "diverged":
+        logger.warning("%s diverged at step %s (non-finite loss); recorded, later stages report it",
+                       run_name, summary["diverged_step"])
+    create_table_artifact([{"run": run_name, **summary}], key=f"train-{run_name}".lower().replace("_", "-"),
+                          description=f"Headline numbers of run {run_name}")
+    return summary
+
+
+@unit_of_work
+def collect_metrics(tables_dir: Path) -> dict:
+    """``{run: metrics}`` from every ``<tables_dir>/<run>/train_metrics.json``."""
+    return {path.parent.name: {"train": json.loads(path.read_text())}
+            for path in sorted(Path(tables_dir).glob("*/train_metrics.json"))}
+
+
+@flow(name="metrics", flow_run_name="metrics")
+def metrics_flow(params: Params, tables_dir: Path, out_path: Path) -> dict:
+    """Gather the headline numbers of the configured runs into one ``metrics.json`` (for ``dvc metrics diff``)."""
+    collected = collect_metrics(tables_dir)
+    metrics = {run.name: collected[run.name] for run in params.runs if run.name in collected}
+    missing = [run.name for run in params.runs if run.name not in collected]
+    if missing:
+        get_run_logger().warning("no metrics yet for runs: %s", ", ".join(missing))
+    write_json(out_path, metrics)
+    rows = [{"run": name, **{k: v for k, v in m["train"].items()}} for name, m in metrics.items()]
+    create_table_artifact(rows, key="metrics", description="Headline numbers of all runs")
+    return metrics

@@ -1,0 +1,59 @@
+"""Parquet schemas of every table the pipeline writes, and an atomic writer that stores provenance.
+
+Tables are tidy: one row per (run, scope, epoch/step) with typed columns. Provenance (git revision, library
+versions, the stage's params) goes into the file's key-value metadata under ``landscape.*`` keys.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.io import atomic_path
+
+TRAIN_HISTORY = pa.schema([
+    ("run", pa.string()),
+    ("scope", pa.string()),  # "epoch": end-of-epoch evaluation; "step": every train.log_every steps
+    ("epoch", pa.int64()),  # epochs completed (0 = initialisation); for step rows, the epoch in progress
+    ("step", pa.int64()),  # optimiser steps completed
+    ("lr", pa.float64()),  # learning rate of the last step
+    ("train_loss", pa.float64()),  # mean cross-entropy over the whole train split, eval mode (epoch rows)
+    ("train_accuracy", pa.float64()),  # fraction correct, train split, eval mode (epoch rows)
+    ("test_loss", pa.float64()),  # mean cross-entropy over the test split, eval mode (epoch rows)
+    ("test_accuracy", pa.float64()),  # fraction correct, test split (epoch rows)
+    ("batch_loss", pa.float64()),  # epoch rows: sample-weighted mean of the epoch's mini-batch losses
+    ("grad_norm", pa.float64()),  # L2 norm of the mini-batch gradient (epoch rows: mean over the epoch's steps)
+    ("param_norm", pa.float64()),  # L2 norm of all trainable parameters
+    ("seconds", pa.float64()),  # cumulative training wall-clock time, evaluation excluded
+])
+
+SCHEMAS: dict[str, pa.Schema] = {"train_history": TRAIN_HISTORY}
+
+
+def write_table(rows: list[Mapping[str, Any]] | pd.DataFrame, path: str | Path, schema: pa.Schema,
+                metadata: Mapping[str, Any] | None = None) -> None:
+    """Write ``rows`` as Parquet with exactly ``schema`` (missing columns are an error), atomically.
+
+    ``metadata`` values are JSON-encoded under ``landscape.<key>`` in the file's schema metadata.
+    """
+    frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows), columns=schema.names)
+    missing = [name for name in schema.names if name not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: table lacks columns {missing} of its schema")
+    table = pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
+    extra = {f"landscape.{k}".encode(): json.dumps(v, sort_keys=True, default=str).encode()
+             for k, v in (metadata or {}).items()}
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **extra})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The ``landscape.*`` metadata of a Parquet file, decoded."""
+    raw = pq.read_schema(path).metadata or {}
+    return {k.decode()[len("landscape."):]: json.loads(v) for k, v in raw.items() if k.startswith(b"landscape.")}

@@ -1,0 +1,294 @@
+"""Seeded, deterministic, resumable training with checkpoints and a per-epoch history.
+
+Batch order comes from a generator seeded by ``(train.seed, epoch)`` and the learning rate is a pure function of
+the global step, so a run resumed from any checkpoint replays exactly the steps the uninterrupted run takes: on the
+CPU the final weights are bitwise identical. A non-finite loss stops the run and is recorded (``status: diverged``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import RunConfig, TrainConfig, resolve_device
+from pipeline.data import PreparedData
+from pipeline.io import save_torch, write_json
+from pipeline.models import build_model, count_parameters
+from pipeline.provenance import code_fingerprint, provenance
+
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_GLOB = "epoch_*.pt"
+MANIFEST = "manifest.json"
+
+
+def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Learning rate for global step ``step`` (0-based) of the schedule ``cfg.schedule``.
+
+    ``cosine``: :math:`\\eta_t = \\tfrac12 \\eta (1 + \\cos(\\pi t / T))` with ``T`` the total number of steps;
+    ``step``: :math:`\\eta \\gamma^k` with ``k`` the number of milestones (epochs) already reached.
+    """
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "step":
+        epoch = step // steps_per_epoch
+        return cfg.lr * cfg.gamma ** sum(1 for m in cfg.milestones if epoch >= m)
+    total = cfg.epochs * steps_per_epoch
+    return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * step / total))
+
+
+def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """Index batches for ``epoch`` (1-based); a trailing batch of one sample is dropped (BatchNorm needs two)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=generator)
+    batches = list(perm.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) < 2:
+        batches.pop()
+    return batches
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over all of ``(x, y)`` in eval mode (weighted by sample count)."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(x), batch_size):
+        logits = model(x[start:start + batch_size])
+        target = y[start:start + batch_size]
+        loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
+        correct += (logits.argmax(1) == target).sum().item()
+    model.train(was_training)
+    return loss_sum / len(x), correct / len(x)
+
+
+def parameter_norm(model: nn.Module) -> float:
+    return torch.linalg.vector_norm(torch.stack([p.detach().norm() for p in model.parameters()])).item()
+
+
+def run_fingerprint(run: RunConfig, data_fingerprint: str) -> str:
+    """sha256 identifying what a checkpoint was made from: run config, data and library code."""
+    payload = json.dumps({"run": run.to_dict(), "data": data_fingerprint, "code": code_fingerprint()},
+                         sort_keys=True, default=list)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@dataclass
+class TrainState:
+    """Progress of a run: what a checkpoint stores besides the weights and the optimiser state."""
+
+    epoch: int = 0
+    step: int = 0
+    seconds: float = 0.0
+    status: str = "running"  # running | completed | diverged
+    diverged_step: int | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+class Trainer:
+    """Trains one run on prepared data, writing checkpoints to ``checkpoint_dir``.
+
+    Usage: ``trainer.start()`` (fresh or resumed), then ``trainer.train_epoch()`` until ``trainer.done``.
+    """
+
+    def __init__(self, run: RunConfig, data: PreparedData, checkpoint_dir: str | Path):
+        self.run = run
+        self.cfg = run.train
+        self.data = data
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.device = torch.device(resolve_device(self.cfg.device))
+        self.fingerprint = run_fingerprint(run, data.fingerprint())
+        _make_deterministic(self.device)
+        self.x_train, self.y_train = (t.to(self.device) for t in data.train_tensors())
+        self.x_test, self.y_test = (t.to(self.device) for t in data.test_tensors())
+        torch.manual_seed(self.cfg.seed)
+        self.model = build_model(run.model_name, run.model, data.input_shape, data.num_classes).to(self.device)
+        self.optimizer = _build_optimizer(self.model, self.cfg)
+        self.steps_per_epoch = len(batch_order(len(self.x_train), self.cfg.batch_size, 0, 1))
+        self.state = TrainState()
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def done(self) -> bool:
+        return self.state.status != "running"
+
+    def start(self) -> str:
+        """Resume from the newest checkpoint made with the same config, data and code, or start afresh.
+
+        Returns a one-line description of what happened (for logs).
+        """
+        checkpoints = sorted(self.checkpoint_dir.glob(CHECKPOINT_GLOB))
+        stale = []
+        for path in reversed(checkpoints):
+            payload = _try_load(path)
+            if payload is None:
+                continue
+            if payload.get("fingerprint") != self.fingerprint:
+                stale = checkpoints
+                break
+            self._restore(payload)
+            return (f"resumed from {path.name} (epoch {self.state.epoch}/{self.cfg.epochs}, "
+                    f"status {self.state.status})")
+        for path in stale or checkpoints:  # unreadable or made with another config: start afresh
+            path.unlink()
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        self.state.history.append(self._epoch_row(batch_loss=float("nan"), grad_norm=float("nan")))
+        self.save_checkpoint()
+        note = " (discarded checkpoints made with another config, data or code)" if stale else ""
+        return f"started afresh{note}"
+
+    def train_epoch(self, on_step: Callable[[int], None] | None = None) -> dict:
+        """Train one epoch; checkpoint when due. Returns the epoch's history row."""
+        cfg, state = self.cfg, self.state
+        epoch = state.epoch + 1
+        self.model.train()
+        started = time.perf_counter()
+        loss_sum, grad_norm_sum, n_seen, n_steps = 0.0, 0.0, 0, 0
+        for index in batch_order(len(self.x_train), cfg.batch_size, cfg.seed, epoch):
+            lr = learning_rate(cfg, state.step, self.steps_per_epoch)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            x, y = self.x_train[index.to(self.device)], self.y_train[index.to(self.device)]
+            loss = F.cross_entropy(self.model(x), y)
+            if not torch.isfinite(loss):
+                state.status, state.diverged_step = "diverged", state.step
+                break
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.linalg.vector_norm(
+                torch.stack([p.grad.norm() for p in self.model.parameters() if p.grad is not None])).item()
+            self.optimizer.step()
+            state.step += 1
+            loss_sum += loss.item() * len(index)
+            grad_norm_sum += grad_norm
+            n_seen += len(index)
+            n_steps += 1
+            if cfg.log_every and state.step % cfg.log_every == 0:
+                state.history.append(self._row("step", epoch, lr=lr, batch_loss=loss.item(), grad_norm=grad_norm,
+                                               seconds=state.seconds + time.perf_counter() - started))
+            if on_step is not None:
+                on_step(state.step)
+        state.seconds += time.perf_counter() - started
+        state.epoch = epoch
+        row = self._epoch_row(batch_loss=loss_sum / max(n_seen, 1), grad_norm=grad_norm_sum / max(n_steps, 1))
+        state.history.append(row)
+        if state.status == "running" and epoch == cfg.epochs:
+            state.status = "completed"
+        if self.done or epoch % cfg.checkpoint_every == 0:
+            self.save_checkpoint()
+        return row
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        """Write ``epoch_XXXX.pt`` atomically (weights, optimiser, progress, config, provenance) and the manifest."""
+        s = self.state
+        tag = "init" if s.epoch == 0 else ("final" if self.done else "periodic")
+        path = self.checkpoint_dir / f"epoch_{s.epoch:04d}.pt"
+        save_torch(path, {
+            "format": CHECKPOINT_FORMAT, "tag": tag, "epoch": s.epoch, "step": s.step, "seconds": s.seconds,
+            "status": s.status, "diverged_step": s.diverged_step, "history": s.history,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "config": self.run.to_dict(), "fingerprint": self.fingerprint,
+            "data_fingerprint": self.data.fingerprint(), "provenance": provenance(),
+        })
+        write_manifest(self.checkpoint_dir)
+        return path
+
+    def _restore(self, payload: dict) -> None:
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.state = TrainState(epoch=payload["epoch"], step=payload["step"], seconds=payload["seconds"],
+                                status=payload["status"], diverged_step=payload["diverged_step"],
+                                history=list(payload["history"]))
+
+    # ------------------------------------------------------------------ history rows
+    def _row(self, scope: str, epoch: int, **values) -> dict:
+        return {"run": self.run.name, "scope": scope, "epoch": epoch, "step": self.state.step,
+                "train_loss": float("nan"), "train_accuracy": float("nan"),
+                "test_loss": float("nan"), "test_accuracy": float("nan"),
+                "param_norm": parameter_norm(self.model), **values}
+
+    def _epoch_row(self, batch_loss: float, grad_norm: float) -> dict:
+        bs = self.cfg.eval_batch_size
+        train_loss, train_acc = evaluate(self.model, self.x_train, self.y_train, bs)
+        test_loss, test_acc = evaluate(self.model, self.x_test, self.y_test, bs)
+        lr = learning_rate(self.cfg, max(self.state.step - 1, 0), self.steps_per_epoch)
+        return self._row("epoch", self.state.epoch, lr=lr, batch_loss=batch_loss, grad_norm=grad_norm,
+                         seconds=self.state.seconds, train_loss=train_loss, train_accuracy=train_acc,
+                         test_loss=test_loss, test_accuracy=test_acc)
+
+    def summary(self) -> dict:
+        """Headline numbers of the run (for ``metrics.json``)."""
+        last = next(r for r in reversed(self.state.history) if r["scope"] == "epoch")
+        return {
+            "status": self.state.status, "diverged_step": self.state.diverged_step,
+            "epochs": self.state.epoch, "steps": self.state.step, "seconds": round(self.state.seconds, 3),
+            "n_params": count_parameters(self.model),
+            "train_loss": last["train_loss"], "train_accuracy": last["train_accuracy"],
+            "test_loss": last["test_loss"], "test_accuracy": last["test_accuracy"],
+            "generalization_gap": last["test_loss"] - last["train_loss"],
+        }
+
+
+def train(run: RunConfig, data: PreparedData, checkpoint_dir: str | Path,
+          on_epoch: Callable[[dict], None] | None = None) -> Trainer:
+    """Train ``run`` to completion (or divergence), resuming from ``checkpoint_dir`` when possible."""
+    trainer = Trainer(run, data, checkpoint_dir)
+    trainer.start()
+    while not trainer.done:
+        row = trainer.train_epoch()
+        if on_epoch is not None:
+            on_epoch(row)
+    return trainer
+
+
+def list_checkpoints(checkpoint_dir: str | Path) -> list[dict]:
+    """The readable checkpoints of a folder, oldest first: ``{file, epoch, step, tag, status}``."""
+    rows = []
+    for path in sorted(Path(checkpoint_dir).glob(CHECKPOINT_GLOB)):
+        payload = _try_load(path)
+        if payload is not None:
+            rows.append({"file": path.name, "epoch": payload["epoch"], "step": payload["step"],
+                         "tag": payload["tag"], "status": payload["status"]})
+    return rows
+
+
+def write_manifest(checkpoint_dir: str | Path) -> None:
+    write_json(Path(checkpoint_dir) / MANIFEST, {"checkpoints": list_checkpoints(checkpoint_dir)})
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint with ``weights_only=True`` (no arbitrary code runs)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _try_load(path: Path) -> dict | None:
+    try:
+        payload = load_checkpoint(path)
+    except Exception:  # a torn or foreign file: treated as absent, never trusted
+        return None
+    return payload if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT else None
+
+
+def _build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                            weight_decay=cfg.weight_decay)
+
+
+def _make_deterministic(device: torch.device) -> None:
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)

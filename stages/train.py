@@ -1,0 +1,31 @@
+"""DVC stage ``train@<run>``: train one run, resuming from its persisted checkpoints when they match."""
+
+import argparse
+from pathlib import Path
+
+from pipeline.cli import stage_entry
+from pipeline.config import load_params
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="validated before any work")
+    parser.add_argument("--run", required=True, help="a key of `runs` in params.yaml")
+    parser.add_argument("--data", type=Path, default=Path("artifacts/data"))
+    parser.add_argument("--checkpoints", type=Path, help="default: artifacts/checkpoints/<run>")
+    parser.add_argument("--tables", type=Path, help="default: reports/tables/<run>")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    params.run(args.run)  # an unknown run name fails here, before any work
+    checkpoints = args.checkpoints or Path("artifacts/checkpoints") / args.run
+    tables = args.tables or Path("reports/tables") / args.run
+
+    from pipeline.flows.runtime import configure_prefect
+    configure_prefect()
+    from pipeline.flows.stages import train_flow
+    train_flow(params, args.run, args.data, checkpoints, tables / "train_history.parquet",
+               tables / "train_metrics.json")
+
+
+if __name__ == "__main__":
+    stage_entry(main)

@@ -24,6 +24,11 @@ _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 _RUN_NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
+def _printable(text: str) -> str:
+    """Escape control characters so that an error stays on one line whatever the user's keys contain."""
+    return text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+
+
 class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range.
 
@@ -33,6 +38,7 @@ class ConfigError(ValueError):
     def __init__(self, key: str, message: str):
         self.key = key
         self.message = message
+        key, message = _printable(key), _printable(message)
         super().__init__(f"{key}: {message}" if key else message)
 
 
@@ -154,7 +160,7 @@ def _check_value(key: str, tp, value: Any, meta: Mapping[str, Any]) -> Any:
     if origin is tuple:
         item_type = typing.get_args(tp)[0]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(key, f"expected a list of {_type_name(item_type)[2:]}s, got {value!r}")
+            raise ConfigError(key, f"expected a list of {_type_name(item_type).split(' ', 1)[1]}s, got {value!r}")
         return tuple(_check_value(f"{key}[{i}]", item_type, v, meta) for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
         if value is None:
@@ -167,14 +173,18 @@ def _check_value(key: str, tp, value: Any, meta: Mapping[str, Any]) -> Any:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif tp is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
+        if ok:
+            try:
+                value = float(value)
+            except OverflowError:
+                raise ConfigError(key, f"must be finite, got an integer of {len(str(value))} digits") from None
     else:
         ok = isinstance(value, tp)
     if not ok:
         raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
     if meta.get("choices") is not None and value not in meta["choices"]:
         raise ConfigError(key, f"unknown name {value!r}; allowed: {', '.join(meta['choices'])}")
-    if meta.get("pattern") is not None and not meta["pattern"].match(value):
+    if meta.get("pattern") is not None and not meta["pattern"].fullmatch(value):
         raise ConfigError(key, f"invalid value {value!r}; allowed: auto, cpu, cuda, cuda:N, mps")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if value != value or value in (float("inf"), float("-inf")):
@@ -224,7 +234,7 @@ def _build_runs(raw: Any, model: ModelConfig, train: TrainConfig) -> tuple[RunCo
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
     for name, entry in raw.items():
         key = f"runs.{name}"
-        if not isinstance(name, str) or not _RUN_NAME_PATTERN.match(name):
+        if not isinstance(name, str) or not _RUN_NAME_PATTERN.fullmatch(name):
             raise ConfigError(key, "run names start with a letter and use letters, digits, '_' and '-'")
         if not isinstance(entry, Mapping):
             raise ConfigError(key, f"expected a mapping with at least 'model', got {entry!r}")
@@ -251,7 +261,9 @@ def read_yaml(path: str | Path) -> Any:
     if not path.is_file():
         raise ConfigError("", f"{path}: file not found")
     try:
-        return YAML(typ="safe", pure=True).load(path.read_text())
+        return YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError("", f"{path}: not UTF-8 text (byte {err.start})") from None
     except YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
@@ -262,7 +274,7 @@ def read_yaml(path: str | Path) -> Any:
 def parse_params(raw: Any) -> Params:
     """Validate a parsed ``params.yaml`` mapping and return the typed :class:`Params`."""
     if not isinstance(raw, Mapping):
-        raise ConfigError("", f"expected a mapping of sections ({', '.join([*SECTIONS, 'runs'])}), got {type(raw).__name__}")
+        raise ConfigError("", f"params: expected a mapping of sections ({', '.join([*SECTIONS, 'runs'])}), got {type(raw).__name__}")
     allowed = [*SECTIONS, "runs"]
     for key in raw:
         if key not in allowed:

@@ -52,7 +52,7 @@ def provenance() -> dict[str, str]:
         "code_fingerprint": code_fingerprint(),
         "pipeline_version": __version__,
         "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
+        "torch": str(torch.__version__),
+        "numpy": str(numpy.__version__),
         "platform": platform.platform(),
     }

@@ -258,15 +258,25 @@ def save_prepared(data: PreparedData, folder: str | Path) -> None:
     _atomic_write(folder / "meta.json", lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
 
 
+def require_prepared(folder: str | Path) -> Path:
+    """Path of ``folder/data.pt``, checked to exist (cheap: a stage calls it before starting its flow).
+
+    Raises:
+        DataError: naming the missing file.
+    """
+    path = Path(folder) / "data.pt"
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; run the data preparation stage first")
+    return path
+
+
 def load_prepared(folder: str | Path) -> PreparedData:
     """Read data written by :func:`save_prepared` (tensors only: ``torch.load(weights_only=True)``).
 
     Raises:
         DataError: data.pt is missing or unreadable, or it does not match the fingerprint in meta.json.
     """
-    path = Path(folder) / "data.pt"
-    if not path.is_file():
-        raise DataError(f"{path}: file not found; run the data preparation stage first")
+    path = require_prepared(folder)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         config = DataConfig(**payload["config"]) if payload.get("config") is not None else None

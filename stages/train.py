@@ -5,6 +5,7 @@ from pathlib import Path
 
 from pipeline.cli import stage_entry
 from pipeline.config import load_params
+from pipeline.data import require_prepared
 
 
 def main(argv=None):
@@ -17,6 +18,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     params = load_params(args.params)
     params.run(args.run)  # an unknown run name fails here, before any work
+    require_prepared(args.data)
     checkpoints = args.checkpoints or Path("artifacts/checkpoints") / args.run
     tables = args.tables or Path("reports/tables") / args.run
 

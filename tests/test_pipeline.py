@@ -1,0 +1,157 @@
+"""End-to-end behaviour of the DVC pipeline and its stages, in a temporary copy of the repository.
+
+A real Prefect server runs on 127.0.0.1 for the module (as `landscape ui` would); one test checks the ephemeral
+fallback when no server is reachable.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from ruamel.yaml import YAML
+
+from conftest import REPO
+from pipeline.cli import start_prefect_server, stop_process
+
+BIN = Path(sys.executable).parent
+
+SMALL_PARAMS = {
+    "data": {"dataset": "synthetic", "synthetic_samples": 200, "probe_size": 16},
+    "model": {"mlp_depth": 1},
+    "train": {"epochs": 2, "batch_size": 32, "checkpoint_every": 1},
+    "runs": {"mlp": {"model": "mlp", "mlp_width": 16}, "resnet20": {"model": "resnet20", "epochs": 1}},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _write_params(repo: Path, params: dict) -> None:
+    YAML(typ="safe", pure=True).dump(params, repo / "params.yaml")
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A fresh git + DVC checkout of the tracked files, with small params."""
+    root = tmp_path_factory.mktemp("repo")
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, root / name)
+    (root / "dvc.lock").unlink(missing_ok=True)
+    _write_params(root, SMALL_PARAMS)
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def env(repo):
+    """Environment of a user with the venv on PATH and a Prefect server of their own running."""
+    port = _free_port()
+    previous = Path.cwd()
+    os.chdir(repo)  # the server takes its home (.prefect/) from the repo's prefect.toml
+    try:
+        server = start_prefect_server(port)
+    finally:
+        os.chdir(previous)
+    yield {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    stop_process(server)
+
+
+def dvc(repo, env, *args) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def stages_run(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
+
+
+def test_repro_runs_everything_then_nothing_then_only_what_changed(repo, env):
+    first = dvc(repo, env, "repro")
+    assert stages_run(first.stdout) == {"prepare", "train@mlp", "train@resnet20", "metrics"}
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    assert set(metrics) == {"mlp", "resnet20"}
+    assert metrics["mlp"]["train"]["status"] == "completed" and metrics["mlp"]["train"]["epochs"] == 2
+    assert (repo / "reports/tables/mlp/train_history.parquet").is_file()
+    assert sorted(p.name for p in (repo / "artifacts/checkpoints/mlp").glob("*.pt")) == [
+        "epoch_0000.pt", "epoch_0001.pt", "epoch_0002.pt"]
+
+    second = dvc(repo, env, "repro")
+    assert stages_run(second.stdout) == set()
+    assert "Data and pipelines are up to date" in second.stdout
+
+    changed = json.loads(json.dumps(SMALL_PARAMS))
+    changed["train"]["lr"] = 0.02
+    _write_params(repo, changed)
+    third = dvc(repo, env, "repro")
+    assert stages_run(third.stdout) == {"train@mlp", "train@resnet20", "metrics"}  # not prepare
+
+    changed["runs"]["mlp"]["mlp_width"] = 8
+    _write_params(repo, changed)
+    fourth = dvc(repo, env, "repro")
+    assert stages_run(fourth.stdout) == {"train@mlp", "metrics"}
+
+
+def _stage(repo, env, *args):
+    return subprocess.run([sys.executable, *args], cwd=repo, env=env, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("edit, key", [
+    ({"train": {"lr": -1}}, "train.lr"),
+    ({"train": {"optimizer": "rmsprop"}}, "train.optimizer"),
+    ({"data": {"dataset": "imagenet"}}, "data.dataset"),
+    ({"runs": {"mlp": {"model": "vgg"}}}, "runs.mlp.model"),
+])
+def test_a_stage_with_bad_params_exits_2_with_one_line_and_touches_nothing(repo, env, tmp_path, edit, key):
+    bad = json.loads(json.dumps(SMALL_PARAMS))
+    for section, values in edit.items():
+        bad[section].update(values)
+    params = tmp_path / "bad.yaml"
+    YAML(typ="safe", pure=True).dump(bad, params)
+    out = tmp_path / "tables"
+    out.mkdir()
+    (out / "train_metrics.json").write_text("{}")
+    for args in (["stages/train.py", "--run", "mlp", "--tables", str(out)], ["stages/prepare.py", "--out", str(out)]):
+        result = _stage(repo, env, *args, "--params", str(params))
+        assert result.returncode == 2
+        assert result.stderr.startswith(f"error: {key}: ") and result.stderr.count("\n") == 1, result.stderr
+        assert "Traceback" not in result.stderr + result.stdout
+        assert sorted(p.name for p in out.iterdir()) == ["train_metrics.json"]
+        assert (out / "train_metrics.json").read_text() == "{}"
+    check = subprocess.run([str(BIN / "landscape"), "check", "--params", str(params)], capture_output=True, text=True)
+    assert check.returncode == 2 and check.stderr.startswith(f"error: {key}: ")
+
+
+def test_unknown_run_name_and_missing_data_are_one_line_errors(repo, env, tmp_path):
+    result = _stage(repo, env, "stages/train.py", "--run", "nope")
+    assert result.returncode == 2 and "runs: no run named 'nope'" in result.stderr
+    missing = _stage(repo, env, "stages/train.py", "--run", "mlp", "--data", str(tmp_path / "absent"),
+                     "--checkpoints", str(tmp_path / "ck"), "--tables", str(tmp_path / "t"))
+    assert missing.returncode == 2, missing.stderr
+    assert "absent" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_landscape_check_accepts_the_repository_params():
+    result = subprocess.run([str(BIN / "landscape"), "check", "--params", str(REPO / "params.yaml")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "OK" in result.stdout
+
+
+def test_a_stage_without_a_reachable_server_warns_once_and_runs_ephemeral(repo, env, tmp_path):
+    unreachable = {**env, "PREFECT_API_URL": f"http://127.0.0.1:{_free_port()}/api"}
+    result = _stage(repo, unreachable, "stages/prepare.py", "--out", str(tmp_path / "data"))
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: no Prefect server")]
+    assert len(warnings) == 1 and "ephemeral" in warnings[0]
+    assert (tmp_path / "data" / "data.pt").is_file()

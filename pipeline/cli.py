@@ -149,3 +149,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+    except RuntimeError as err:  # e.g. the Prefect server could not start
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor
 
 from pipeline.config import DataConfig
+from pipeline.io import save_torch, write_json
 
 _MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 _CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
@@ -225,20 +225,6 @@ def prepare_dataset(cfg: DataConfig) -> PreparedData:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(file)`` on a temp file beside ``path``, then rename it over ``path`` (readers never see half)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_prepared(data: PreparedData, folder: str | Path) -> None:
     """Write ``folder/data.pt`` (tensors) and ``folder/meta.json`` (summary, fingerprint, config) atomically.
 
@@ -251,11 +237,11 @@ def save_prepared(data: PreparedData, folder: str | Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     payload = {"name": data.name, "num_classes": data.num_classes, "config": config,  # plain types: weights_only
                **{name: getattr(data, name) for name in _TENSOR_FIELDS}}
-    _atomic_write(folder / "data.pt", lambda f: torch.save(payload, f))
+    save_torch(folder / "data.pt", payload)
     meta = {"name": data.name, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
             "n_train": len(data.y_train), "n_test": len(data.y_test), "probe_size": len(data.probe_index),
             "fingerprint": data.fingerprint(), "config": config}
-    _atomic_write(folder / "meta.json", lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
+    write_json(folder / "meta.json", meta)
 
 
 def require_prepared(folder: str | Path) -> Path:

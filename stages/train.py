@@ -4,7 +4,7 @@ import argparse
 from pathlib import Path
 
 from pipeline.cli import stage_entry
-from pipeline.config import load_params
+from pipeline.config import load_params, resolve_device
 from pipeline.data import require_prepared
 
 
@@ -17,7 +17,7 @@ def main(argv=None):
     parser.add_argument("--tables", type=Path, help="default: reports/tables/<run>")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    params.run(args.run)  # an unknown run name fails here, before any work
+    resolve_device(params.run(args.run).train.device)  # unknown run or absent accelerator: fail before any work
     require_prepared(args.data)
     checkpoints = args.checkpoints or Path("artifacts/checkpoints") / args.run
     tables = args.tables or Path("reports/tables") / args.run

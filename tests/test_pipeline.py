@@ -155,3 +155,12 @@ def test_a_stage_without_a_reachable_server_warns_once_and_runs_ephemeral(repo, 
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: no Prefect server")]
     assert len(warnings) == 1 and "ephemeral" in warnings[0]
     assert (tmp_path / "data" / "data.pt").is_file()
+
+
+def test_landscape_run_uses_a_reachable_server_and_runs_dvc_repro(repo, env):
+    dvc(repo, env, "repro")  # bring the pipeline up to date (a no-op when the test above ran)
+    result = subprocess.run([str(BIN / "landscape"), "run"], cwd=repo, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"Prefect UI: {env['PREFECT_API_URL'].removesuffix('/api')}" in result.stdout
+    assert "starting a Prefect server" not in result.stdout  # reused the running one
+    assert "Data and pipelines are up to date" in result.stdout

@@ -160,3 +160,12 @@ def test_history_table_has_the_declared_schema_and_provenance(synthetic_data, tm
     assert (frame.scope == "step").sum() == trainer.state.step // 2
     assert epochs.test_accuracy.between(0, 1).all()
     assert read_metadata(path)["run"]["train"]["log_every"] == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_requesting_an_absent_accelerator_is_a_config_error():
+    from pipeline.config import ConfigError, resolve_device
+
+    assert resolve_device("auto") == "cpu"
+    with pytest.raises(ConfigError, match=r"^train.device: 'cuda' requested but no CUDA device is available"):
+        resolve_device("cuda")

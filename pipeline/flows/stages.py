@@ -21,7 +21,7 @@ from pipeline.tables import TRAIN_HISTORY, write_table
 from pipeline.training import Trainer
 
 
-@flow(name="prepare", flow_run_name="prepare-{params.data.dataset}", log_prints=True)
+@flow(name="prepare", flow_run_name="prepare-{params.data.dataset}")
 def prepare_flow(params: Params, out_dir: Path) -> dict:
     """Load, split and standardise the dataset; fix the probe subset; write ``out_dir``."""
     logger = get_run_logger()
@@ -98,6 +98,6 @@ def metrics_flow(params: Params, tables_dir: Path, out_path: Path) -> dict:
     if missing:
         get_run_logger().warning("no metrics yet for runs: %s", ", ".join(missing))
     write_json(out_path, metrics)
-    rows = [{"run": name, **{k: v for k, v in m["train"].items()}} for name, m in metrics.items()]
+    rows = [{"run": name, **m["train"]} for name, m in metrics.items()]
     create_table_artifact(rows, key="metrics", description="Headline numbers of all runs")
     return metrics

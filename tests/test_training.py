@@ -169,3 +169,10 @@ def test_requesting_an_absent_accelerator_is_a_config_error():
     assert resolve_device("auto") == "cpu"
     with pytest.raises(ConfigError, match=r"^train.device: 'cuda' requested but no CUDA device is available"):
         resolve_device("cuda")
+
+
+def test_checkpoints_of_other_training_code_are_discarded(synthetic_data, tmp_path, monkeypatch):
+    run = make_params(train={"epochs": 1}).run("mlp")
+    train(run, synthetic_data, tmp_path)
+    monkeypatch.setattr("pipeline.training.code_fingerprint", lambda: "edited training code")
+    assert "discarded" in Trainer(run, synthetic_data, tmp_path).start()

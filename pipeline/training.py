@@ -106,7 +106,8 @@ class Trainer:
         self.data = data
         self.checkpoint_dir = Path(checkpoint_dir)
         self.device = torch.device(resolve_device(self.cfg.device))
-        self.fingerprint = run_fingerprint(run, data.fingerprint())
+        self.data_fingerprint = data.fingerprint()  # hashes every tensor: computed once per run, not per checkpoint
+        self.fingerprint = run_fingerprint(run, self.data_fingerprint)
         _make_deterministic(self.device)
         self.x_train, self.y_train = (t.to(self.device) for t in data.train_tensors())
         self.x_test, self.y_test = (t.to(self.device) for t in data.test_tensors())
@@ -198,7 +199,7 @@ class Trainer:
             "status": s.status, "diverged_step": s.diverged_step, "history": s.history,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "config": self.run.to_dict(), "fingerprint": self.fingerprint,
-            "data_fingerprint": self.data.fingerprint(), "provenance": provenance(),
+            "data_fingerprint": self.data_fingerprint, "provenance": provenance(),
         })
         write_manifest(self.checkpoint_dir)
         return path

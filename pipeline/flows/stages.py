@@ -52,7 +52,7 @@ def write_train_outputs(trainer: Trainer, history_path: Path, metrics_path: Path
     """Write the history table (with provenance) and the run's headline metrics."""
     write_table(trainer.state.history, history_path, TRAIN_HISTORY,
                 metadata={"provenance": provenance(), "run": trainer.run.to_dict(),
-                          "data_fingerprint": trainer.data.fingerprint()})
+                          "data_fingerprint": trainer.data_fingerprint})
     summary = trainer.summary()
     write_json(metrics_path, summary)
     return summary

@@ -20,6 +20,12 @@ MODELS = ("mlp", "resnet20", "resnet20_noshort")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "step", "cosine")
 ACTIVATIONS = ("relu", "tanh", "gelu", "elu")
+EIGEN_METHODS = ("lanczos", "power", "arpack")
+TRACE_METHODS = ("hutchinson", "hutchpp")
+CURVATURE_OPERATORS = ("hessian", "ggn")
+GROUP_LEVELS = ("none", "block", "module")
+HVP_METHODS = ("reverse_over_reverse", "forward_over_reverse", "double_backward")
+DTYPES = ("float32", "float64")
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 _RUN_NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
@@ -112,6 +118,57 @@ class TrainConfig:
             raise ConfigError("train.milestones", "schedule: step needs at least one milestone (epochs)")
 
 
+def _check_checkpoint_selection(key: str, value) -> None:
+    if isinstance(value, str) and value not in ("final", "all"):
+        raise ConfigError(key, f"unknown selection {value!r}; allowed: final, all, or an integer k >= 1 (every k-th checkpoint plus the final one)")
+    if isinstance(value, int) and value < 1:
+        raise ConfigError(key, f"must be final, all, or an integer >= 1, got {value!r}")
+
+
+@dataclass(frozen=True)
+class HessianConfig:
+    """``hessian`` section: curvature of the probe-set loss at the checkpoints (BatchNorm in eval mode, no dropout).
+
+    Eigenvalues come at every checkpoint of ``checkpoints``; the costlier details (trace, spectral density, the
+    Gauss-Newton operator, per-group spectra) at those of ``details``.
+    """
+
+    checkpoints: str | int = spec("all")  # final | all | k: every k-th checkpoint (by epoch order) plus the final one
+    details: str | int = spec("final")  # same choices: where trace, density, GGN and per-group spectra are computed
+    method: str = spec("lanczos", choices=EIGEN_METHODS)  # eigen-solver (power = PyHessian's deflated power iteration)
+    top_k: int = spec(5, ge=1, unit="eigenvalues")  # largest eigenvalues, with eigenvectors
+    lambda_min: bool = spec(True)  # also the most negative (smallest algebraic) eigenvalue
+    tol: float = spec(1e-3, gt=0.0, lt=1.0, unit="Ritz residual / |lambda_max|")  # lanczos/arpack; power: relative change
+    max_hvps: int = spec(600, ge=10, unit="Hessian-vector products per eigen-solve")
+    power_iters: int = spec(100, ge=1, unit="products per eigenvalue")  # power only (PyHessian's maxIter)
+    trace: tuple[str, ...] = spec(("hutchinson", "hutchpp"))  # trace estimators (hutchinson, hutchpp); [] = none
+    trace_hvps: int = spec(60, ge=3, unit="Hessian-vector products per estimator")
+    density_runs: int = spec(2, ge=0, unit="random start vectors")  # stochastic Lanczos quadrature; 0 = no density
+    density_steps: int = spec(64, ge=2, unit="Lanczos steps per run")
+    density_sigma: float = spec(0.01, gt=0.0, unit="fraction of the spectrum's range")  # Gaussian smoothing width
+    density_points: int = spec(500, ge=10, unit="grid points")
+    operators: tuple[str, ...] = spec(("hessian", "ggn"))  # hessian (always at `checkpoints`), ggn (at `details`)
+    groups: str = spec("block", choices=GROUP_LEVELS)  # per-group top eigenvalue at `details`: block | module | none
+    group_top_k: int = spec(1, ge=1, unit="eigenvalues per group")
+    hvp: str = spec("reverse_over_reverse", choices=HVP_METHODS)  # chosen by benchmarks/hvp.py; see README
+    batch_size: int = spec(512, ge=1, unit="samples per forward")  # splits the probe set; does not change results
+    dtype: str = spec("float32", choices=DTYPES)  # network precision for the products (solvers run in float64)
+    device: str = spec("auto", pattern=_DEVICE_PATTERN)  # auto | cpu | cuda | cuda:N
+    seed: int = spec(0, ge=0)  # start vectors and trace probes
+
+    def __post_init__(self):
+        _check_checkpoint_selection("hessian.checkpoints", self.checkpoints)
+        _check_checkpoint_selection("hessian.details", self.details)
+        for key, values, allowed in (("trace", self.trace, TRACE_METHODS), ("operators", self.operators, CURVATURE_OPERATORS)):
+            for i, value in enumerate(values):
+                if value not in allowed:
+                    raise ConfigError(f"hessian.{key}[{i}]", f"unknown name {value!r}; allowed: {', '.join(allowed)}")
+            if len(set(values)) != len(values):
+                raise ConfigError(f"hessian.{key}", f"names must not repeat, got {list(values)}")
+        if "hessian" not in self.operators:
+            raise ConfigError("hessian.operators", f"must include 'hessian', got {list(self.operators)}")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """One training run (``runs.<name>``): an architecture plus its resolved model and train settings."""
@@ -134,6 +191,7 @@ class Params:
     model: ModelConfig
     train: TrainConfig
     runs: tuple[RunConfig, ...]
+    hessian: HessianConfig = HessianConfig()
 
     def run(self, name: str) -> RunConfig:
         for run in self.runs:
@@ -142,7 +200,8 @@ class Params:
         raise ConfigError("runs", f"no run named {name!r}; defined: {', '.join(r.name for r in self.runs)}")
 
 
-SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
+                             "hessian": HessianConfig}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -163,9 +222,13 @@ def _check_value(key: str, tp, value: Any, meta: Mapping[str, Any]) -> Any:
             raise ConfigError(key, f"expected a list of {_type_name(item_type).split(' ', 1)[1]}s, got {value!r}")
         return tuple(_check_value(f"{key}[{i}]", item_type, v, meta) for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
-        if value is None:
+        arms = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(arms) < len(typing.get_args(tp)):
             return None
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        matching = [a for a in arms if type(value) is a or (a is float and type(value) is int)]
+        if not matching and len(arms) > 1:
+            raise ConfigError(key, f"expected {' or '.join(_type_name(a) for a in arms)}, got {value!r} ({type(value).__name__})")
+        tp = matching[0] if matching else arms[0]
     # bool is a subclass of int: never accept it where a number is expected, nor a number where a bool is.
     if tp is bool:
         ok = isinstance(value, bool)

@@ -32,7 +32,45 @@ TRAIN_HISTORY = pa.schema([
     ("seconds", pa.float64()),  # cumulative training wall-clock time, evaluation excluded
 ])
 
-SCHEMAS: dict[str, pa.Schema] = {"train_history": TRAIN_HISTORY}
+# One row per (checkpoint, operator, group, quantity, index). Quantities: `eigenvalue` (index 0 = largest),
+# `lambda_min`, `trace` (method hutchinson | hutchpp, with stderr), `loss` and `grad_norm` of the probe set, `dim`
+# (parameters spanned), `density_mass` (total SLQ weight, 1 up to rounding), `products` (all products spent at the
+# checkpoint, in `value` and `hvps`, with the checkpoint's total `seconds`).
+HESSIAN_SPECTRUM = pa.schema([
+    ("run", pa.string()),
+    ("checkpoint", pa.string()),  # checkpoint file name, e.g. epoch_0030.pt
+    ("epoch", pa.int64()),  # epochs completed at the checkpoint
+    ("step", pa.int64()),  # optimiser steps completed at the checkpoint
+    ("lr", pa.float64()),  # learning rate of the next step at this checkpoint (for the 2/lr stability bound)
+    ("operator", pa.string()),  # hessian | ggn
+    ("group", pa.string()),  # "all" (every trainable parameter) or a parameter group, e.g. layer1.0
+    ("quantity", pa.string()),
+    ("index", pa.int64()),  # rank of an eigenvalue (0 = largest); 0 otherwise
+    ("value", pa.float64()),
+    ("stderr", pa.float64()),  # standard error of a stochastic estimate (trace); NaN otherwise
+    ("residual", pa.float64()),  # ||H v - lambda v||_2 of an eigenpair, computed explicitly; NaN otherwise
+    ("hvps", pa.int64()),  # curvature-vector products spent on this quantity (shared by the pairs of one solve)
+    ("method", pa.string()),  # lanczos | power | arpack | hutchinson | hutchpp | slq
+    ("converged", pa.bool_()),  # the solver met its tolerance
+    ("seconds", pa.float64()),  # wall-clock time of the computation
+    ("bn_mode", pa.string()),  # BatchNorm mode of the forward passes (always eval: running statistics)
+])
+
+# Spectral density by stochastic Lanczos quadrature: `node` rows are the quadrature nodes and weights (weights of one
+# checkpoint and operator sum to 1); `smoothed` rows are the Gaussian-smoothed density on a grid (integrates to 1).
+HESSIAN_DENSITY = pa.schema([
+    ("run", pa.string()),
+    ("checkpoint", pa.string()),
+    ("epoch", pa.int64()),
+    ("operator", pa.string()),  # hessian | ggn
+    ("kind", pa.string()),  # node | smoothed
+    ("lambda", pa.float64()),  # eigenvalue axis
+    ("density", pa.float64()),  # smoothed rows: probability density at `lambda`; NaN for node rows
+    ("weight", pa.float64()),  # node rows: quadrature weight; NaN for smoothed rows
+])
+
+SCHEMAS: dict[str, pa.Schema] = {"train_history": TRAIN_HISTORY, "hessian_spectrum": HESSIAN_SPECTRUM,
+                                 "hessian_density": HESSIAN_DENSITY}
 
 
 def write_table(rows: list[Mapping[str, Any]] | pd.DataFrame, path: str | Path, schema: pa.Schema,

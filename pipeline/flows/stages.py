@@ -84,9 +84,12 @@ def train_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: Pa
 
 @unit_of_work
 def collect_metrics(tables_dir: Path) -> dict:
-    """``{run: metrics}`` from every ``<tables_dir>/<run>/train_metrics.json``."""
-    return {path.parent.name: {"train": json.loads(path.read_text())}
-            for path in sorted(Path(tables_dir).glob("*/train_metrics.json"))}
+    """``{run: {stage: metrics}}`` from every ``<tables_dir>/<run>/<stage>_metrics.json`` (train, hessian, ...)."""
+    collected: dict[str, dict] = {}
+    for path in sorted(Path(tables_dir).glob("*/*_metrics.json")):
+        stage = path.name[: -len("_metrics.json")]
+        collected.setdefault(path.parent.name, {})[stage] = json.loads(path.read_text())
+    return {run: m for run, m in collected.items() if "train" in m}
 
 
 @flow(name="metrics", flow_run_name="metrics")
@@ -98,6 +101,7 @@ def metrics_flow(params: Params, tables_dir: Path, out_path: Path) -> dict:
     if missing:
         get_run_logger().warning("no metrics yet for runs: %s", ", ".join(missing))
     write_json(out_path, metrics)
-    rows = [{"run": name, **m["train"]} for name, m in metrics.items()]
+    rows = [{"run": name, **m["train"], **{f"hessian.{k}": v for k, v in m.get("hessian", {}).items()
+                                           if not isinstance(v, list)}} for name, m in metrics.items()]
     create_table_artifact(rows, key="metrics", description="Headline numbers of all runs")
     return metrics

@@ -1,0 +1,147 @@
+"""The ``hessian`` stage flow: one Prefect task per checkpoint, then tables, eigenvectors, figures and metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pandas as pd
+import torch
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+
+from pipeline.checkpoints import (load_checkpoint, model_from_checkpoint, next_learning_rate, parameters_finite,
+                                  require_checkpoints, select_checkpoints)
+from pipeline.config import HessianConfig, Params, resolve_device
+from pipeline.curvature.analysis import BN_MODE, analyse
+from pipeline.curvature.operators import ProbeSet
+from pipeline.data import PreparedData, load_prepared
+from pipeline.flows.common import Progress, unit_of_work
+from pipeline.io import save_torch, write_json
+from pipeline.plotting import plot_density, plot_sharpness, plot_spectrum
+from pipeline.provenance import provenance
+from pipeline.tables import HESSIAN_DENSITY, HESSIAN_SPECTRUM, write_table
+
+EIGENVECTORS = "eigenvectors.pt"
+
+
+@unit_of_work
+def analyse_checkpoint(path: Path, data: PreparedData, cfg: HessianConfig, details: bool) -> dict:
+    """Curvature at one checkpoint: rows for both tables and, for the caller, the top eigenvectors."""
+    logger = get_run_logger()
+    payload = load_checkpoint(path)
+    meta = {"run": payload["config"]["name"], "checkpoint": path.name, "epoch": payload["epoch"],
+            "step": payload["step"], "lr": next_learning_rate(payload, len(data.y_train))}
+    model = model_from_checkpoint(payload, data)
+    if not parameters_finite(model):
+        logger.warning("%s: non-finite weights (run %s); no curvature computed", path.name, payload["status"])
+        return {"meta": meta, "rows": [], "density": [], "skipped": True}
+    device = torch.device(resolve_device(cfg.device))
+    model = model.to(device=device, dtype=getattr(torch, cfg.dtype))
+    x, y = data.probe_tensors()
+    probe = ProbeSet.from_tensors(x, y, cfg.batch_size)
+    report = analyse(model, probe, cfg, details=details, on_step=lambda m: logger.info("epoch %d %s", meta["epoch"], m))
+    rows = [{**meta, **row, "bn_mode": BN_MODE} for row in report.rows]
+    density = [{"run": meta["run"], "checkpoint": meta["checkpoint"], "epoch": meta["epoch"], **row}
+               for row in report.density]
+    logger.info("%s: %d curvature products in total", path.name, report.hvps)
+    return {"meta": meta, "rows": rows, "density": density, "skipped": False,
+            "eigenvalues": report.eigenvalues, "eigenvectors": report.eigenvectors}
+
+
+def headline(spectrum: pd.DataFrame, peak_lr: float) -> dict:
+    """Numbers at the newest analysed checkpoint, for ``metrics.json``."""
+    if spectrum.empty:
+        return {"status": "no finite checkpoint"}
+    last = spectrum[spectrum.epoch == spectrum.epoch.max()]
+
+    def pick(operator="hessian", quantity="eigenvalue", method=None, index=0):
+        rows = last[(last.operator == operator) & (last.group == "all") & (last.quantity == quantity)
+                    & (last["index"] == index)]
+        if method is not None:
+            rows = rows[rows.method == method]
+        return rows.iloc[0] if len(rows) else None
+
+    out = {"epoch": int(last.epoch.iloc[0]), "checkpoint": last.checkpoint.iloc[0]}
+    top = pick()
+    out["lambda_max"] = float(top.value)
+    out["lambda_max_residual"] = float(top.residual)
+    out["lambda_max_lr_over_2"] = float(top.value) * peak_lr / 2.0  # > 1: sharper than GD at the peak lr tolerates
+    out["eigenvalues"] = [float(r.value) for r in last[(last.operator == "hessian") & (last.group == "all") &
+                                                       (last.quantity == "eigenvalue")].sort_values("index").itertuples()]
+    low = pick(quantity="lambda_min")
+    if low is not None:
+        out["lambda_min"] = float(low.value)
+        out["lambda_min_residual"] = float(low.residual)
+    for method in ("hutchinson", "hutchpp"):
+        trace = pick(quantity="trace", method=method)
+        if trace is not None:
+            out[f"trace_{method}"] = float(trace.value)
+            out[f"trace_{method}_stderr"] = float(trace.stderr)
+    ggn = pick("ggn")
+    if ggn is not None:
+        out["ggn_lambda_max"] = float(ggn.value)
+    totals = spectrum[spectrum.quantity == "products"]  # one row per checkpoint: every product and second spent
+    out["hvps"] = int(totals.hvps.sum())
+    out["seconds"] = round(float(totals.seconds.sum()), 3)
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
+
+
+@flow(name="hessian", flow_run_name="hessian-{run_name}")
+def hessian_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: Path, tables_dir: Path,
+                 vectors_dir: Path, figures_dir: Path) -> dict:
+    """Curvature of run ``run_name`` at the checkpoints chosen by ``params.hessian``."""
+    logger = get_run_logger()
+    cfg = params.hessian
+    data = load_prepared(data_dir)
+    entries = require_checkpoints(checkpoint_dir, run_name)
+    eigen_at = select_checkpoints(entries, cfg.checkpoints)
+    detail_files = {e["file"] for e in select_checkpoints(entries, cfg.details)}
+    chosen = sorted({e["file"]: e for e in [*eigen_at, *select_checkpoints(entries, cfg.details)]}.values(),
+                    key=lambda e: e["epoch"])
+    logger.info("%s: %d of %d checkpoints (details at %s); probe %d samples; %s on %s, %s, BatchNorm %s",
+                run_name, len(chosen), len(entries), ", ".join(sorted(detail_files)), len(data.probe_index),
+                cfg.method, resolve_device(cfg.device), cfg.hvp, BN_MODE)
+    progress = Progress(len(chosen), 0, f"hessian {run_name}", "checkpoint")
+    results = []
+    try:
+        for entry in chosen:
+            results.append(analyse_checkpoint.with_options(task_run_name=f"curvature-epoch-{entry['epoch']:04d}")(
+                Path(checkpoint_dir) / entry["file"], data, cfg, entry["file"] in detail_files))
+            progress.advance(1)
+    finally:
+        progress.close()
+
+    spectrum = pd.DataFrame([row for r in results for row in r["rows"]], columns=HESSIAN_SPECTRUM.names)
+    density = pd.DataFrame([row for r in results for row in r["density"]], columns=HESSIAN_DENSITY.names)
+    run = params.run(run_name) if run_name in {r.name for r in params.runs} else None
+    metadata = {"provenance": provenance(), "hessian": dataclasses.asdict(cfg), "bn_mode": BN_MODE,
+                "probe_size": len(data.probe_index), "data_fingerprint": data.fingerprint()}
+    tables_dir, figures_dir = Path(tables_dir), Path(figures_dir)
+    write_table(spectrum, tables_dir / "hessian_spectrum.parquet", HESSIAN_SPECTRUM, metadata)
+    write_table(density, tables_dir / "hessian_density.parquet", HESSIAN_DENSITY, metadata)
+
+    final = next((r for r in reversed(results) if not r["skipped"] and r.get("eigenvectors") is not None), None)
+    if final is not None:
+        save_torch(Path(vectors_dir) / EIGENVECTORS, {
+            "format": 1, "run": run_name, "checkpoint": final["meta"]["checkpoint"], "epoch": final["meta"]["epoch"],
+            "operator": "hessian", "bn_mode": BN_MODE, "eigenvalues": final["eigenvalues"],
+            "vectors": final["eigenvectors"], "hessian": dataclasses.asdict(cfg), "provenance": provenance()})
+    payload = load_checkpoint(Path(checkpoint_dir) / entries[-1]["file"])
+    train_cfg = payload["config"]["train"]
+    summary = headline(spectrum, float(train_cfg["lr"]))
+    write_json(tables_dir / "hessian_metrics.json", summary)
+
+    momentum = float(train_cfg["momentum"]) if train_cfg["optimizer"] == "sgd" else 0.0
+    plot_sharpness(spectrum, figures_dir / "hessian_sharpness.png", run=run_name, momentum=momentum)
+    plot_spectrum(spectrum, figures_dir / "hessian_spectrum.png", run=run_name)
+    plot_density(density, figures_dir / "hessian_density.png", run=run_name)
+    logger.info("%s: lambda_max %s, lambda_min %s, trace (Hutch++) %s ± %s", run_name, summary.get("lambda_max"),
+                summary.get("lambda_min"), summary.get("trace_hutchpp"), summary.get("trace_hutchpp_stderr"))
+    if run is None:
+        logger.warning("run %s is no longer in params.yaml; analysed its checkpoints anyway", run_name)
+    create_table_artifact([{"run": run_name, **{k: v for k, v in summary.items() if k != "eigenvalues"}}],
+                          key=f"hessian-{run_name}".lower().replace("_", "-"),
+                          description=f"Curvature of run {run_name} at its last analysed checkpoint")
+    return summary

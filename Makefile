@@ -6,7 +6,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MALLOC_MMAP_THRESHOLD_ := 16777216
 export MALLOC_TRIM_THRESHOLD_ := 1073741824
 
-.PHONY: run test setup clean-outputs
+.PHONY: run test setup bench clean-outputs
 
 setup: $(VENV)/.installed
 
@@ -21,5 +21,11 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# Speed ratios (see README, "Benchmarks"); uses the trained checkpoints of `make run` when present.
+bench: setup
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
+	$(BIN)/python benchmarks/hvp.py
+	$(BIN)/python benchmarks/eigen.py
+
 clean-outputs:
-	rm -rf artifacts reports/tables reports/metrics.json
+	rm -rf artifacts reports/tables reports/metrics.json reports/figures

@@ -142,12 +142,12 @@ class HessianConfig:
     max_hvps: int = spec(600, ge=10, unit="Hessian-vector products per eigen-solve")
     power_iters: int = spec(100, ge=1, unit="products per eigenvalue")  # power only (PyHessian's maxIter)
     trace: tuple[str, ...] = spec(("hutchinson", "hutchpp"))  # trace estimators (hutchinson, hutchpp); [] = none
-    trace_hvps: int = spec(60, ge=3, unit="Hessian-vector products per estimator")
+    trace_hvps: int = spec(60, ge=4, unit="Hessian-vector products per estimator")
     density_runs: int = spec(2, ge=0, unit="random start vectors")  # stochastic Lanczos quadrature; 0 = no density
     density_steps: int = spec(64, ge=2, unit="Lanczos steps per run")
     density_sigma: float = spec(0.01, gt=0.0, unit="fraction of the spectrum's range")  # Gaussian smoothing width
     density_points: int = spec(500, ge=10, unit="grid points")
-    operators: tuple[str, ...] = spec(("hessian", "ggn"))  # hessian (always at `checkpoints`), ggn (at `details`)
+    operators: tuple[str, ...] = spec(("hessian",))  # hessian (always at `checkpoints`), ggn (at `details`)
     groups: str = spec("block", choices=GROUP_LEVELS)  # per-group top eigenvalue at `details`: block | module | none
     group_top_k: int = spec(1, ge=1, unit="eigenvalues per group")
     hvp: str = spec("reverse_over_reverse", choices=HVP_METHODS)  # chosen by benchmarks/hvp.py; see README
@@ -165,6 +165,10 @@ class HessianConfig:
                     raise ConfigError(f"hessian.{key}[{i}]", f"unknown name {value!r}; allowed: {', '.join(allowed)}")
             if len(set(values)) != len(values):
                 raise ConfigError(f"hessian.{key}", f"names must not repeat, got {list(values)}")
+        needed = 2 * (max(self.top_k, self.group_top_k) + int(self.lambda_min)) + 10
+        if self.max_hvps < needed:
+            raise ConfigError("hessian.max_hvps", f"must be >= {needed} for top_k {self.top_k} (a Krylov basis of twice "
+                                                  f"the wanted pairs plus the residual products), got {self.max_hvps}")
         if "hessian" not in self.operators:
             raise ConfigError("hessian.operators", f"must include 'hessian', got {list(self.operators)}")
 
@@ -358,18 +362,18 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return parse_params(read_yaml(path))
 
 
-def resolve_device(name: str) -> str:
-    """Map ``train.device`` to a concrete torch device string; a missing accelerator is a ConfigError."""
+def resolve_device(name: str, key: str = "train.device") -> str:
+    """Map a device setting (``key``) to a concrete torch device string; a missing accelerator is a ConfigError."""
     import torch
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError("train.device", f"{name!r} requested but no CUDA device is available; allowed here: auto, cpu")
+            raise ConfigError(key, f"{name!r} requested but no CUDA device is available; allowed here: auto, cpu")
         index = int(name.split(":")[1]) if ":" in name else 0
         if index >= torch.cuda.device_count():
-            raise ConfigError("train.device", f"{name!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+            raise ConfigError(key, f"{name!r}: only {torch.cuda.device_count()} CUDA device(s) present")
     if name == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise ConfigError("train.device", "'mps' requested but not available; allowed here: auto, cpu")
+        raise ConfigError(key, "'mps' requested but not available; allowed here: auto, cpu")
     return name

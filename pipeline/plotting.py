@@ -86,7 +86,9 @@ def plot_spectrum(spectrum: pd.DataFrame, path: str | Path, *, run: str) -> None
         ax.barh(np.arange(len(last)), last.value.to_numpy(), color="C0")
         ax.set_yticks(np.arange(len(last)), last.group.tolist(), fontsize=7)
         ax.invert_yaxis()
-        ax.set_xscale("log")
+        for i, value in enumerate(last.value.to_numpy()):
+            ax.annotate(f"{value:.3g}", (value, i), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
+        ax.margins(x=0.15)
         ax.set_xlabel(r"$\lambda_{max}$ of the diagonal block")
         ax.set_title(f"per parameter group, epoch {int(last.epoch.iloc[0])}")
         ax.grid(True, axis="x", alpha=0.3)

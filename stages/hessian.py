@@ -21,7 +21,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     params = load_params(args.params)
     params.run(args.run)  # an unknown run fails here, before any work
-    resolve_device(params.hessian.device)
+    resolve_device(params.hessian.device, "hessian.device")
     require_prepared(args.data)
     checkpoints = args.checkpoints or Path("artifacts/checkpoints") / args.run
     require_checkpoints(checkpoints, args.run)

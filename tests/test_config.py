@@ -27,6 +27,7 @@ from pipeline.config import (
     Params,
     RunConfig,
     TrainConfig,
+    HessianConfig,
     load_params,
     parse_params,
 )
@@ -160,6 +161,34 @@ BAD = [
      "runs.a.nesterov", ("sgd", "momentum > 0")),
     ("run-step-without-milestones", run_with(schedule="step"), "runs.a.milestones", ("step",)),
     ("run-milestones-decreasing", run_with(milestones=[3, 2]), "runs.a.milestones", ("strictly increasing",)),
+    # hessian
+    ("hessian-unknown-key", params_with(hessian={"topk": 3}), "hessian.topk", ("top_k", "method")),
+    ("hessian-method", params_with(hessian={"method": "eigsh"}), "hessian.method", ("lanczos", "power", "arpack")),
+    ("hessian-checkpoints-name", params_with(hessian={"checkpoints": "last"}), "hessian.checkpoints",
+     ("final", "all", "integer")),
+    ("hessian-checkpoints-zero", params_with(hessian={"checkpoints": 0}), "hessian.checkpoints", (">= 1",)),
+    ("hessian-checkpoints-bool", params_with(hessian={"checkpoints": True}), "hessian.checkpoints",
+     ("a string or an integer",)),
+    ("hessian-details-float", params_with(hessian={"details": 2.5}), "hessian.details", ("a string or an integer",)),
+    ("hessian-top-k-zero", params_with(hessian={"top_k": 0}), "hessian.top_k", (">= 1",)),
+    ("hessian-tol-one", params_with(hessian={"tol": 1.0}), "hessian.tol", ("< 1",)),
+    ("hessian-tol-nan", params_with(hessian={"tol": float("nan")}), "hessian.tol", ("finite",)),
+    ("hessian-trace-name", params_with(hessian={"trace": ["hutchinson", "xtrace"]}), "hessian.trace[1]",
+     ("hutchinson", "hutchpp")),
+    ("hessian-trace-scalar", params_with(hessian={"trace": "hutchpp"}), "hessian.trace", ("list",)),
+    ("hessian-trace-repeated", params_with(hessian={"trace": ["hutchpp", "hutchpp"]}), "hessian.trace",
+     ("repeat",)),
+    ("hessian-operators-without-hessian", params_with(hessian={"operators": ["ggn"]}), "hessian.operators",
+     ("must include 'hessian'",)),
+    ("hessian-operator-name", params_with(hessian={"operators": ["hessian", "fisher"]}), "hessian.operators[1]",
+     ("ggn",)),
+    ("hessian-groups", params_with(hessian={"groups": "layer"}), "hessian.groups", ("block", "module", "none")),
+    ("hessian-hvp", params_with(hessian={"hvp": "finite_difference"}), "hessian.hvp", ("reverse_over_reverse",)),
+    ("hessian-dtype", params_with(hessian={"dtype": "float16"}), "hessian.dtype", ("float32", "float64")),
+    ("hessian-trace-hvps", params_with(hessian={"trace_hvps": 3}), "hessian.trace_hvps", (">= 4",)),
+    ("hessian-max-hvps-too-small", params_with(hessian={"top_k": 20, "max_hvps": 40}), "hessian.max_hvps",
+     (">= 52", "top_k 20")),
+    ("hessian-device", params_with(hessian={"device": "gpu"}), "hessian.device", ("cuda",)),
 ]
 
 
@@ -368,7 +397,7 @@ def test_repo_params_yaml_loads_cleanly():
     assert all(isinstance(r, RunConfig) and r.model_name in MODELS for r in params.runs)
 
 
-@pytest.mark.parametrize("cls", [DataConfig, ModelConfig, TrainConfig])
+@pytest.mark.parametrize("cls", [DataConfig, ModelConfig, TrainConfig, HessianConfig])
 def test_numeric_fields_declare_a_bound_or_unit(cls):
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -381,3 +410,9 @@ def test_numeric_fields_declare_a_bound_or_unit(cls):
             default = f.default
             values = default if isinstance(default, tuple) else (default,)
             assert all(isinstance(v, item) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+
+
+def test_hessian_checkpoint_selection_accepts_names_and_integers():
+    assert parse_params(params_with(hessian={"checkpoints": 3, "details": "all"})).hessian.checkpoints == 3
+    assert parse_params(params_with()).hessian == HessianConfig()
+    assert parse_params(params_with(hessian={"trace": []})).hessian.trace == ()

@@ -12,7 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import torch
 from ruamel.yaml import YAML
 
 from conftest import REPO
@@ -24,8 +26,12 @@ SMALL_PARAMS = {
     "data": {"dataset": "synthetic", "synthetic_samples": 200, "probe_size": 16},
     "model": {"mlp_depth": 1},
     "train": {"epochs": 2, "batch_size": 32, "checkpoint_every": 1},
+    "hessian": {"top_k": 2, "max_hvps": 60, "trace_hvps": 6, "density_runs": 1, "density_steps": 8,
+                "density_points": 50, "operators": ["hessian", "ggn"]},
     "runs": {"mlp": {"model": "mlp", "mlp_width": 16}, "resnet20": {"model": "resnet20", "epochs": 1}},
 }
+TRAIN = {"train@mlp", "train@resnet20"}
+HESSIAN = {"hessian@mlp", "hessian@resnet20"}
 
 
 def _free_port() -> int:
@@ -79,10 +85,23 @@ def stages_run(output: str) -> set[str]:
 
 def test_repro_runs_everything_then_nothing_then_only_what_changed(repo, env):
     first = dvc(repo, env, "repro")
-    assert stages_run(first.stdout) == {"prepare", "train@mlp", "train@resnet20", "metrics"}
+    assert stages_run(first.stdout) == {"prepare", *TRAIN, *HESSIAN, "metrics"}
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     assert set(metrics) == {"mlp", "resnet20"}
     assert metrics["mlp"]["train"]["status"] == "completed" and metrics["mlp"]["train"]["epochs"] == 2
+    hessian = metrics["resnet20"]["hessian"]
+    assert hessian["epoch"] == 1 and hessian["lambda_max"] > 0 and hessian["lambda_min"] <= hessian["lambda_max"]
+    assert len(hessian["eigenvalues"]) == 2 and hessian["trace_hutchpp_stderr"] >= 0
+    spectrum = pd.read_parquet(repo / "reports/tables/mlp/hessian_spectrum.parquet")
+    assert sorted(spectrum.epoch.unique()) == [0, 1, 2]  # eigenvalues at every checkpoint
+    assert set(spectrum[spectrum.quantity == "trace"].epoch) == {2}  # details at the final one
+    assert set(spectrum.operator) == {"hessian", "ggn"} and (spectrum.bn_mode == "eval").all()
+    assert {"net.1", "net.3"} <= set(spectrum.group)  # per-block spectra
+    for run in ("mlp", "resnet20"):
+        for figure in ("hessian_sharpness", "hessian_spectrum", "hessian_density"):
+            assert (repo / f"reports/figures/{run}/{figure}.png").stat().st_size > 10_000
+    vectors = torch.load(repo / "artifacts/hessian/resnet20/eigenvectors.pt", weights_only=True)
+    assert vectors["epoch"] == 1 and vectors["vectors"]["fc.weight"].shape == (2, 3, 64)
     assert (repo / "reports/tables/mlp/train_history.parquet").is_file()
     assert sorted(p.name for p in (repo / "artifacts/checkpoints/mlp").glob("*.pt")) == [
         "epoch_0000.pt", "epoch_0001.pt", "epoch_0002.pt"]
@@ -95,12 +114,18 @@ def test_repro_runs_everything_then_nothing_then_only_what_changed(repo, env):
     changed["train"]["lr"] = 0.02
     _write_params(repo, changed)
     third = dvc(repo, env, "repro")
-    assert stages_run(third.stdout) == {"train@mlp", "train@resnet20", "metrics"}  # not prepare
+    assert stages_run(third.stdout) == {*TRAIN, *HESSIAN, "metrics"}  # not prepare
 
     changed["runs"]["mlp"]["mlp_width"] = 8
     _write_params(repo, changed)
     fourth = dvc(repo, env, "repro")
-    assert stages_run(fourth.stdout) == {"train@mlp", "metrics"}
+    assert stages_run(fourth.stdout) == {"train@mlp", "hessian@mlp", "metrics"}
+
+    changed["hessian"]["top_k"] = 3  # an analysis setting never retrains
+    _write_params(repo, changed)
+    fifth = dvc(repo, env, "repro")
+    assert stages_run(fifth.stdout) == {*HESSIAN, "metrics"}
+    assert len(json.loads((repo / "reports/metrics.json").read_text())["mlp"]["hessian"]["eigenvalues"]) == 3
 
 
 def _stage(repo, env, *args):
@@ -131,6 +156,20 @@ def test_a_stage_with_bad_params_exits_2_with_one_line_and_touches_nothing(repo,
         assert (out / "train_metrics.json").read_text() == "{}"
     check = subprocess.run([str(BIN / "landscape"), "check", "--params", str(params)], capture_output=True, text=True)
     assert check.returncode == 2 and check.stderr.startswith(f"error: {key}: ")
+
+
+def test_hessian_stage_errors_are_one_line(repo, env, tmp_path):
+    no_checkpoints = _stage(repo, env, "stages/hessian.py", "--run", "mlp", "--checkpoints", str(tmp_path / "none"),
+                            "--tables", str(tmp_path / "t"))
+    assert no_checkpoints.returncode == 2 and "Traceback" not in no_checkpoints.stderr
+    assert no_checkpoints.stderr.strip().endswith("no readable checkpoints (epoch_*.pt); run `dvc repro train@mlp` first")
+    bad = json.loads(json.dumps(SMALL_PARAMS))
+    bad["hessian"]["method"] = "eigsh"
+    params = tmp_path / "bad.yaml"
+    YAML(typ="safe", pure=True).dump(bad, params)
+    result = _stage(repo, env, "stages/hessian.py", "--run", "mlp", "--params", str(params))
+    assert result.returncode == 2
+    assert result.stderr == "error: hessian.method: unknown name 'eigsh'; allowed: lanczos, power, arpack\n"
 
 
 def test_unknown_run_name_and_missing_data_are_one_line_errors(repo, env, tmp_path):

@@ -127,7 +127,7 @@ def parameter_groups(model: nn.Module, level: str = "module") -> dict[str, list[
 
 
 class EvalBatchNorm(nn.Module):
-    """BatchNorm in eval mode written as the per-channel affine map it is, for cheap second derivatives.
+    r"""BatchNorm in eval mode written as the per-channel affine map it is, for cheap second derivatives.
 
     :math:`y = x s + (\beta - \mu s)` with :math:`s = \gamma / \sqrt{\sigma^2 + \epsilon}`, the running statistics
     held fixed: the same function as ``nn.BatchNorm*d`` in eval mode (parameter and buffer names unchanged), whose

@@ -37,7 +37,7 @@ def analyse_checkpoint(path: Path, data: PreparedData, cfg: HessianConfig, detai
     if not parameters_finite(model):
         logger.warning("%s: non-finite weights (run %s); no curvature computed", path.name, payload["status"])
         return {"meta": meta, "rows": [], "density": [], "skipped": True}
-    device = torch.device(resolve_device(cfg.device))
+    device = torch.device(resolve_device(cfg.device, "hessian.device"))
     model = model.to(device=device, dtype=getattr(torch, cfg.dtype))
     x, y = data.probe_tensors()
     probe = ProbeSet.from_tensors(x, y, cfg.batch_size)
@@ -102,7 +102,7 @@ def hessian_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: 
                     key=lambda e: e["epoch"])
     logger.info("%s: %d of %d checkpoints (details at %s); probe %d samples; %s on %s, %s, BatchNorm %s",
                 run_name, len(chosen), len(entries), ", ".join(sorted(detail_files)), len(data.probe_index),
-                cfg.method, resolve_device(cfg.device), cfg.hvp, BN_MODE)
+                cfg.method, resolve_device(cfg.device, "hessian.device"), cfg.hvp, BN_MODE)
     progress = Progress(len(chosen), 0, f"hessian {run_name}", "checkpoint")
     results = []
     try:

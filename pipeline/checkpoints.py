@@ -37,14 +37,17 @@ def require_checkpoints(checkpoint_dir: str | Path, run: str) -> list[dict]:
     return entries
 
 
-def model_from_checkpoint(payload: dict, data: PreparedData, *, check_data: bool = True) -> nn.Module:
+def model_from_checkpoint(payload: dict, data: PreparedData, *, data_fingerprint: str | None = None) -> nn.Module:
     """The network of a checkpoint payload, weights loaded, in eval mode, on the CPU in float32.
+
+    ``data_fingerprint``: ``data.fingerprint()`` when the caller has it already (it hashes every tensor, so a caller
+    reading several checkpoints computes it once); computed here otherwise.
 
     Raises:
         DataError: when the checkpoint was trained on other data than ``data`` (fingerprints differ).
     """
     config = payload["config"]
-    if check_data and payload.get("data_fingerprint") != data.fingerprint():
+    if payload.get("data_fingerprint") != (data_fingerprint or data.fingerprint()):
         raise DataError(f"checkpoint of run {config['name']!r} (epoch {payload['epoch']}) was trained on other data "
                         "than the prepared data; rerun its train stage")
     model_cfg = build_section(ModelConfig, dict(config["model"]), "model")

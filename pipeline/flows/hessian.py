@@ -27,16 +27,17 @@ EIGENVECTORS = "eigenvectors.pt"
 
 
 @unit_of_work
-def analyse_checkpoint(path: Path, data: PreparedData, cfg: HessianConfig, details: bool) -> dict:
+def analyse_checkpoint(path: Path, data: PreparedData, data_fingerprint: str, cfg: HessianConfig,
+                       details: bool) -> dict:
     """Curvature at one checkpoint: rows for both tables and, for the caller, the top eigenvectors."""
     logger = get_run_logger()
     payload = load_checkpoint(path)
     meta = {"run": payload["config"]["name"], "checkpoint": path.name, "epoch": payload["epoch"],
             "step": payload["step"], "lr": next_learning_rate(payload, len(data.y_train))}
-    model = model_from_checkpoint(payload, data)
+    model = model_from_checkpoint(payload, data, data_fingerprint=data_fingerprint)
     if not parameters_finite(model):
         logger.warning("%s: non-finite weights (run %s); no curvature computed", path.name, payload["status"])
-        return {"meta": meta, "rows": [], "density": [], "skipped": True}
+        return {"meta": meta, "rows": [], "density": [], "skipped": True, "train": payload["config"]["train"]}
     device = torch.device(resolve_device(cfg.device, "hessian.device"))
     model = model.to(device=device, dtype=getattr(torch, cfg.dtype))
     x, y = data.probe_tensors()
@@ -46,7 +47,7 @@ def analyse_checkpoint(path: Path, data: PreparedData, cfg: HessianConfig, detai
     density = [{"run": meta["run"], "checkpoint": meta["checkpoint"], "epoch": meta["epoch"], **row}
                for row in report.density]
     logger.info("%s: %d curvature products in total", path.name, report.hvps)
-    return {"meta": meta, "rows": rows, "density": density, "skipped": False,
+    return {"meta": meta, "rows": rows, "density": density, "skipped": False, "train": payload["config"]["train"],
             "eigenvalues": report.eigenvalues, "eigenvectors": report.eigenvectors}
 
 
@@ -95,6 +96,7 @@ def hessian_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: 
     logger = get_run_logger()
     cfg = params.hessian
     data = load_prepared(data_dir)
+    data_fingerprint = data.fingerprint()  # hashes every tensor: once per flow, not per checkpoint
     entries = require_checkpoints(checkpoint_dir, run_name)
     eigen_at = select_checkpoints(entries, cfg.checkpoints)
     detail_files = {e["file"] for e in select_checkpoints(entries, cfg.details)}
@@ -108,16 +110,15 @@ def hessian_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: 
     try:
         for entry in chosen:
             results.append(analyse_checkpoint.with_options(task_run_name=f"curvature-epoch-{entry['epoch']:04d}")(
-                Path(checkpoint_dir) / entry["file"], data, cfg, entry["file"] in detail_files))
+                Path(checkpoint_dir) / entry["file"], data, data_fingerprint, cfg, entry["file"] in detail_files))
             progress.advance(1)
     finally:
         progress.close()
 
     spectrum = pd.DataFrame([row for r in results for row in r["rows"]], columns=HESSIAN_SPECTRUM.names)
     density = pd.DataFrame([row for r in results for row in r["density"]], columns=HESSIAN_DENSITY.names)
-    run = params.run(run_name) if run_name in {r.name for r in params.runs} else None
     metadata = {"provenance": provenance(), "hessian": dataclasses.asdict(cfg), "bn_mode": BN_MODE,
-                "probe_size": len(data.probe_index), "data_fingerprint": data.fingerprint()}
+                "probe_size": len(data.probe_index), "data_fingerprint": data_fingerprint}
     tables_dir, figures_dir = Path(tables_dir), Path(figures_dir)
     write_table(spectrum, tables_dir / "hessian_spectrum.parquet", HESSIAN_SPECTRUM, metadata)
     write_table(density, tables_dir / "hessian_density.parquet", HESSIAN_DENSITY, metadata)
@@ -128,8 +129,7 @@ def hessian_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: 
             "format": 1, "run": run_name, "checkpoint": final["meta"]["checkpoint"], "epoch": final["meta"]["epoch"],
             "operator": "hessian", "bn_mode": BN_MODE, "eigenvalues": final["eigenvalues"],
             "vectors": final["eigenvectors"], "hessian": dataclasses.asdict(cfg), "provenance": provenance()})
-    payload = load_checkpoint(Path(checkpoint_dir) / entries[-1]["file"])
-    train_cfg = payload["config"]["train"]
+    train_cfg = results[-1]["train"]  # the newest checkpoint is always analysed (every selection includes it)
     summary = headline(spectrum, float(train_cfg["lr"]))
     write_json(tables_dir / "hessian_metrics.json", summary)
 
@@ -139,8 +139,6 @@ def hessian_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: 
     plot_density(density, figures_dir / "hessian_density.png", run=run_name)
     logger.info("%s: lambda_max %s, lambda_min %s, trace (Hutch++) %s ± %s", run_name, summary.get("lambda_max"),
                 summary.get("lambda_min"), summary.get("trace_hutchpp"), summary.get("trace_hutchpp_stderr"))
-    if run is None:
-        logger.warning("run %s is no longer in params.yaml; analysed its checkpoints anyway", run_name)
     create_table_artifact([{"run": run_name, **{k: v for k, v in summary.items() if k != "eigenvalues"}}],
                           key=f"hessian-{run_name}".lower().replace("_", "-"),
                           description=f"Curvature of run {run_name} at its last analysed checkpoint")

@@ -29,11 +29,12 @@ def select_checkpoints(entries: list[dict], selection: str | int) -> list[dict]:
     return picked if picked[-1] is entries[-1] else [*picked, entries[-1]]
 
 
-def require_checkpoints(checkpoint_dir: str | Path, run: str) -> list[dict]:
-    """The readable checkpoints of ``checkpoint_dir``, or a one-line :class:`DataError` saying how to make them."""
+def require_checkpoints(checkpoint_dir: str | Path, run: str, *, stage: str = "train") -> list[dict]:
+    """The readable checkpoints of ``checkpoint_dir``, or a one-line :class:`DataError` saying how to make them
+    (``dvc repro <stage>@<run>``)."""
     entries = list_checkpoints(checkpoint_dir) if Path(checkpoint_dir).is_dir() else []
     if not entries:
-        raise DataError(f"{checkpoint_dir}: no readable checkpoints (epoch_*.pt); run `dvc repro train@{run}` first")
+        raise DataError(f"{checkpoint_dir}: no readable checkpoints (epoch_*.pt); run `dvc repro {stage}@{run}` first")
     return entries
 
 

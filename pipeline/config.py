@@ -26,6 +26,11 @@ CURVATURE_OPERATORS = ("hessian", "ggn")
 GROUP_LEVELS = ("none", "block", "module")
 HVP_METHODS = ("reverse_over_reverse", "forward_over_reverse", "double_backward")
 DTYPES = ("float32", "float64")
+PLANES = ("random", "pca", "eigen")
+DIRECTION_NORMS = ("filter", "layer", "none")
+DIRECTION_IGNORES = ("biasbn", "none")
+LINE_SPLITS = ("train", "test")
+EXECUTORS = ("local", "dask")
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 _RUN_NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
@@ -174,6 +179,52 @@ class HessianConfig:
 
 
 @dataclass(frozen=True)
+class LandscapeConfig:
+    """``landscape`` section: the 1-D scans (``interpolate``) and 2-D surfaces (``surface``) around each run's final
+    checkpoint, and how their grid points are evaluated (batched engine, tiles, executor).
+
+    Every direction is scaled to the norm of the filter-normalised random direction (which has, filter by filter, the
+    norm of the weights), so a coordinate means the same distance for random, PCA and eigenvector directions.
+    """
+
+    norm: str = spec("filter", choices=DIRECTION_NORMS)  # random directions: filter (Li et al. 2018) | layer | none
+    ignore: str = spec("biasbn", choices=DIRECTION_IGNORES)  # biasbn: biases and BatchNorm parameters do not move
+    seed: int = spec(0, ge=0)  # random directions: x uses seed, y uses seed + 1 (1-D: seed)
+    line_points: int = spec(41, ge=3, unit="points")  # final + alpha * d, alpha in [-line_range, line_range]
+    line_range: float = spec(1.0, gt=0.0, unit="direction lengths")
+    path_points: int = spec(21, ge=3, unit="points")  # on t in [0, 1]: init -> final, final -> partner
+    splits: tuple[str, ...] = spec(("train", "test"))  # 1-D scans evaluated on: train | test
+    partner_seed_offset: int = spec(1, ge=1)  # mode connectivity partner: the run retrained with train.seed + offset
+    plane: str = spec("random", choices=PLANES)  # 2-D plane: random | pca (of the trajectory) | eigen (top two)
+    surface_points: int = spec(41, ge=2, unit="points per axis")
+    surface_range: float = spec(1.0, gt=0.0, unit="direction lengths")  # grid over [-range, range]^2
+    curvature_map: int = spec(0, ge=0, unit="points per axis")  # |lambda_min/lambda_max| on a coarse sub-grid; 0 = off
+    curvature_tol: float = spec(1e-2, gt=0.0, lt=1.0, unit="Ritz residual / |lambda_max|")  # curvature map solves
+    tile_size: int = spec(256, ge=1, unit="points per tile")  # one Prefect task per tile; finished tiles are kept
+    chunk: int = spec(0, ge=0, unit="points per forward")  # 0 = measured once per model and device
+    batch_size: int = spec(512, ge=1, unit="samples per forward")  # does not change results
+    executor: str = spec("local", choices=EXECUTORS)  # local (this process) | dask (prefect-dask)
+    scheduler: str = spec("")  # dask: scheduler address, e.g. tcp://10.0.0.5:8786; "" = LocalCluster on 127.0.0.1
+    workers: int = spec(2, ge=1, unit="processes")  # dask LocalCluster only
+    device: str = spec("auto", pattern=_DEVICE_PATTERN)  # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self):
+        for i, value in enumerate(self.splits):
+            if value not in LINE_SPLITS:
+                raise ConfigError(f"landscape.splits[{i}]", f"unknown split {value!r}; allowed: {', '.join(LINE_SPLITS)}")
+        if not self.splits or len(set(self.splits)) != len(self.splits):
+            raise ConfigError("landscape.splits", f"need one or both of train, test without repeats, got {list(self.splits)}")
+        for key in ("line_points", "surface_points"):
+            if getattr(self, key) % 2 == 0:
+                raise ConfigError(f"landscape.{key}", f"must be odd, so that the trained model (0) is a grid point; "
+                                                      f"got {getattr(self, key)}")
+        if self.scheduler and self.executor != "dask":
+            raise ConfigError("landscape.scheduler", "is read only with executor: dask; set executor: dask or leave it empty")
+        if self.scheduler and not re.fullmatch(r"(tcp|tls|ucx|inproc)://\S+", self.scheduler):
+            raise ConfigError("landscape.scheduler", f"expected a Dask address like tcp://HOST:PORT, got {self.scheduler!r}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """One training run (``runs.<name>``): an architecture plus its resolved model and train settings."""
 
@@ -196,6 +247,7 @@ class Params:
     train: TrainConfig
     runs: tuple[RunConfig, ...]
     hessian: HessianConfig = HessianConfig()
+    landscape: LandscapeConfig = LandscapeConfig()
 
     def run(self, name: str) -> RunConfig:
         for run in self.runs:
@@ -205,7 +257,7 @@ class Params:
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
-                             "hessian": HessianConfig}
+                             "hessian": HessianConfig, "landscape": LandscapeConfig}
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -69,8 +69,49 @@ HESSIAN_DENSITY = pa.schema([
     ("weight", pa.float64()),  # node rows: quadrature weight; NaN for smoothed rows
 ])
 
+# 1-D scans around the final checkpoint (stage `interpolate`): one row per (path, point, split). Paths: `init_final`
+# (t = 0 initialisation, t = 1 trained), `random` (filter-normalised), `eigen` (top Hessian eigenvector), `partner`
+# (t = 0 trained, t = 1 the run retrained from another seed: linear mode connectivity).
+INTERPOLATION_1D = pa.schema([
+    ("run", pa.string()),
+    ("path", pa.string()),  # init_final | random | eigen | partner
+    ("direction", pa.string()),  # content id of the direction (pipeline.landscape.directions.direction_id)
+    ("alpha", pa.float64()),  # coordinate: alpha (random, eigen; 0 = trained) or t in [0, 1] (init_final, partner)
+    ("distance", pa.float64()),  # signed Euclidean distance in weight space from the point at coordinate 0
+    ("split", pa.string()),  # train | test
+    ("loss", pa.float64()),  # mean cross-entropy over the split, BatchNorm in eval mode
+    ("accuracy", pa.float64()),  # fraction correct
+])
+
+# 2-D surface (stage `surface`): loss and accuracy on the probe set at theta_final + alpha dx + beta dy.
+SURFACE_2D = pa.schema([
+    ("run", pa.string()),
+    ("plane", pa.string()),  # random | pca | eigen
+    ("direction_x", pa.string()),  # content id of dx
+    ("direction_y", pa.string()),  # content id of dy
+    ("alpha", pa.float64()),  # coordinate along dx (0 = trained)
+    ("beta", pa.float64()),  # coordinate along dy
+    ("split", pa.string()),  # probe
+    ("loss", pa.float64()),
+    ("accuracy", pa.float64()),
+])
+
+# Curvature map of the surface (landscape.curvature_map > 0): extreme Hessian eigenvalues at a coarse sub-grid.
+SURFACE_CURVATURE = pa.schema([
+    ("run", pa.string()),
+    ("plane", pa.string()),
+    ("alpha", pa.float64()),
+    ("beta", pa.float64()),
+    ("lambda_max", pa.float64()),
+    ("lambda_min", pa.float64()),
+    ("ratio", pa.float64()),  # |lambda_min / lambda_max|: 0 convex-looking, near 1 strongly non-convex
+    ("hvps", pa.int64()),
+    ("converged", pa.bool_()),
+])
+
 SCHEMAS: dict[str, pa.Schema] = {"train_history": TRAIN_HISTORY, "hessian_spectrum": HESSIAN_SPECTRUM,
-                                 "hessian_density": HESSIAN_DENSITY}
+                                 "hessian_density": HESSIAN_DENSITY, "interpolation_1d": INTERPOLATION_1D,
+                                 "surface_2d": SURFACE_2D, "surface_curvature": SURFACE_CURVATURE}
 
 
 def write_table(rows: list[Mapping[str, Any]] | pd.DataFrame, path: str | Path, schema: pa.Schema,

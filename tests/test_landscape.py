@@ -401,10 +401,10 @@ def test_choose_chunk_measures_once_and_caches(monkeypatch):
     assert len(calls) == n_calls  # cached: no timing the second time
 
 
-def test_choose_chunk_rule_stops_when_throughput_drops(monkeypatch):
+def test_choose_chunk_rule_stops_after_two_drops_in_a_row(monkeypatch):
     model, params, buffers = model_and_state("mlp")
     x, _ = probe(8)
-    seconds = {1: 1e-3, 2: 1e-3, 4: 1e-3, 8: 4e-3, 16: 1e-3}  # rates 1k, 2k, 4k, 2k: stop at 8
+    seconds = {1: 1e-3, 2: 1e-3, 4: 1e-3, 8: 4e-3, 16: 8e-3, 32: 1e-3}  # rates 1k, 2k, 4k, 2k, 2k: stop at 16
     timed = []
 
     def fake(model, params, buffers, x, y, chunk, batch_size, engine):
@@ -412,8 +412,12 @@ def test_choose_chunk_rule_stops_when_throughput_drops(monkeypatch):
         return seconds[chunk]
     monkeypatch.setattr(evaluate_module, "_time_chunk", fake)
     monkeypatch.setattr(evaluate_module, "CHUNK_CACHE", {})
-    assert choose_chunk(model, params, buffers, x, candidates=(16, 8, 4, 2, 1), batch_size=8) == 4
-    assert 16 not in timed
+    assert choose_chunk(model, params, buffers, x, candidates=(32, 16, 8, 4, 2, 1), batch_size=8) == 4
+    assert 32 not in timed
+    # one dip (chunk 8) is not enough to stop: the faster chunk 16 after it is found
+    seconds.update({16: 1e-3})
+    monkeypatch.setattr(evaluate_module, "CHUNK_CACHE", {})
+    assert choose_chunk(model, params, buffers, x, candidates=(32, 16, 8, 4, 2, 1), batch_size=8) == 32
     with pytest.raises(ValueError, match="candidates: need positive integers"):
         choose_chunk(model, params, buffers, x, candidates=(0, 2))
 

@@ -6,13 +6,14 @@ run per checkpoint with its logs; a progress artifact and a terminal bar follow 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from pipeline.config import Params
+from pipeline.config import Params, RunConfig
 from pipeline.data import load_prepared, prepare_dataset, save_prepared
 from pipeline.flows.common import Progress, unit_of_work
 from pipeline.io import write_json
@@ -58,15 +59,12 @@ def write_train_outputs(trainer: Trainer, history_path: Path, metrics_path: Path
     return summary
 
 
-@flow(name="train", flow_run_name="train-{run_name}")
-def train_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: Path, history_path: Path,
-               metrics_path: Path) -> dict:
-    """Train one run, resuming from ``checkpoint_dir`` when its checkpoints match the config, data and code."""
+def _train(run: RunConfig, data_dir: Path, checkpoint_dir: Path, history_path: Path, metrics_path: Path,
+           label: str) -> dict:
     logger = get_run_logger()
-    run = params.run(run_name)
     trainer = Trainer(run, load_prepared(data_dir), checkpoint_dir)
-    logger.info("%s: %s on %s, %s", run_name, run.model_name, trainer.device, trainer.start())
-    progress = Progress(run.train.epochs, trainer.state.epoch, f"train {run_name}", "epoch")
+    logger.info("%s: %s on %s, seed %d, %s", label, run.model_name, trainer.device, run.train.seed, trainer.start())
+    progress = Progress(run.train.epochs, trainer.state.epoch, f"{label}", "epoch")
     try:
         while not trainer.done:
             train_until_checkpoint.with_options(
@@ -76,10 +74,33 @@ def train_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: Pa
     summary = write_train_outputs(trainer, history_path, metrics_path)
     if summary["status"] == "diverged":
         logger.warning("%s diverged at step %s (non-finite loss); recorded, later stages report it",
-                       run_name, summary["diverged_step"])
-    create_table_artifact([{"run": run_name, **summary}], key=f"train-{run_name}".lower().replace("_", "-"),
-                          description=f"Headline numbers of run {run_name}")
+                       label, summary["diverged_step"])
+    create_table_artifact([{"run": run.name, **summary}], key=label.lower().replace("_", "-").replace(" ", "-"),
+                          description=f"Headline numbers of {label}")
     return summary
+
+
+@flow(name="train", flow_run_name="train-{run_name}")
+def train_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: Path, history_path: Path,
+               metrics_path: Path) -> dict:
+    """Train one run, resuming from ``checkpoint_dir`` when its checkpoints match the config, data and code."""
+    return _train(params.run(run_name), data_dir, checkpoint_dir, history_path, metrics_path, f"train {run_name}")
+
+
+def partner_run(params: Params, run_name: str) -> RunConfig:
+    """Run ``run_name`` with its train seed shifted by ``landscape.partner_seed_offset``: the second model of the
+    linear mode-connectivity path (same architecture, data and schedule; another initialisation and batch order)."""
+    run = params.run(run_name)
+    seed = run.train.seed + params.landscape.partner_seed_offset
+    return dataclasses.replace(run, train=dataclasses.replace(run.train, seed=seed))
+
+
+@flow(name="partner", flow_run_name="partner-{run_name}")
+def partner_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: Path, history_path: Path,
+                 metrics_path: Path) -> dict:
+    """Train the mode-connectivity partner of run ``run_name`` (see :func:`partner_run`), resuming like ``train``."""
+    return _train(partner_run(params, run_name), data_dir, checkpoint_dir, history_path, metrics_path,
+                  f"partner {run_name}")
 
 
 @unit_of_work

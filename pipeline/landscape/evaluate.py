@@ -434,8 +434,10 @@ def choose_chunk(model: nn.Module, params: Mapping[str, Tensor], buffers: Mappin
     a convolutional net may run fastest one point at a time, since ``vmap`` turns its convolutions into grouped
     ones), so it is measured rather than fixed. Each candidate size, in increasing order, runs one chunk on one
     batch of ``x``: once untimed (first-run costs), then timed, best of two (three for short runs). A larger chunk
-    is adopted only if its throughput (points per second) beats the best so far by 5 %; growth stops when
-    throughput falls below 90 % of the best, when a chunk takes longer than ``budget_s``, or at out-of-memory.
+    is adopted only if its throughput (points per second) beats the best so far by 5 %; growth stops when two
+    sizes in a row fall below 90 % of the best throughput (one dip is timing noise or a kernel-selection quirk: the
+    MLP on this CPU runs chunk 4 slower than chunks 2 and 8), when a chunk takes longer than ``budget_s``, or at
+    out-of-memory.
     The decision is cached in :data:`CHUNK_CACHE` per (model class, parameter count, device, dtype, input shape,
     batch size, candidates, engine), so a process measures once per model and device.
 
@@ -472,14 +474,15 @@ def choose_chunk(model: nn.Module, params: Mapping[str, Tensor], buffers: Mappin
     if key in CHUNK_CACHE:
         return CHUNK_CACHE[key]
     yb = torch.zeros(len(xb), dtype=torch.long)  # labels do not change the cost of cross-entropy
-    best, best_rate = candidates[0], 0.0
+    best, best_rate, drops = candidates[0], 0.0, 0
     for chunk in candidates:
         try:
             # the first run of a size pays one-time costs (vmap's first trace, allocations): never timed alone
             seconds = _time_chunk(model, params, buffers, xb, yb, chunk, batch_size, engine)
             seconds = min(seconds, _time_chunk(model, params, buffers, xb, yb, chunk, batch_size, engine))
-            if seconds < budget_s / 10:  # short runs are noisy (other processes, clock changes): best of three
-                seconds = min(seconds, _time_chunk(model, params, buffers, xb, yb, chunk, batch_size, engine))
+            if seconds < budget_s / 10:  # short runs are noisy (other processes, clock changes): best of five
+                for _ in range(3):
+                    seconds = min(seconds, _time_chunk(model, params, buffers, xb, yb, chunk, batch_size, engine))
         except (RuntimeError, torch.OutOfMemoryError) as error:
             if not _is_out_of_memory(error):
                 raise
@@ -487,7 +490,8 @@ def choose_chunk(model: nn.Module, params: Mapping[str, Tensor], buffers: Mappin
                 torch.cuda.empty_cache()
             break
         rate = chunk / max(seconds, 1e-9)
-        if rate < 0.9 * best_rate:  # a clear drop, beyond timing noise: larger chunks will not help
+        drops = drops + 1 if rate < 0.9 * best_rate else 0
+        if drops == 2:  # two clear drops in a row, beyond timing noise: larger chunks will not help
             break
         if rate > 1.05 * best_rate:  # a larger chunk must win clearly: under noise, the smaller one uses less memory
             best, best_rate = chunk, rate

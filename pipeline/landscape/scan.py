@@ -257,3 +257,22 @@ def barrier(losses: Sequence[float]) -> float:
     if any(math.isnan(v) for v in values):
         return math.nan
     return max(values) - 0.5 * (values[0] + values[-1])
+
+
+def max_rise(losses: Sequence[float]) -> float:
+    """Largest increase of the loss along a path, :math:`\max_{t \le t'} L(t') - L(t)`: 0 when the loss never goes up
+    (the monotone linear interpolation of Goodfellow et al. 2015), NaN when any loss is NaN.
+
+    Raises:
+        ValueError: for fewer than two losses.
+    """
+    values = [float(v) for v in (losses.tolist() if isinstance(losses, Tensor) else losses)]
+    if len(values) < 2:
+        raise ValueError(f"losses: need at least the two endpoints, got {len(values)} values")
+    if any(math.isnan(v) for v in values):
+        return math.nan
+    rise, lowest = 0.0, values[0]
+    for v in values[1:]:
+        rise = max(rise, v - lowest)
+        lowest = min(lowest, v)
+    return rise

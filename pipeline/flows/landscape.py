@@ -1,0 +1,405 @@
+"""The scan stage flows, ``interpolate`` (1-D lines and paths) and ``surface`` (2-D plane): one Prefect task per tile
+of grid points, finished tiles kept on disk, on this process or on a Dask cluster (prefect-dask)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import torch
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+from prefect.futures import as_completed
+
+from pipeline.checkpoints import load_checkpoint, model_from_checkpoint, parameters_finite, require_checkpoints
+from pipeline.config import LandscapeConfig, Params, resolve_device
+from pipeline.curvature.operators import ProbeSet
+from pipeline.data import DataError, PreparedData, load_prepared
+
+from pipeline.flows.common import Progress, unit_of_work
+from pipeline.io import save_torch, write_json
+from pipeline.landscape.directions import direction_id
+from pipeline.landscape.evaluate import choose_chunk, choose_layout, evaluate_points
+from pipeline.landscape.figures import (plot_interpolation, plot_interpolations_side_by_side, plot_surface,
+                                        plot_surfaces_side_by_side)
+from pipeline.landscape.plan import (LineScan, curvature_at, curvature_coords, line_scans, plane_directions, state,
+                                     surface_coords)
+from pipeline.landscape.scan import Tile, TileStore, barrier, make_tiles, max_rise, scan_fingerprint
+from pipeline.provenance import provenance
+from pipeline.tables import INTERPOLATION_1D, SURFACE_2D, SURFACE_CURVATURE, write_table
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Executors
+# --------------------------------------------------------------------------------------------------------------
+
+
+def task_runner(cfg: LandscapeConfig):
+    """The Prefect task runner of ``cfg.executor``: ``None`` (local: tiles run in this process, in order) or a
+    ``DaskTaskRunner`` on ``cfg.scheduler`` or on a LocalCluster of ``cfg.workers`` single-threaded processes
+    bound to 127.0.0.1."""
+    if cfg.executor != "dask":
+        return None
+    from prefect_dask import DaskTaskRunner
+
+    if cfg.scheduler:
+        return DaskTaskRunner(address=cfg.scheduler)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.workers, "threads_per_worker": 1, "processes": True,
+                                          "host": "127.0.0.1", "dashboard_address": None})
+
+
+def _worker_threads(cfg: LandscapeConfig) -> int | None:
+    """Torch threads per Dask worker of a LocalCluster (the machine's cores shared out); None leaves them alone."""
+    if cfg.executor != "dask" or cfg.scheduler:
+        return None
+    return max(1, (os.cpu_count() or 1) // cfg.workers)
+
+
+@dataclasses.dataclass
+class Job:
+    """One scan to evaluate tile by tile: ``theta = params + sum_j coords[:, j] d_j`` on ``(x, y)``."""
+
+    name: str  # task-name prefix, e.g. "random-train"
+    model: torch.nn.Module
+    params: dict
+    buffers: dict
+    directions: list
+    buffer_directions: list | None
+    coords: torch.Tensor
+    x: torch.Tensor
+    y: torch.Tensor
+    store: TileStore
+
+
+@unit_of_work
+def evaluate_tile(model, params, buffers, directions, buffer_directions, coords, x, y, tile: Tile, chunk: int,
+                  batch_size: int, channels_last: bool, threads: int | None) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Loss and accuracy at the rows of one tile (the unit of work of a scan)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    loss, accuracy = evaluate_points(model, params, buffers, directions, coords[tile.rows], x, y,
+                                     batch_size=batch_size, chunk=chunk, buffer_directions=buffer_directions,
+                                     channels_last=channels_last)
+    return tile.index, loss, accuracy
+
+
+def run_jobs(jobs: Sequence[Job], cfg: LandscapeConfig, *, chunk: int, channels_last: bool, description: str) -> dict:
+    """Evaluate every missing tile of ``jobs`` (one task each; finished tiles are saved as they arrive, so an
+    interrupted scan resumes) and return ``{job name: (loss, accuracy)}`` assembled from the stores."""
+    logger = get_run_logger()
+    tiles = {job.name: make_tiles(len(job.coords), cfg.tile_size) for job in jobs}
+    total = sum(len(t) for t in tiles.values())
+    pending = [(job, tile) for job in jobs for tile in tiles[job.name] if tile.index not in job.store.done()]
+    found = total - len(pending)
+    if found:
+        logger.info("%s: %d of %d tiles found on disk (resuming)", description, found, total)
+    progress = Progress(total, found, description, "tile")
+    threads = _worker_threads(cfg)
+    start = time.perf_counter()
+
+    def call(job: Job, tile: Tile):
+        return evaluate_tile.with_options(task_run_name=f"{job.name}-tile-{tile.index:04d}")
+
+    def arguments(job: Job, tile: Tile) -> tuple:
+        return (job.model, job.params, job.buffers, job.directions, job.buffer_directions, job.coords, job.x, job.y,
+                tile, chunk, cfg.batch_size, channels_last, threads)
+
+    points = 0
+    try:
+        if cfg.executor == "dask":
+            futures = {call(job, tile).submit(*arguments(job, tile)): (job, tile) for job, tile in pending}
+            for future in as_completed(list(futures)):
+                job, tile = futures[future]
+                _, loss, accuracy = future.result()
+                job.store.save(tile, loss, accuracy)
+                points += len(tile)
+                progress.advance(1)
+        else:
+            for job, tile in pending:
+                _, loss, accuracy = call(job, tile)(*arguments(job, tile))
+                job.store.save(tile, loss, accuracy)
+                points += len(tile)
+                progress.advance(1)
+    finally:
+        progress.close()
+    seconds = time.perf_counter() - start
+    if points:
+        logger.info("%s: %d points in %.1f s (%.1f points/s, chunk %d%s, %s)", description, points, seconds,
+                    points / seconds, chunk, ", channels-last" if channels_last else "",
+                    f"dask {cfg.scheduler or f'LocalCluster x{cfg.workers}'}" if cfg.executor == "dask" else "local")
+    results = {job.name: job.store.load_all(len(job.coords)) for job in jobs}
+    results["_timing"] = {"points": points, "seconds": seconds}
+    return results
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _final_model(checkpoint_dir: Path, run_name: str, data: PreparedData, fingerprint: str, *, stage: str = "train"):
+    entries = require_checkpoints(checkpoint_dir, run_name, stage=stage)
+    payload = load_checkpoint(Path(checkpoint_dir) / entries[-1]["file"])
+    return entries, payload, model_from_checkpoint(payload, data, data_fingerprint=fingerprint)
+
+
+def _eigenvectors(vectors_dir: Path, run_name: str, final_payload: dict) -> dict:
+    path = Path(vectors_dir) / "eigenvectors.pt"
+    if not path.is_file():
+        raise DataError(f"{path}: missing; run `dvc repro hessian@{run_name}` first")
+    payload = torch.load(path, weights_only=True)
+    if payload.get("epoch") != final_payload["epoch"]:
+        raise DataError(f"{path}: eigenvectors of epoch {payload.get('epoch')}, but the final checkpoint is epoch "
+                        f"{final_payload['epoch']}; run `dvc repro hessian@{run_name}`")
+    return payload
+
+
+def _engine_choice(model, params, buffers, x, cfg: LandscapeConfig) -> tuple[int, bool]:
+    """Chunk and convolution layout, measured once here so every tile (on any worker) uses the same ones and a
+    Dask scan equals a local one bitwise."""
+    channels_last = choose_layout(model, params, buffers, x, batch_size=cfg.batch_size)
+    chunk = cfg.chunk or choose_chunk(model, params, buffers, x, batch_size=cfg.batch_size)
+    return chunk, channels_last
+
+
+def _finite(value: float) -> float | None:
+    return value if isinstance(value, float) and math.isfinite(value) else None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# interpolate
+# --------------------------------------------------------------------------------------------------------------
+
+
+@flow(name="interpolate", flow_run_name="interpolate-{run_name}")
+def interpolate_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: Path, partner_dir: Path,
+                     vectors_dir: Path, tables_dir: Path, work_dir: Path, figures_dir: Path) -> dict:
+    """1-D scans of run ``run_name`` around its final checkpoint: init -> final, a filter-normalised random
+    direction, the top Hessian eigenvector, and the path to the run retrained from another seed (with its loss
+    barrier), each on the splits of ``params.landscape.splits``."""
+    logger = get_run_logger()
+    cfg = params.landscape
+    data = load_prepared(data_dir)
+    fingerprint = data.fingerprint()
+    device = torch.device(resolve_device(cfg.device, "landscape.device"))
+    entries, final_payload, final = _final_model(checkpoint_dir, run_name, data, fingerprint)
+    if not parameters_finite(final):
+        raise DataError(f"run {run_name}: the final checkpoint has non-finite weights ({final_payload['status']}); "
+                        "no landscape to scan")
+    init = model_from_checkpoint(load_checkpoint(Path(checkpoint_dir) / entries[0]["file"]), data,
+                                 data_fingerprint=fingerprint)
+    _, partner_payload, partner = _final_model(partner_dir, run_name, data, fingerprint, stage="partner")
+    eigen = _eigenvectors(vectors_dir, run_name, final_payload)
+    final, init, partner = (m.to(device) for m in (final, init, partner))
+    eigen = {**eigen, "vectors": {n: v.to(device) for n, v in eigen["vectors"].items()}}
+    scans = line_scans(final, cfg, init=init, eigenvectors=eigen, partner=partner)
+    params_final, buffers_final = state(final)
+
+    splits = {"train": data.train_tensors, "test": data.test_tensors}
+    tensors = {name: tuple(t.to(device) for t in splits[name]()) for name in cfg.splits}
+    chunk, channels_last = _engine_choice(final, params_final, buffers_final, tensors[cfg.splits[0]][0], cfg)
+    logger.info("%s: %d scans x %d splits; chunk %d, %s; partner trained with seed %d (test accuracy %.4f)",
+                run_name, len(scans), len(cfg.splits), chunk, "channels-last" if channels_last else "default layout",
+                partner_payload["config"]["train"]["seed"],
+                next((r["test_accuracy"] for r in reversed(partner_payload["history"]) if r.get("scope") == "epoch"),
+                     math.nan))
+    jobs = []
+    for scan in scans:
+        for split, (x, y) in tensors.items():
+            key = scan_fingerprint(run=run_name, path=scan.path, direction=scan.direction_id, coords=scan.coords,
+                                   split=split, data=fingerprint, final=final_payload["fingerprint"],
+                                   final_epoch=final_payload["epoch"], tile_size=cfg.tile_size,
+                                   batch_size=cfg.batch_size, buffers=scan.buffer_direction is not None,
+                                   other=partner_payload["fingerprint"] if scan.path == "partner" else None)
+            jobs.append(Job(f"{scan.path}-{split}", final, params_final, buffers_final, [scan.direction],
+                            [scan.buffer_direction] if scan.buffer_direction else None, scan.coords, x, y,
+                            TileStore(Path(work_dir) / f"{scan.path}_{split}", key)))
+    results = run_jobs(jobs, cfg, chunk=chunk, channels_last=channels_last, description=f"interpolate {run_name}")
+
+    rows, summary = [], {"splits": list(cfg.splits)}
+    for scan in scans:
+        for split in cfg.splits:
+            loss, accuracy = results[f"{scan.path}-{split}"]
+            rows += [{"run": run_name, "path": scan.path, "direction": scan.direction_id, "alpha": float(a),
+                      "distance": float(d), "split": split, "loss": float(l), "accuracy": float(c)}
+                     for a, d, l, c in zip(scan.alpha, scan.distance, loss, accuracy)]
+            summary.setdefault(scan.path, {})[split] = _path_summary(scan, loss, accuracy)
+        summary[scan.path]["length"] = scan.info.get("length")
+    table = pd.DataFrame(rows, columns=INTERPOLATION_1D.names)
+    metadata = {"provenance": provenance(), "landscape": dataclasses.asdict(cfg), "data_fingerprint": fingerprint,
+                "checkpoint": entries[-1]["file"], "chunk": chunk, "channels_last": channels_last,
+                "directions": {s.path: {"id": s.direction_id, **s.info} for s in scans}}
+    write_table(table, Path(tables_dir) / "interpolation_1d.parquet", INTERPOLATION_1D, metadata)
+    save_torch(Path(work_dir).parent / "interpolate_directions.pt", {
+        "format": 1, "run": run_name, "checkpoint": entries[-1]["file"],
+        "directions": {s.path: {"id": s.direction_id, "tensors": {n: t.cpu() for n, t in s.direction.items()},
+                                "buffers": ({n: t.cpu() for n, t in s.buffer_direction.items()}
+                                            if s.buffer_direction else None), **s.info} for s in scans},
+        "landscape": dataclasses.asdict(cfg), "provenance": provenance()})
+    first = cfg.splits[0]
+    metrics = {"barrier": summary["partner"][first]["barrier"],
+               **{f"barrier_{s}": summary["partner"][s]["barrier"] for s in cfg.splits},
+               "init_final_monotonic": summary["init_final"][first]["monotonic"],
+               "split": first, "paths": summary}
+    write_json(Path(tables_dir) / "interpolate_metrics.json", metrics)
+    plot_interpolation(table, Path(figures_dir) / "interpolation_1d.png", run=run_name,
+                       barriers={"partner": summary["partner"][first]["barrier"]})
+    logger.info("%s: loss barrier to the second-seed model %.4f (%s loss); init -> final %s", run_name,
+                metrics["barrier"], first, "monotone" if metrics["init_final_monotonic"] else
+                f"not monotone (rise {summary['init_final'][first]['max_rise']:.4g})")
+    create_table_artifact([{"run": run_name, "path": s.path, "split": split, **v} for s in scans
+                           for split, v in summary[s.path].items() if isinstance(v, dict)],
+                          key=f"interpolate-{run_name}".lower().replace("_", "-"),
+                          description=f"1-D scans of run {run_name}: endpoint losses and barriers")
+    return metrics
+
+
+def _path_summary(scan: LineScan, loss: torch.Tensor, accuracy: torch.Tensor) -> dict:
+    """Trained-model loss, the loss at the scan's ends and, for paths, the barrier (max minus the endpoints' mean)."""
+    trained = int(torch.nonzero(scan.coefficient == 0)[0])
+    out = {"trained_loss": float(loss[trained]), "trained_accuracy": float(accuracy[trained]),
+           "max_loss": _finite(float(loss.max())), "start_loss": float(loss[0]), "end_loss": float(loss[-1])}
+    if scan.path == "partner":
+        out["barrier"] = _finite(barrier(loss))
+        out["min_accuracy"] = float(accuracy.min())
+    if scan.path == "init_final":  # Goodfellow et al. 2015: is the loss monotone from init to the trained model?
+        out["max_rise"] = _finite(max_rise(loss))
+        out["monotonic"] = bool(max_rise(loss) <= 1e-6 * max(1.0, float(loss.abs().max())))
+    return {k: (_finite(v) if isinstance(v, float) else v) for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# surface
+# --------------------------------------------------------------------------------------------------------------
+
+
+@unit_of_work
+def curvature_point(model, directions, coords: list[float], probe: ProbeSet, tol: float, seed: int) -> dict:
+    """λmax, λmin and their ratio at one point of the curvature map."""
+    return curvature_at(model, directions, coords, probe, tol=tol, seed=seed)
+
+
+@flow(name="surface", flow_run_name="surface-{run_name}")
+def surface_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: Path, vectors_dir: Path,
+                 tables_dir: Path, work_dir: Path, figures_dir: Path) -> dict:
+    """The loss surface of run ``run_name`` on a grid of the plane ``params.landscape.plane`` through its final
+    checkpoint, on the probe set, BatchNorm in eval mode; optionally the curvature map on a coarse sub-grid."""
+    logger = get_run_logger()
+    cfg = params.landscape
+    data = load_prepared(data_dir)
+    fingerprint = data.fingerprint()
+    device = torch.device(resolve_device(cfg.device, "landscape.device"))
+    entries, final_payload, final = _final_model(checkpoint_dir, run_name, data, fingerprint)
+    if not parameters_finite(final):
+        raise DataError(f"run {run_name}: the final checkpoint has non-finite weights ({final_payload['status']}); "
+                        "no landscape to scan")
+    final = final.to(device)
+    trajectory, eigen = [], None
+    if cfg.plane == "pca":
+        trajectory = [model_from_checkpoint(load_checkpoint(Path(checkpoint_dir) / e["file"]), data,
+                                            data_fingerprint=fingerprint).to(device) for e in entries[:-1]]
+    elif cfg.plane == "eigen":
+        eigen = _eigenvectors(vectors_dir, run_name, final_payload)
+        eigen = {**eigen, "vectors": {n: v.to(device) for n, v in eigen["vectors"].items()}}
+    directions, info = plane_directions(final, cfg, trajectory=trajectory, eigenvectors=eigen)
+    ids = [direction_id(d) for d in directions]
+    axis, coords = surface_coords(cfg)
+    x, y = (t.to(device) for t in data.probe_tensors())
+    params_final, buffers_final = state(final)
+    chunk, channels_last = _engine_choice(final, params_final, buffers_final, x, cfg)
+    logger.info("%s: %s plane, %d x %d grid over [-%g, %g]^2 on the probe set (%d samples); chunk %d, %s", run_name,
+                cfg.plane, len(axis), len(axis), cfg.surface_range, cfg.surface_range, len(x), chunk,
+                "channels-last" if channels_last else "default layout")
+    key = scan_fingerprint(run=run_name, plane=cfg.plane, directions=ids, coords=coords, data=fingerprint,
+                           final=final_payload["fingerprint"], final_epoch=final_payload["epoch"],
+                           tile_size=cfg.tile_size, batch_size=cfg.batch_size)
+    job = Job("surface", final, params_final, buffers_final, directions, None, coords, x, y,
+              TileStore(Path(work_dir), key))
+    results = run_jobs([job], cfg, chunk=chunk, channels_last=channels_last, description=f"surface {run_name}")
+    loss, accuracy = results["surface"]
+    timing = results["_timing"]
+
+    table = pd.DataFrame({"run": run_name, "plane": cfg.plane, "direction_x": ids[0], "direction_y": ids[1],
+                          "alpha": coords[:, 0].numpy(), "beta": coords[:, 1].numpy(), "split": "probe",
+                          "loss": loss.numpy(), "accuracy": accuracy.numpy()}, columns=SURFACE_2D.names)
+    curvature_rows = []
+    if cfg.curvature_map:
+        probe = ProbeSet.from_tensors(x, y, cfg.batch_size)
+        sub = curvature_coords(cfg)
+        for i, c in enumerate(sub.tolist()):
+            point = curvature_point.with_options(task_run_name=f"curvature-{i:03d}")(
+                final, directions, c, probe, cfg.curvature_tol, cfg.seed)
+            curvature_rows.append({"run": run_name, "plane": cfg.plane, "alpha": c[0], "beta": c[1], **point})
+            logger.info("curvature at (%.3f, %.3f): lambda_max %.4g, lambda_min %.4g, |ratio| %.3g (%d products)",
+                        c[0], c[1], point["lambda_max"], point["lambda_min"], point["ratio"], point["hvps"])
+    curvature = pd.DataFrame(curvature_rows, columns=SURFACE_CURVATURE.names)
+    metadata = {"provenance": provenance(), "landscape": dataclasses.asdict(cfg), "data_fingerprint": fingerprint,
+                "checkpoint": entries[-1]["file"], "chunk": chunk, "channels_last": channels_last, "plane": info}
+    tables_dir = Path(tables_dir)
+    write_table(table, tables_dir / "surface_2d.parquet", SURFACE_2D, metadata)
+    write_table(curvature, tables_dir / "surface_curvature.parquet", SURFACE_CURVATURE, metadata)
+    save_torch(Path(work_dir).parent / "surface_directions.pt", {
+        "format": 1, "run": run_name, "checkpoint": entries[-1]["file"], "ids": ids,
+        "directions": [{n: t.cpu() for n, t in d.items()} for d in directions], "info": info,
+        "landscape": dataclasses.asdict(cfg), "provenance": provenance()})
+
+    center = int(torch.nonzero((coords == 0).all(dim=1))[0])
+    finite = torch.isfinite(loss)
+    best = int(torch.where(finite, loss, torch.full_like(loss, math.inf)).argmin())
+    metrics = {"plane": cfg.plane, "points": len(coords), "loss_center": float(loss[center]),
+               "accuracy_center": float(accuracy[center]), "loss_min": float(loss[best]),
+               "loss_min_at": [float(coords[best, 0]), float(coords[best, 1])],
+               "loss_max": _finite(float(loss[finite].max())) if bool(finite.any()) else None,
+               "nonfinite_points": int((~finite).sum()),
+               # share of the grid within 0.1 nats of the trained model's loss: a plain width measure of the basin
+               "basin_fraction": float(((loss - loss[center]) <= 0.1).double().mean()),
+               "points_per_second": (timing["points"] / timing["seconds"]) if timing["points"] else None,
+               "chunk": chunk, **{k: v for k, v in info.items() if k != "plane"}}
+    if curvature_rows:
+        metrics["curvature_ratio_mean"] = float(curvature.ratio.mean())
+        metrics["curvature_ratio_center"] = float(curvature.ratio[(curvature.alpha == 0) & (curvature.beta == 0)]
+                                                  .iloc[0]) if ((curvature.alpha == 0) & (curvature.beta == 0)).any() else None
+    write_json(tables_dir / "surface_metrics.json", metrics)
+    plot_surface(table, Path(figures_dir), run=run_name)
+    logger.info("%s: loss %.4f at the trained model, minimum %.4f at (%.3f, %.3f) of the grid", run_name,
+                metrics["loss_center"], metrics["loss_min"], *metrics["loss_min_at"])
+    create_table_artifact([{"run": run_name, **{k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}}],
+                          key=f"surface-{run_name}".lower().replace("_", "-"),
+                          description=f"2-D loss surface of run {run_name}")
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------------------------
+# figures across runs
+# --------------------------------------------------------------------------------------------------------------
+
+
+@flow(name="landscape-figures", flow_run_name="landscape-figures")
+def landscape_figures_flow(params: Params, tables_dir: Path, out_dir: Path) -> dict:
+    """The runs side by side: surfaces on one colour scale, 1-D curves along the random direction and the
+    mode-connectivity path."""
+    logger = get_run_logger()
+    surfaces, lines = {}, []
+    for run in params.runs:
+        folder = Path(tables_dir) / run.name
+        if (folder / "surface_2d.parquet").is_file():
+            surfaces[run.name] = pd.read_parquet(folder / "surface_2d.parquet")
+        if (folder / "interpolation_1d.parquet").is_file():
+            lines.append(pd.read_parquet(folder / "interpolation_1d.parquet"))
+    missing = [r.name for r in params.runs if r.name not in surfaces]
+    if missing or len(lines) < len(params.runs):
+        raise DataError(f"{tables_dir}: scans missing for runs {', '.join(missing) or '(1-D)'}; "
+                        "run `dvc repro surface interpolate` first")
+    out_dir = Path(out_dir)
+    written = {"surfaces": str(plot_surfaces_side_by_side(surfaces, out_dir / "surfaces.png"))}
+    table = pd.concat(lines, ignore_index=True)
+    for kind in ("random", "partner"):
+        written[kind] = str(plot_interpolations_side_by_side(table, out_dir / f"interpolations_{kind}.png",
+                                                             path_kind=kind))
+    logger.info("figures: %s", ", ".join(written.values()))
+    return written

@@ -1,0 +1,34 @@
+"""DVC stage ``partner@<run>``: the run retrained from seed ``train.seed + landscape.partner_seed_offset``, the second
+model of the linear mode-connectivity path scanned by ``interpolate@<run>``."""
+
+import argparse
+from pathlib import Path
+
+from pipeline.cli import stage_entry
+from pipeline.config import load_params, resolve_device
+from pipeline.data import require_prepared
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml", help="validated before any work")
+    parser.add_argument("--run", required=True, help="a key of `runs` in params.yaml")
+    parser.add_argument("--data", type=Path, default=Path("artifacts/data"))
+    parser.add_argument("--checkpoints", type=Path, help="default: artifacts/partners/<run>")
+    parser.add_argument("--tables", type=Path, help="default: reports/tables/<run>")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    resolve_device(params.run(args.run).train.device)
+    require_prepared(args.data)
+    checkpoints = args.checkpoints or Path("artifacts/partners") / args.run
+    tables = args.tables or Path("reports/tables") / args.run
+
+    from pipeline.flows.runtime import configure_prefect
+    configure_prefect()
+    from pipeline.flows.stages import partner_flow
+    partner_flow(params, args.run, args.data, checkpoints, tables / "partner_history.parquet",
+                 tables / "partner_metrics.json")
+
+
+if __name__ == "__main__":
+    stage_entry(main)

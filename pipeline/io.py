@@ -5,6 +5,8 @@ An interrupted stage therefore never leaves half a file: a reader sees the old f
 
 from __future__ import annotations
 
+import io
+
 import json
 import os
 import tempfile
@@ -40,5 +42,9 @@ def save_torch(path: str | Path, payload: Any) -> None:
     """``torch.save`` atomically; the payload must be loadable with ``torch.load(weights_only=True)``."""
     import torch
 
+    # through memory: torch.save names the archive's root folder after the file it writes to, so saving straight to
+    # the randomly named temporary file would make equal payloads differ in bytes (and DVC see a changed output)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        Path(tmp).write_bytes(buffer.getvalue())

@@ -28,10 +28,15 @@ SMALL_PARAMS = {
     "train": {"epochs": 2, "batch_size": 32, "checkpoint_every": 1},
     "hessian": {"top_k": 2, "max_hvps": 60, "trace_hvps": 6, "density_runs": 1, "density_steps": 8,
                 "density_points": 50, "operators": ["hessian", "ggn"]},
+    "landscape": {"line_points": 5, "path_points": 3, "surface_points": 5, "tile_size": 8, "chunk": 2},
     "runs": {"mlp": {"model": "mlp", "mlp_width": 16}, "resnet20": {"model": "resnet20", "epochs": 1}},
 }
 TRAIN = {"train@mlp", "train@resnet20"}
 HESSIAN = {"hessian@mlp", "hessian@resnet20"}
+PARTNER = {"partner@mlp", "partner@resnet20"}
+INTERPOLATE = {"interpolate@mlp", "interpolate@resnet20"}
+SURFACE = {"surface@mlp", "surface@resnet20"}
+SCANS = {*INTERPOLATE, *SURFACE, "landscape_figures"}
 
 
 def _free_port() -> int:
@@ -85,7 +90,7 @@ def stages_run(output: str) -> set[str]:
 
 def test_repro_runs_everything_then_nothing_then_only_what_changed(repo, env):
     first = dvc(repo, env, "repro")
-    assert stages_run(first.stdout) == {"prepare", *TRAIN, *HESSIAN, "metrics"}
+    assert stages_run(first.stdout) == {"prepare", *TRAIN, *HESSIAN, *PARTNER, *SCANS, "metrics"}
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     assert set(metrics) == {"mlp", "resnet20"}
     assert metrics["mlp"]["train"]["status"] == "completed" and metrics["mlp"]["train"]["epochs"] == 2
@@ -103,6 +108,23 @@ def test_repro_runs_everything_then_nothing_then_only_what_changed(repo, env):
     vectors = torch.load(repo / "artifacts/hessian/resnet20/eigenvectors.pt", weights_only=True)
     assert vectors["epoch"] == 1 and vectors["vectors"]["fc.weight"].shape == (2, 3, 64)
     assert (repo / "reports/tables/mlp/train_history.parquet").is_file()
+    for run in ("mlp", "resnet20"):  # the scans
+        for figure in ("interpolation_1d", "surface_contour", "surface_filled", "surface_3d"):
+            assert (repo / f"reports/figures/{run}/{figure}.png").stat().st_size > 10_000
+        lines = pd.read_parquet(repo / f"reports/tables/{run}/interpolation_1d.parquet")
+        assert sorted(set(lines.path)) == ["eigen", "init_final", "partner", "random"]
+        assert len(lines) == 2 * (3 + 5 + 5 + 3) and set(lines.split) == {"train", "test"}
+        surface = pd.read_parquet(repo / f"reports/tables/{run}/surface_2d.parquet")
+        assert len(surface) == 25 and set(surface.split) == {"probe"}
+        scans = metrics[run]
+        assert scans["interpolate"]["barrier"] >= 0 and scans["surface"]["points"] == 25
+        assert "partner" in scans and scans["partner"]["status"] == "completed"
+        # the trained model's point of every 1-D scan is the trained model: one loss per split
+        trained = lines[((lines.path.isin(["random", "eigen"])) & (lines.alpha == 0))
+                        | ((lines.path == "init_final") & (lines.alpha == 1)) | ((lines.path == "partner") & (lines.alpha == 0))]
+        assert trained.groupby("split").loss.nunique().eq(1).all() and len(trained) == 8
+    for figure in ("surfaces", "interpolations_random", "interpolations_partner"):
+        assert (repo / f"reports/figures/{figure}.png").stat().st_size > 10_000
     assert sorted(p.name for p in (repo / "artifacts/checkpoints/mlp").glob("*.pt")) == [
         "epoch_0000.pt", "epoch_0001.pt", "epoch_0002.pt"]
 
@@ -114,18 +136,37 @@ def test_repro_runs_everything_then_nothing_then_only_what_changed(repo, env):
     changed["train"]["lr"] = 0.02
     _write_params(repo, changed)
     third = dvc(repo, env, "repro")
-    assert stages_run(third.stdout) == {*TRAIN, *HESSIAN, "metrics"}  # not prepare
+    assert stages_run(third.stdout) == {*TRAIN, *HESSIAN, *PARTNER, *SCANS, "metrics"}  # not prepare
 
     changed["runs"]["mlp"]["mlp_width"] = 8
     _write_params(repo, changed)
     fourth = dvc(repo, env, "repro")
-    assert stages_run(fourth.stdout) == {"train@mlp", "hessian@mlp", "metrics"}
+    assert stages_run(fourth.stdout) == {"train@mlp", "hessian@mlp", "partner@mlp", "interpolate@mlp", "surface@mlp",
+                                         "landscape_figures", "metrics"}
 
-    changed["hessian"]["top_k"] = 3  # an analysis setting never retrains
+    changed["hessian"]["top_k"] = 3  # an analysis setting never retrains; the scans read the new eigenvectors
     _write_params(repo, changed)
     fifth = dvc(repo, env, "repro")
-    assert stages_run(fifth.stdout) == {*HESSIAN, "metrics"}
+    assert stages_run(fifth.stdout) == {*HESSIAN, *SCANS, "metrics"}
     assert len(json.loads((repo / "reports/metrics.json").read_text())["mlp"]["hessian"]["eigenvalues"]) == 3
+
+    changed["hessian"]["trace_hvps"] = 8  # the eigenvectors come out bit for bit the same: no scan reruns
+    _write_params(repo, changed)
+    assert stages_run(dvc(repo, env, "repro").stdout) == {*HESSIAN, "metrics"}
+
+    changed["landscape"]["surface_range"] = 0.5  # a scan setting reruns only the scans that read it
+    _write_params(repo, changed)
+    assert stages_run(dvc(repo, env, "repro").stdout) == {*SURFACE, "landscape_figures", "metrics"}
+    changed["landscape"]["line_points"] = 7
+    _write_params(repo, changed)
+    assert stages_run(dvc(repo, env, "repro").stdout) == {*INTERPOLATE, "landscape_figures", "metrics"}
+    changed["landscape"]["executor"] = "dask"  # execution settings do not change the numbers: nothing reruns
+    changed["landscape"]["tile_size"] = 4
+    _write_params(repo, changed)
+    assert stages_run(dvc(repo, env, "repro").stdout) == set()
+    changed["landscape"]["executor"] = "local"
+    changed["landscape"]["tile_size"] = 8
+    _write_params(repo, changed)
 
 
 def _stage(repo, env, *args):
@@ -170,6 +211,47 @@ def test_hessian_stage_errors_are_one_line(repo, env, tmp_path):
     result = _stage(repo, env, "stages/hessian.py", "--run", "mlp", "--params", str(params))
     assert result.returncode == 2
     assert result.stderr == "error: hessian.method: unknown name 'eigsh'; allowed: lanczos, power, arpack\n"
+
+
+def test_a_scan_resumes_from_its_tiles_and_runs_the_same_on_dask(repo, env, tmp_path):
+    dvc(repo, env, "repro")
+    reference = pd.read_parquet(repo / "reports/tables/resnet20/surface_2d.parquet")
+    tiles = repo / "artifacts/landscape/resnet20/surface_tiles"
+    assert sorted(p.name for p in tiles.glob("tile_*.pt")) == [f"tile_{i:06d}.pt" for i in range(4)]  # 25 points / 8
+    for i in (1, 3):  # a half-finished scan
+        (tiles / f"tile_{i:06d}.pt").unlink()
+    resumed = _stage(repo, env, "stages/surface.py", "--run", "resnet20", "--tables", str(tmp_path / "resumed"),
+                     "--figures", str(tmp_path / "figures"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "2 of 4 tiles found on disk (resuming)" in resumed.stdout + resumed.stderr
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "resumed/surface_2d.parquet"), reference)  # bitwise
+
+    dask = json.loads(json.dumps(SMALL_PARAMS))
+    dask["landscape"].update({"executor": "dask", "workers": 2})
+    params = tmp_path / "dask.yaml"
+    YAML(typ="safe", pure=True).dump(dask, params)
+    result = _stage(repo, env, "stages/surface.py", "--run", "resnet20", "--params", str(params), "--tables",
+                    str(tmp_path / "dask"), "--work", str(tmp_path / "dask_tiles"), "--figures", str(tmp_path / "f2"))
+    assert result.returncode == 0, result.stderr
+    assert "dask LocalCluster x2" in result.stdout + result.stderr
+    on_dask = pd.read_parquet(tmp_path / "dask/surface_2d.parquet")
+    pd.testing.assert_frame_equal(on_dask.drop(columns=["loss", "accuracy"]), reference.drop(columns=["loss", "accuracy"]))
+    # workers run one thread each: the same function, summed in another order
+    assert ((on_dask.loss - reference.loss).abs() <= 1e-5 * reference.loss.abs()).all()
+    assert (on_dask.accuracy == reference.accuracy).all()
+
+
+def test_scan_stage_errors_are_one_line(repo, env, tmp_path):
+    result = _stage(repo, env, "stages/interpolate.py", "--run", "mlp", "--partner", str(tmp_path / "none"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().endswith("no readable checkpoints (epoch_*.pt); run `dvc repro partner@mlp` first")
+    bad = json.loads(json.dumps(SMALL_PARAMS))
+    bad["landscape"]["plane"] = "hessian"
+    params = tmp_path / "bad.yaml"
+    YAML(typ="safe", pure=True).dump(bad, params)
+    result = _stage(repo, env, "stages/surface.py", "--run", "mlp", "--params", str(params))
+    assert result.returncode == 2
+    assert result.stderr == "error: landscape.plane: unknown name 'hessian'; allowed: random, pca, eigen\n"
 
 
 def test_unknown_run_name_and_missing_data_are_one_line_errors(repo, env, tmp_path):

@@ -51,6 +51,15 @@ def analyse_checkpoint(path: Path, data: PreparedData, data_fingerprint: str, cf
             "eigenvalues": report.eigenvalues, "eigenvectors": report.eigenvectors}
 
 
+def eigen_settings(cfg: HessianConfig) -> dict:
+    """The ``hessian`` keys the eigenvectors depend on. Only these go into ``eigenvectors.pt`` (no provenance or
+    timing), so a change of another key (trace, density, GGN) leaves the file's bytes, and the scans that read it,
+    unchanged for DVC."""
+    keep = ("method", "top_k", "lambda_min", "tol", "max_hvps", "power_iters", "hvp", "batch_size", "dtype", "device",
+            "seed")
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k in keep}
+
+
 def headline(spectrum: pd.DataFrame, peak_lr: float) -> dict:
     """Numbers at the newest analysed checkpoint, for ``metrics.json``."""
     if spectrum.empty:
@@ -128,7 +137,7 @@ def hessian_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: 
         save_torch(Path(vectors_dir) / EIGENVECTORS, {
             "format": 1, "run": run_name, "checkpoint": final["meta"]["checkpoint"], "epoch": final["meta"]["epoch"],
             "operator": "hessian", "bn_mode": BN_MODE, "eigenvalues": final["eigenvalues"],
-            "vectors": final["eigenvectors"], "hessian": dataclasses.asdict(cfg), "provenance": provenance()})
+            "vectors": final["eigenvectors"], "hessian": eigen_settings(cfg)})
     train_cfg = results[-1]["train"]  # the newest checkpoint is always analysed (every selection includes it)
     summary = headline(spectrum, float(train_cfg["lr"]))
     write_json(tables_dir / "hessian_metrics.json", summary)

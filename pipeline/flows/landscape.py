@@ -4,6 +4,8 @@ of grid points, finished tiles kept on disk, on this process or on a Dask cluste
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import math
 import os
 import time
@@ -47,6 +49,7 @@ def task_runner(cfg: LandscapeConfig):
         return None
     from prefect_dask import DaskTaskRunner
 
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # per-worker and per-connection lines at INFO
     if cfg.scheduler:
         return DaskTaskRunner(address=cfg.scheduler)
     return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.workers, "threads_per_worker": 1, "processes": True,
@@ -159,11 +162,23 @@ def _eigenvectors(vectors_dir: Path, run_name: str, final_payload: dict) -> dict
     return payload
 
 
-def _engine_choice(model, params, buffers, x, cfg: LandscapeConfig) -> tuple[int, bool]:
-    """Chunk and convolution layout, measured once here so every tile (on any worker) uses the same ones and a
-    Dask scan equals a local one bitwise."""
+def _engine_choice(model, params, buffers, x, cfg: LandscapeConfig, work_dir: Path, key: str) -> tuple[int, bool]:
+    """Chunk and convolution layout, measured once here so that every tile (on any worker) uses the same ones.
+
+    The choice is kept in ``work_dir/engine.json`` beside the tiles, under ``key`` (the model, data and settings): a
+    resumed scan reuses it, so its new tiles are computed exactly as the old ones were and the table comes out
+    bitwise equal to an uninterrupted run's, whatever a new measurement would say.
+    """
+    path = Path(work_dir) / "engine.json"
+    try:
+        stored = json.loads(path.read_text())
+        if stored.get("key") == key and cfg.chunk in (0, stored["chunk"]):
+            return int(stored["chunk"]), bool(stored["channels_last"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
     channels_last = choose_layout(model, params, buffers, x, batch_size=cfg.batch_size)
     chunk = cfg.chunk or choose_chunk(model, params, buffers, x, batch_size=cfg.batch_size)
+    write_json(path, {"key": key, "chunk": chunk, "channels_last": channels_last})
     return chunk, channels_last
 
 
@@ -202,7 +217,10 @@ def interpolate_flow(params: Params, run_name: str, data_dir: Path, checkpoint_d
 
     splits = {"train": data.train_tensors, "test": data.test_tensors}
     tensors = {name: tuple(t.to(device) for t in splits[name]()) for name in cfg.splits}
-    chunk, channels_last = _engine_choice(final, params_final, buffers_final, tensors[cfg.splits[0]][0], cfg)
+    engine_key = scan_fingerprint(final=final_payload["fingerprint"], data=fingerprint, device=str(device),
+                                  batch_size=cfg.batch_size, split=cfg.splits[0])
+    chunk, channels_last = _engine_choice(final, params_final, buffers_final, tensors[cfg.splits[0]][0], cfg,
+                                          Path(work_dir), engine_key)
     logger.info("%s: %d scans x %d splits; chunk %d, %s; partner trained with seed %d (test accuracy %.4f)",
                 run_name, len(scans), len(cfg.splits), chunk, "channels-last" if channels_last else "default layout",
                 partner_payload["config"]["train"]["seed"],
@@ -311,7 +329,9 @@ def surface_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: 
     axis, coords = surface_coords(cfg)
     x, y = (t.to(device) for t in data.probe_tensors())
     params_final, buffers_final = state(final)
-    chunk, channels_last = _engine_choice(final, params_final, buffers_final, x, cfg)
+    engine_key = scan_fingerprint(final=final_payload["fingerprint"], data=fingerprint, device=str(device),
+                                  batch_size=cfg.batch_size, split="probe")
+    chunk, channels_last = _engine_choice(final, params_final, buffers_final, x, cfg, Path(work_dir), engine_key)
     logger.info("%s: %s plane, %d x %d grid over [-%g, %g]^2 on the probe set (%d samples); chunk %d, %s", run_name,
                 cfg.plane, len(axis), len(axis), cfg.surface_range, cfg.surface_range, len(x), chunk,
                 "channels-last" if channels_last else "default layout")

@@ -260,7 +260,7 @@ def barrier(losses: Sequence[float]) -> float:
 
 
 def max_rise(losses: Sequence[float]) -> float:
-    """Largest increase of the loss along a path, :math:`\max_{t \le t'} L(t') - L(t)`: 0 when the loss never goes up
+    r"""Largest increase of the loss along a path, :math:`\max_{t \le t'} L(t') - L(t)`: 0 when the loss never goes up
     (the monotone linear interpolation of Goodfellow et al. 2015), NaN when any loss is NaN.
 
     Raises:

@@ -26,6 +26,8 @@ bench: setup
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
 	$(BIN)/python benchmarks/hvp.py
 	$(BIN)/python benchmarks/eigen.py
+	$(BIN)/python benchmarks/grid.py
+	$(BIN)/python benchmarks/dask_grid.py
 
 clean-outputs:
 	rm -rf artifacts reports/tables reports/metrics.json reports/figures

@@ -226,14 +226,17 @@ def interpolate_flow(params: Params, run_name: str, data_dir: Path, checkpoint_d
                 partner_payload["config"]["train"]["seed"],
                 next((r["test_accuracy"] for r in reversed(partner_payload["history"]) if r.get("scope") == "epoch"),
                      math.nan))
+    weights_digest = scan_fingerprint(**params_final, **buffers_final)  # the weights themselves, not their config
     jobs = []
     for scan in scans:
         for split, (x, y) in tensors.items():
             key = scan_fingerprint(run=run_name, path=scan.path, direction=scan.direction_id, coords=scan.coords,
                                    split=split, data=fingerprint, final=final_payload["fingerprint"],
+                                   weights=weights_digest,
                                    final_epoch=final_payload["epoch"], tile_size=cfg.tile_size,
                                    batch_size=cfg.batch_size, buffers=scan.buffer_direction is not None,
-                                   other=partner_payload["fingerprint"] if scan.path == "partner" else None)
+                                   other=scan_fingerprint(**scan.buffer_direction or {}) if scan.buffer_direction
+                                   else None)
             jobs.append(Job(f"{scan.path}-{split}", final, params_final, buffers_final, [scan.direction],
                             [scan.buffer_direction] if scan.buffer_direction else None, scan.coords, x, y,
                             TileStore(Path(work_dir) / f"{scan.path}_{split}", key)))
@@ -336,6 +339,7 @@ def surface_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: 
                 cfg.plane, len(axis), len(axis), cfg.surface_range, cfg.surface_range, len(x), chunk,
                 "channels-last" if channels_last else "default layout")
     key = scan_fingerprint(run=run_name, plane=cfg.plane, directions=ids, coords=coords, data=fingerprint,
+                           weights=scan_fingerprint(**params_final, **buffers_final),
                            final=final_payload["fingerprint"], final_epoch=final_payload["epoch"],
                            tile_size=cfg.tile_size, batch_size=cfg.batch_size)
     job = Job("surface", final, params_final, buffers_final, directions, None, coords, x, y,

@@ -241,6 +241,27 @@ def test_a_scan_resumes_from_its_tiles_and_runs_the_same_on_dask(repo, env, tmp_
     assert (on_dask.accuracy == reference.accuracy).all()
 
 
+def test_a_diverged_run_is_recorded_by_the_scans_not_a_failure(repo, env, tmp_path):
+    dvc(repo, env, "repro")
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(repo / "artifacts/checkpoints/mlp", checkpoints)
+    last = sorted(checkpoints.glob("epoch_*.pt"))[-1]
+    payload = torch.load(last, weights_only=True)
+    payload["model"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                        for k, v in payload["model"].items()}
+    payload["status"] = "diverged"
+    torch.save(payload, last)
+    out = {"--tables": tmp_path / "t", "--figures": tmp_path / "f", "--work": tmp_path / "w" / "tiles"}
+    result = _stage(repo, env, "stages/surface.py", "--run", "mlp", "--checkpoints", str(checkpoints),
+                    *[str(a) for kv in out.items() for a in kv])
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "t/surface_metrics.json").read_text()) == {"status": "diverged"}
+    assert pd.read_parquet(tmp_path / "t/surface_2d.parquet").empty
+    assert (tmp_path / "w/surface_directions.pt").is_file() and (tmp_path / "w/tiles").is_dir()
+    for kind in ("contour", "filled", "3d"):
+        assert (tmp_path / f"f/surface_{kind}.png").stat().st_size > 1000
+
+
 def test_scan_stage_errors_are_one_line(repo, env, tmp_path):
     result = _stage(repo, env, "stages/interpolate.py", "--run", "mlp", "--partner", str(tmp_path / "none"))
     assert result.returncode == 2 and "Traceback" not in result.stderr

@@ -27,8 +27,8 @@ from pipeline.flows.common import Progress, unit_of_work
 from pipeline.io import save_torch, write_json
 from pipeline.landscape.directions import direction_id
 from pipeline.landscape.evaluate import choose_chunk, choose_layout, evaluate_points
-from pipeline.landscape.figures import (plot_interpolation, plot_interpolations_side_by_side, plot_surface,
-                                        plot_surfaces_side_by_side)
+from pipeline.landscape.figures import (plot_interpolation, plot_interpolations_side_by_side, plot_placeholder,
+                                        plot_surface, plot_surfaces_side_by_side)
 from pipeline.landscape.plan import (LineScan, curvature_at, curvature_coords, line_scans, plane_directions, state,
                                      surface_coords)
 from pipeline.landscape.scan import Tile, TileStore, barrier, make_tiles, max_rise, scan_fingerprint
@@ -151,6 +151,47 @@ def _final_model(checkpoint_dir: Path, run_name: str, data: PreparedData, finger
     return entries, payload, model_from_checkpoint(payload, data, data_fingerprint=fingerprint)
 
 
+@dataclasses.dataclass
+class Inputs:
+    """What both scan flows start from: the prepared data and the run's final checkpoint."""
+
+    data: PreparedData
+    fingerprint: str
+    device: torch.device
+    entries: list
+    payload: dict
+    final: torch.nn.Module
+
+    @property
+    def diverged(self) -> bool:
+        return not parameters_finite(self.final)
+
+
+def _inputs(cfg: LandscapeConfig, run_name: str, data_dir: Path, checkpoint_dir: Path) -> Inputs:
+    data = load_prepared(data_dir)
+    fingerprint = data.fingerprint()
+    device = torch.device(resolve_device(cfg.device, "landscape.device"))
+    entries, payload, final = _final_model(checkpoint_dir, run_name, data, fingerprint)
+    return Inputs(data, fingerprint, device, entries, payload, final)
+
+
+def _record_diverged(inputs: Inputs, run_name: str, tables: dict, metrics_path: Path, figures: list[Path],
+                     work_dir: Path, directions_path: Path) -> dict:
+    """A run whose final weights are not finite has no landscape: empty tables, a status in the metrics, and
+    figures that say so (every declared output exists, and ``dvc repro`` goes on with the other runs)."""
+    message = f"diverged (status {inputs.payload['status']}): no finite final weights, no landscape"
+    get_run_logger().warning("%s: %s", run_name, message)
+    Path(work_dir).mkdir(parents=True, exist_ok=True)
+    save_torch(directions_path, {"format": 1, "run": run_name, "status": "diverged", "directions": {}})
+    for path, schema in tables.items():
+        write_table(pd.DataFrame(columns=schema.names), path, schema, {"provenance": provenance()})
+    for path in figures:
+        plot_placeholder(path, run=run_name, message=message)
+    metrics = {"status": "diverged"}
+    write_json(metrics_path, metrics)
+    return metrics
+
+
 def _eigenvectors(vectors_dir: Path, run_name: str, final_payload: dict) -> dict:
     path = Path(vectors_dir) / "eigenvectors.pt"
     if not path.is_file():
@@ -199,13 +240,13 @@ def interpolate_flow(params: Params, run_name: str, data_dir: Path, checkpoint_d
     barrier), each on the splits of ``params.landscape.splits``."""
     logger = get_run_logger()
     cfg = params.landscape
-    data = load_prepared(data_dir)
-    fingerprint = data.fingerprint()
-    device = torch.device(resolve_device(cfg.device, "landscape.device"))
-    entries, final_payload, final = _final_model(checkpoint_dir, run_name, data, fingerprint)
-    if not parameters_finite(final):
-        raise DataError(f"run {run_name}: the final checkpoint has non-finite weights ({final_payload['status']}); "
-                        "no landscape to scan")
+    inputs = _inputs(cfg, run_name, data_dir, checkpoint_dir)
+    if inputs.diverged:
+        return _record_diverged(inputs, run_name, {Path(tables_dir) / "interpolation_1d.parquet": INTERPOLATION_1D},
+                                Path(tables_dir) / "interpolate_metrics.json", [Path(figures_dir) / "interpolation_1d.png"],
+                                Path(work_dir), Path(work_dir).parent / "interpolate_directions.pt")
+    data, fingerprint, device = inputs.data, inputs.fingerprint, inputs.device
+    entries, final_payload, final = inputs.entries, inputs.payload, inputs.final
     init = model_from_checkpoint(load_checkpoint(Path(checkpoint_dir) / entries[0]["file"]), data,
                                  data_fingerprint=fingerprint)
     _, partner_payload, partner = _final_model(partner_dir, run_name, data, fingerprint, stage="partner")
@@ -312,14 +353,17 @@ def surface_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: 
     checkpoint, on the probe set, BatchNorm in eval mode; optionally the curvature map on a coarse sub-grid."""
     logger = get_run_logger()
     cfg = params.landscape
-    data = load_prepared(data_dir)
-    fingerprint = data.fingerprint()
-    device = torch.device(resolve_device(cfg.device, "landscape.device"))
-    entries, final_payload, final = _final_model(checkpoint_dir, run_name, data, fingerprint)
-    if not parameters_finite(final):
-        raise DataError(f"run {run_name}: the final checkpoint has non-finite weights ({final_payload['status']}); "
-                        "no landscape to scan")
-    final = final.to(device)
+    inputs = _inputs(cfg, run_name, data_dir, checkpoint_dir)
+    tables_dir, figures_dir = Path(tables_dir), Path(figures_dir)
+    if inputs.diverged:
+        return _record_diverged(inputs, run_name, {tables_dir / "surface_2d.parquet": SURFACE_2D,
+                                                   tables_dir / "surface_curvature.parquet": SURFACE_CURVATURE},
+                                tables_dir / "surface_metrics.json",
+                                [figures_dir / f"surface_{k}.png" for k in ("contour", "filled", "3d")],
+                                Path(work_dir), Path(work_dir).parent / "surface_directions.pt")
+    data, fingerprint, device = inputs.data, inputs.fingerprint, inputs.device
+    entries, final_payload = inputs.entries, inputs.payload
+    final = inputs.final.to(device)
     trajectory, eigen = [], None
     if cfg.plane == "pca":
         trajectory = [model_from_checkpoint(load_checkpoint(Path(checkpoint_dir) / e["file"]), data,
@@ -364,7 +408,6 @@ def surface_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: 
     curvature = pd.DataFrame(curvature_rows, columns=SURFACE_CURVATURE.names)
     metadata = {"provenance": provenance(), "landscape": dataclasses.asdict(cfg), "data_fingerprint": fingerprint,
                 "checkpoint": entries[-1]["file"], "chunk": chunk, "channels_last": channels_last, "plane": info}
-    tables_dir = Path(tables_dir)
     write_table(table, tables_dir / "surface_2d.parquet", SURFACE_2D, metadata)
     write_table(curvature, tables_dir / "surface_curvature.parquet", SURFACE_CURVATURE, metadata)
     save_torch(Path(work_dir).parent / "surface_directions.pt", {
@@ -411,19 +454,26 @@ def landscape_figures_flow(params: Params, tables_dir: Path, out_dir: Path) -> d
     surfaces, lines = {}, []
     for run in params.runs:
         folder = Path(tables_dir) / run.name
-        if (folder / "surface_2d.parquet").is_file():
-            surfaces[run.name] = pd.read_parquet(folder / "surface_2d.parquet")
-        if (folder / "interpolation_1d.parquet").is_file():
-            lines.append(pd.read_parquet(folder / "interpolation_1d.parquet"))
-    missing = [r.name for r in params.runs if r.name not in surfaces]
-    if missing or len(lines) < len(params.runs):
-        raise DataError(f"{tables_dir}: scans missing for runs {', '.join(missing) or '(1-D)'}; "
-                        "run `dvc repro surface interpolate` first")
+        missing = [name for name in ("surface_2d.parquet", "interpolation_1d.parquet") if not (folder / name).is_file()]
+        if missing:
+            raise DataError(f"{folder / missing[0]}: missing; run `dvc repro surface@{run.name} interpolate@{run.name}` "
+                            "first")
+        surface, line = (pd.read_parquet(folder / name) for name in ("surface_2d.parquet", "interpolation_1d.parquet"))
+        if surface.empty or line.empty:  # a diverged run: said in its own figures and metrics
+            logger.warning("%s: no scan (diverged run); left out of the side-by-side figures", run.name)
+            continue
+        surfaces[run.name] = surface
+        lines.append(line)
     out_dir = Path(out_dir)
-    written = {"surfaces": str(plot_surfaces_side_by_side(surfaces, out_dir / "surfaces.png"))}
+    figures = {"surfaces": out_dir / "surfaces.png", "random": out_dir / "interpolations_random.png",
+               "partner": out_dir / "interpolations_partner.png"}
+    if not surfaces:
+        for path in figures.values():
+            plot_placeholder(path, run="all runs", message="no run has a finite landscape")
+        return {k: str(v) for k, v in figures.items()}
+    written = {"surfaces": str(plot_surfaces_side_by_side(surfaces, figures["surfaces"]))}
     table = pd.concat(lines, ignore_index=True)
     for kind in ("random", "partner"):
-        written[kind] = str(plot_interpolations_side_by_side(table, out_dir / f"interpolations_{kind}.png",
-                                                             path_kind=kind))
+        written[kind] = str(plot_interpolations_side_by_side(table, figures[kind], path_kind=kind))
     logger.info("figures: %s", ", ".join(written.values()))
     return written

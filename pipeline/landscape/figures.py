@@ -442,3 +442,11 @@ def plot_interpolations_side_by_side(table: pd.DataFrame, path: str | Path, *, p
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def plot_placeholder(path: str | Path, *, run: str, message: str) -> Path:
+    """A figure that says why there is nothing to draw (e.g. a diverged run), so every declared output exists."""
+    fig, ax = plt.subplots(figsize=(5, 2.5))
+    ax.axis("off")
+    ax.text(0.5, 0.5, f"{run}: {message}", ha="center", va="center", wrap=True)
+    return _save(fig, path)

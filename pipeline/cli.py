@@ -125,6 +125,39 @@ def cmd_ui(args: argparse.Namespace) -> int:
         stop_process(server)
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pipeline import compare
+
+    labels = (args.rev_a, args.rev_b if args.rev_b is not None else "workspace")
+    if args.table is None and args.plot is None:
+        frame = compare.compare_metrics(args.rev_a, args.rev_b, args.repo)
+        print(f"{compare.METRICS}: {labels[0]} -> {labels[1]} ({int(frame.changed.sum())} of {len(frame)} differ)")
+        print(compare.format_metrics(frame, changed_only=not args.all))
+        return 0
+    name = args.table or "train_history"
+    run = args.run or load_params(args.repo / "params.yaml").runs[0].name
+    tables = {label: compare.read_table(run, name, rev, args.repo) for label, rev in zip(labels, (args.rev_a, args.rev_b))}
+    if args.table is not None:
+        merged = compare.compare_tables(*tables.values())
+        deltas = [c for c in merged.columns if c.endswith("_delta")]
+        differ = merged[(merged[deltas].fillna(0).abs() > 0).any(axis=1) | (merged.only_in != "")]
+        print(f"reports/tables/{run}/{name}.parquet: {labels[0]} -> {labels[1]}: {len(differ)} of {len(merged)} rows differ")
+        if not differ.empty:
+            with pd_options():
+                print(differ.to_string(index=False, max_rows=60))
+    if args.plot is not None:
+        from pipeline.compare import plot_overlay
+
+        print(f"wrote {plot_overlay(tables, name, args.plot)}")
+    return 0
+
+
+def pd_options():
+    import pandas as pd
+
+    return pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 6)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="landscape", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -136,6 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--port", type=int, default=4200)
     run.add_argument("dvc_args", nargs=argparse.REMAINDER, help="passed on to `dvc repro` (e.g. -f, a stage)")
     run.set_defaults(func=cmd_run)
+    compare = sub.add_parser("compare", help="headline numbers (or one table) of two revisions side by side")
+    compare.add_argument("rev_a", nargs="?", default="HEAD", help="git revision or `dvc exp` name (default HEAD)")
+    compare.add_argument("rev_b", nargs="?", default=None, help="second revision (default: the working tree)")
+    compare.add_argument("--table", help="compare reports/tables/<run>/<TABLE>.parquet row by row instead")
+    compare.add_argument("--run", help="the run of --table (default: the first run in params.yaml)")
+    compare.add_argument("--plot", type=Path, help="write an overlay figure of --table (default train_history)")
+    compare.add_argument("--all", action="store_true", help="list unchanged numbers too")
+    compare.add_argument("--repo", type=Path, default=Path("."))
+    compare.set_defaults(func=cmd_compare)
     ui = sub.add_parser("ui", help="start the Prefect server and UI on 127.0.0.1")
     ui.add_argument("--port", type=int, default=4200)
     ui.set_defaults(func=cmd_ui)
@@ -149,6 +191,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
-    except RuntimeError as err:  # e.g. the Prefect server could not start
+    except RuntimeError as err:  # e.g. the Prefect server could not start, an unknown revision (CompareError)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

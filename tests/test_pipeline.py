@@ -169,6 +169,47 @@ def test_repro_runs_everything_then_nothing_then_only_what_changed(repo, env):
     _write_params(repo, changed)
 
 
+PREFECT_QUERY = """
+import asyncio, json
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+async def main():
+    async with get_client() as client:
+        runs = {}
+        for run in await client.read_flow_runs(limit=200):
+            tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
+                                                limit=200)
+            runs.setdefault(run.name, []).append({"state": run.state_type.value,
+                                                  "tasks": {t.name: t.state_type.value for t in tasks}})
+        artifacts = sorted({a.key for a in await client.read_artifacts(limit=200) if a.key})
+    print(json.dumps({"runs": runs, "artifacts": artifacts}))
+
+asyncio.run(main())
+"""
+
+
+def test_the_prefect_api_records_every_stage_with_its_task_runs_and_artifacts(repo, env):
+    dvc(repo, env, "repro")
+    result = subprocess.run([sys.executable, "-c", PREFECT_QUERY], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    recorded = json.loads(result.stdout)
+    runs = recorded["runs"]
+    expected = {"prepare-synthetic", "metrics", "landscape-figures",
+                *{f"{stage}-{run}" for stage in ("train", "hessian", "partner", "interpolate", "surface")
+                  for run in ("mlp", "resnet20")}}
+    assert expected <= set(runs)
+    for name in expected:
+        assert any(r["state"] == "COMPLETED" for r in runs[name]), (name, runs[name])
+    completed = lambda name: next(r["tasks"] for r in runs[name] if r["state"] == "COMPLETED")  # noqa: E731
+    assert {f"surface-tile-{i:04d}" for i in range(4)} <= set(completed("surface-resnet20"))
+    assert set(completed("surface-resnet20").values()) == {"COMPLETED"}
+    assert {"curvature-epoch-0000", "curvature-epoch-0002"} <= set(completed("hessian-mlp"))
+    assert "epochs-to-checkpoint-1" in completed("train-mlp")
+    assert {"random-train-tile-0000", "partner-test-tile-0000"} <= set(completed("interpolate-mlp"))
+    assert {"metrics", "surface-resnet20", "interpolate-mlp", "hessian-mlp", "train-mlp"} <= set(recorded["artifacts"])
+
+
 def _stage(repo, env, *args):
     return subprocess.run([sys.executable, *args], cwd=repo, env=env, capture_output=True, text=True)
 

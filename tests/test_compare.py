@@ -1,7 +1,6 @@
 """``landscape compare``: headline numbers and tables of two revisions (commits, the workspace, a `dvc exp`
 experiment), read through dvc.api from a real git + DVC repository with a small stand-in pipeline."""
 
-import json
 import os
 import subprocess
 import sys

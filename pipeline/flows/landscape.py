@@ -330,8 +330,9 @@ def _path_summary(scan: LineScan, loss: torch.Tensor, accuracy: torch.Tensor) ->
         out["barrier"] = _finite(barrier(loss))
         out["min_accuracy"] = float(accuracy.min())
     if scan.path == "init_final":  # Goodfellow et al. 2015: is the loss monotone from init to the trained model?
-        out["max_rise"] = _finite(max_rise(loss))
-        out["monotonic"] = bool(max_rise(loss) <= 1e-6 * max(1.0, float(loss.abs().max())))
+        rise = max_rise(loss)
+        out["max_rise"] = _finite(rise)
+        out["monotonic"] = bool(rise <= 1e-6 * max(1.0, float(loss.abs().max())))
     return {k: (_finite(v) if isinstance(v, float) else v) for k, v in out.items()}
 
 

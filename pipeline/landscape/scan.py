@@ -243,6 +243,18 @@ def scan(model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, T
     return loss_all, accuracy_all
 
 
+def _path_losses(losses: Sequence[float] | Tensor) -> list[float] | None:
+    """The losses of a path as floats, or None when any is NaN (the path measures are then NaN).
+
+    Raises:
+        ValueError: for fewer than two losses.
+    """
+    values = [float(v) for v in (losses.tolist() if isinstance(losses, Tensor) else losses)]
+    if len(values) < 2:
+        raise ValueError(f"losses: need at least the two endpoints, got {len(values)} values")
+    return None if any(math.isnan(v) for v in values) else values
+
+
 def barrier(losses: Sequence[float]) -> float:
     """Loss barrier along a path: :math:`\\max_t L(t) - \\tfrac12 (L(0) + L(1))` (Frankle et al. 2020; Draxler et
     al. 2018 for the mode-connectivity setting). Non-negative since the maximum includes the endpoints; NaN when
@@ -251,10 +263,8 @@ def barrier(losses: Sequence[float]) -> float:
     Raises:
         ValueError: for fewer than two losses.
     """
-    values = [float(v) for v in (losses.tolist() if isinstance(losses, Tensor) else losses)]
-    if len(values) < 2:
-        raise ValueError(f"losses: need at least the two endpoints, got {len(values)} values")
-    if any(math.isnan(v) for v in values):
+    values = _path_losses(losses)
+    if values is None:
         return math.nan
     return max(values) - 0.5 * (values[0] + values[-1])
 
@@ -266,10 +276,8 @@ def max_rise(losses: Sequence[float]) -> float:
     Raises:
         ValueError: for fewer than two losses.
     """
-    values = [float(v) for v in (losses.tolist() if isinstance(losses, Tensor) else losses)]
-    if len(values) < 2:
-        raise ValueError(f"losses: need at least the two endpoints, got {len(values)} values")
-    if any(math.isnan(v) for v in values):
+    values = _path_losses(losses)
+    if values is None:
         return math.nan
     rise, lowest = 0.0, values[0]
     for v in values[1:]:

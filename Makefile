@@ -9,6 +9,7 @@ export MALLOC_TRIM_THRESHOLD_ := 1073741824
 .PHONY: run test setup bench clean-outputs
 
 setup: $(VENV)/.installed
+	@DVC=$(BIN)/dvc bash scripts/vega_offline.sh $(CURDIR)  # offline HTML for `dvc plots show` (npm; optional)
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

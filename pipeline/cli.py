@@ -63,14 +63,17 @@ def start_prefect_server(port: int, timeout: float = 90.0) -> subprocess.Popen:
     """Start ``prefect server start`` on 127.0.0.1:``port`` in the background and wait until it answers."""
     from pipeline.flows.runtime import api_reachable
 
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "true"}
+    url = f"http://127.0.0.1:{port}/api"
+    # The UI asks the server where the API is; Prefect's default answer is port 4200 whatever `--port` says, so on
+    # any other port the pages would show another server's runs (or none).
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "true",
+           "PREFECT_UI_API_URL": url}
     env.pop("PREFECT_API_URL", None)
     prefect = shutil.which("prefect", path=str(Path(sys.executable).parent)) or "prefect"
     Path(".prefect").mkdir(exist_ok=True)
     log = open(Path(".prefect") / "server.log", "ab")
     server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/api"
     deadline = time.monotonic() + timeout
     while not api_reachable(url):
         if server.poll() is not None or time.monotonic() > deadline:

@@ -1,10 +1,13 @@
 """``landscape compare``: headline numbers and tables of two revisions (commits, the workspace, a `dvc exp`
 experiment), read through dvc.api from a real git + DVC repository with a small stand-in pipeline."""
 
+import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -34,7 +37,7 @@ DVC_YAML = textwrap.dedent('''
       make:
         cmd: python make.py
         deps: [make.py]
-        params: [train.lr]
+        params: [train]
         outs: [reports/tables/mlp/train_history.parquet]
         metrics: [reports/metrics.json]
 ''')
@@ -114,6 +117,41 @@ def test_an_experiment_is_a_revision_too(repo):
     finally:
         run(repo, "git", "checkout", "-q", "--", "params.yaml")
         run(repo, str(BIN / "dvc"), "checkout", "-q", "--force", check=False)
+
+
+def test_a_queued_sweep_runs_every_grid_point_and_each_is_a_revision(repo):
+    """The README's sweep recipe: `dvc exp run --queue` with a grid of -S values, then `dvc queue start`."""
+    dvc = str(BIN / "dvc")
+    queued = run(repo, dvc, "exp", "run", "--queue", "-S", "train.lr=0.5,0.6", "-S", "+train.batch_size=32,64")
+    names = re.findall(r"Queued experiment '([^']+)'", queued.stdout)
+    assert len(names) == 4
+    try:
+        run(repo, dvc, "queue", "start", "-j", "1")
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            status = run(repo, dvc, "queue", "status").stdout
+            if not re.search(r"\b(Queued|Running)\b", status):
+                break
+            time.sleep(2)
+        assert status.count("Success") == 4, status
+        shown = json.loads(run(repo, dvc, "exp", "show", "--json").stdout)
+        exps = {}  # experiment name -> (lr, batch size, test accuracy)
+        for commit in shown:
+            for exp in (commit.get("experiments") or []):
+                for rev in exp["revs"]:
+                    data = rev["data"]
+                    train = data["params"]["params.yaml"]["data"]["train"]
+                    metric = data["metrics"]["reports/metrics.json"]["data"]["mlp"]["train"]["test_accuracy"]
+                    if rev.get("name") in names:  # (an earlier test's experiment may be there too)
+                        exps[rev["name"]] = (train["lr"], train["batch_size"], metric)
+        assert sorted(v[:2] for v in exps.values()) == [(0.5, 32), (0.5, 64), (0.6, 32), (0.6, 64)]
+        assert all(acc == pytest.approx(0.5 + lr * 0.3) for lr, _, acc in exps.values())
+        name = next(n for n, v in exps.items() if v[:2] == (0.6, 32))
+        result = landscape(repo, "HEAD", name)  # a queued experiment is a revision for compare too
+        assert any(line.split()[:3] == ["mlp.train.lr", "0.2", "0.6"] for line in result.stdout.splitlines())
+    finally:
+        run(repo, dvc, "queue", "stop", check=False)
+        run(repo, dvc, "exp", "remove", "--all-commits", "-q", check=False)
 
 
 def test_unknown_revision_and_missing_table_are_one_line_errors(repo):

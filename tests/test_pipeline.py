@@ -7,17 +7,21 @@ fallback when no server is reachable.
 import dataclasses
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
+import matplotlib.image as mpimg
 import pandas as pd
 import pytest
 import torch
 from ruamel.yaml import YAML
 
+from chromium import chromium_binary, dump_dom, screenshot
 from conftest import REPO
 from pipeline.cli import start_prefect_server, stop_process
 from pipeline.config import LandscapeConfig
@@ -42,6 +46,7 @@ PARTNER = {"partner@mlp", "partner@resnet20"}
 INTERPOLATE = {"interpolate@mlp", "interpolate@resnet20"}
 SURFACE = {"surface@mlp", "surface@resnet20"}
 SCANS = {*INTERPOLATE, *SURFACE, "landscape_figures"}
+SUMMARY = {"metrics", "report"}
 
 
 def _free_port() -> int:
@@ -95,7 +100,7 @@ def stages_run(output: str) -> set[str]:
 
 def test_repro_runs_everything_then_nothing_then_only_what_changed(repo, env):
     first = dvc(repo, env, "repro")
-    assert stages_run(first.stdout) == {"prepare", *TRAIN, *HESSIAN, *PARTNER, *SCANS, "metrics"}
+    assert stages_run(first.stdout) == {"prepare", *TRAIN, *HESSIAN, *PARTNER, *SCANS, *SUMMARY}
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     assert set(metrics) == {"mlp", "resnet20"}
     assert metrics["mlp"]["train"]["status"] == "completed" and metrics["mlp"]["train"]["epochs"] == 2
@@ -135,6 +140,17 @@ def test_repro_runs_everything_then_nothing_then_only_what_changed(repo, env):
         assert (repo / f"reports/figures/{figure}.png").stat().st_size > 10_000
     assert sorted(p.name for p in (repo / "artifacts/checkpoints/mlp").glob("*.pt")) == [
         "epoch_0000.pt", "epoch_0001.pt", "epoch_0002.pt"]
+    page = (repo / "reports/index.html").read_text()  # the report: both runs, their numbers, six figures
+    assert page.count("<img src='data:image/png;base64,") == 6 and "<td>resnet20</td>" in page
+    assert f"{metrics['mlp']['hessian']['lambda_max']:.4g}" in page
+    readme = (repo / "reports/README.md").read_text()
+    for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", readme):
+        assert (repo / "reports" / link).is_file(), link
+    for quantity in ("loss", "accuracy", "sharpness", "density", "partner_path", "random_line"):
+        for run in ("mlp", "resnet20"):
+            assert json.loads((repo / f"reports/plots/{quantity}/{run}.json").read_text()), (quantity, run)
+    shown = dvc(repo, env, "plots", "show", "--json")  # every data plot resolves its fields
+    assert '"errors"' not in shown.stdout and "could not find" not in shown.stderr.lower(), shown.stderr
 
     second = dvc(repo, env, "repro")
     assert stages_run(second.stdout) == set()
@@ -145,21 +161,21 @@ def test_repro_runs_everything_then_nothing_then_only_what_changed(repo, env):
     _write_params(repo, changed)
     fourth = dvc(repo, env, "repro")
     assert stages_run(fourth.stdout) == {"train@mlp", "hessian@mlp", "partner@mlp", "interpolate@mlp", "surface@mlp",
-                                         "landscape_figures", "metrics"}
+                                         "landscape_figures", *SUMMARY}
 
     changed["hessian"]["top_k"] = 3  # an analysis setting never retrains; the scans read the new eigenvectors
     _write_params(repo, changed)
     fifth = dvc(repo, env, "repro")
-    assert stages_run(fifth.stdout) == {*HESSIAN, *SCANS, "metrics"}
+    assert stages_run(fifth.stdout) == {*HESSIAN, *SCANS, *SUMMARY}
     assert len(json.loads((repo / "reports/metrics.json").read_text())["mlp"]["hessian"]["eigenvalues"]) == 3
 
     changed["hessian"]["trace_hvps"] = 8  # the eigenvectors come out bit for bit the same: no scan reruns
     _write_params(repo, changed)  # (the two summary stages read the whole tables folder: they rerun, in seconds)
-    assert stages_run(dvc(repo, env, "repro").stdout) == {*HESSIAN, "landscape_figures", "metrics"}
+    assert stages_run(dvc(repo, env, "repro").stdout) == {*HESSIAN, "landscape_figures", *SUMMARY}
 
     changed["landscape"]["surface_range"] = 0.5  # a scan setting reruns only the scans that read it
     _write_params(repo, changed)
-    assert stages_run(dvc(repo, env, "repro").stdout) == {*SURFACE, "landscape_figures", "metrics"}
+    assert stages_run(dvc(repo, env, "repro").stdout) == {*SURFACE, "landscape_figures", *SUMMARY}
     changed["landscape"]["executor"] = "dask"  # execution settings do not change the numbers: nothing reruns
     changed["landscape"]["tile_size"] = 4
     _write_params(repo, changed)
@@ -195,7 +211,7 @@ def test_the_prefect_api_records_every_stage_with_its_task_runs_and_artifacts(re
     assert result.returncode == 0, result.stderr
     recorded = json.loads(result.stdout)
     runs = recorded["runs"]
-    expected = {"prepare-synthetic", "metrics", "landscape-figures",
+    expected = {"prepare-synthetic", "metrics", "landscape-figures", "report",
                 *{f"{stage}-{run}" for stage in ("train", "hessian", "partner", "interpolate", "surface")
                   for run in ("mlp", "resnet20")}}
     assert expected <= set(runs)
@@ -209,7 +225,43 @@ def test_the_prefect_api_records_every_stage_with_its_task_runs_and_artifacts(re
     assert {"curvature-epoch-0000", "curvature-epoch-0002"} <= set(completed("hessian-mlp"))
     assert "epochs-to-checkpoint-1" in completed("train-mlp")
     assert {"random-train-tile-0000", "partner-test-tile-0000"} <= set(completed("interpolate-mlp"))
-    assert {"metrics", "surface-resnet20", "interpolate-mlp", "hessian-mlp", "train-mlp"} <= set(recorded["artifacts"])
+    assert {"figure-training", "figure-spectra", "plot-exports", "write-documents"} <= set(completed("report"))
+    assert {"metrics", "surface-resnet20", "interpolate-mlp", "hessian-mlp", "train-mlp", "report-summary",
+            "report-table"} <= set(recorded["artifacts"])
+
+
+NO_CHROMIUM = "Debian's chromium is not installed (`apt-get install chromium`): no browser to load the pages in"
+
+
+@pytest.mark.skipif(chromium_binary() is None, reason=NO_CHROMIUM)
+def test_the_report_opens_in_a_browser_with_every_figure_decoded(repo, env, tmp_path):
+    dvc(repo, env, "repro")
+    index = repo / "reports/index.html"
+    dom = dump_dom(index)
+    images = re.findall(r"<img [^>]*>", dom)
+    assert len(images) == 6 and all("src=\"data:image/png;base64," in img for img in images)
+    assert 'data-figures="6/6"' in dom  # the page's own check: every <img> complete with a natural width
+    assert "broken" not in re.findall(r"<figure[^>]*>", dom)[0]
+    for run in ("mlp", "resnet20"):
+        assert f"<td>{run}</td>" in dom
+    shot = screenshot(index, tmp_path / "report.png", height=3000)
+    assert mpimg.imread(shot).shape[:2] == (3000, 1400)
+
+
+@pytest.mark.skipif(chromium_binary() is None, reason=NO_CHROMIUM)
+def test_the_prefect_ui_runs_page_shows_every_stage_flow_run(repo, env):
+    dvc(repo, env, "repro")
+    ui = env["PREFECT_API_URL"].removesuffix("/api")
+    with urllib.request.urlopen(f"{ui}/ui-settings", timeout=10) as response:  # the pages ask this server's API
+        assert json.load(response)["api_url"] == env["PREFECT_API_URL"]
+    dom = dump_dom(f"{ui}/runs", wait_ms=60_000, height=10_000)  # virtual time: seconds of real time
+    shown = set(re.findall(r"\b((?:train|hessian|partner|interpolate|surface)-(?:mlp|resnet20)|prepare-synthetic|"
+                           r"landscape-figures|metrics|report)\b", dom))
+    expected = {"prepare-synthetic", "landscape-figures", "metrics", "report",
+                *{f"{stage}-{run}" for stage in ("train", "hessian", "partner", "interpolate", "surface")
+                  for run in ("mlp", "resnet20")}}
+    assert expected <= shown, sorted(expected - shown)
+    assert "Completed" in dom
 
 
 def test_a_dvc_remote_round_trip_restores_everything_and_nothing_reruns(repo, env, tmp_path):
@@ -217,12 +269,13 @@ def test_a_dvc_remote_round_trip_restores_everything_and_nothing_reruns(repo, en
     dvc(repo, env, "remote", "add", "-d", "roundtrip", str(tmp_path / "remote"))
     try:
         dvc(repo, env, "push")
-        for path in (".dvc/cache", "artifacts", "reports/tables", "reports/figures", "reports/metrics.json"):
+        for path in (".dvc/cache", "artifacts", "reports/tables", "reports/figures", "reports/metrics.json",
+                     "reports/plots", "reports/index.html", "reports/README.md"):
             target = repo / path
             shutil.rmtree(target) if target.is_dir() else target.unlink()
         dvc(repo, env, "pull")
         assert (repo / "artifacts/checkpoints/resnet20/epoch_0001.pt").is_file()
-        assert (repo / "reports/tables/mlp/surface_2d.parquet").is_file()
+        assert (repo / "reports/tables/mlp/surface_2d.parquet").is_file() and (repo / "reports/index.html").is_file()
         assert "Data and pipelines are up to date" in dvc(repo, env, "status").stdout
         assert stages_run(dvc(repo, env, "repro").stdout) == set()  # no retraining, no rescanning
     finally:

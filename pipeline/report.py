@@ -1,0 +1,519 @@
+"""The report: a summary table of the runs, overview figures, small JSON exports for ``dvc plots``, and the two
+documents ``reports/index.html`` (self-contained: every figure embedded, opens offline) and ``reports/README.md``
+(figures beside it, renders on any git host).
+
+Everything here reads the tidy tables and ``metrics.json`` that the earlier stages wrote; nothing is recomputed.
+A run whose stages are missing or that diverged still gets its row, with the reason in its status.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: figures are files
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from pipeline.io import atomic_path  # noqa: E402
+from pipeline.plotting import DPI  # noqa: E402
+from pipeline.tables import read_metadata  # noqa: E402
+
+# The stages whose metrics a complete run has (``<tables>/<run>/<stage>_metrics.json``).
+STAGES = ("train", "hessian", "partner", "interpolate", "surface")
+
+# (key, header, unit or meaning) of the summary table, in column order.
+SUMMARY_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("run", "run", ""),
+    ("model", "model", ""),
+    ("status", "status", "completed, diverged at step N, or the stages still missing"),
+    ("test_accuracy", "test acc.", "fraction correct on the test split"),
+    ("train_accuracy", "train acc.", "fraction correct on the train split"),
+    ("generalization_gap", "gen. gap", "test loss − train loss (nats)"),
+    ("accuracy_gap", "acc. gap", "train acc. − test acc."),
+    ("lambda_max", "λmax", "top Hessian eigenvalue at the final checkpoint (probe set)"),
+    ("trace", "trace", "Hessian trace (Hutch++ when computed, else Hutchinson)"),
+    ("trace_stderr", "± trace", "standard error of the trace estimate"),
+    ("barrier", "barrier", "loss barrier to the second-seed model (train split, nats)"),
+    ("lambda_max_lr_over_2", "λmax·η/2", "≥ 1: plain gradient descent at the peak learning rate η is unstable along "
+     "the top eigenvector (heavy-ball momentum β moves the threshold to 1 + β)"),
+    ("lr", "η", "peak learning rate"),
+    ("epochs", "epochs", ""),
+)
+
+# Files read per run, by name (all optional: a missing table leaves its figures and exports out).
+RUN_TABLES = ("train_history", "hessian_spectrum", "hessian_density", "interpolation_1d")
+
+
+@dataclass
+class RunData:
+    """One run's tables (the ones present) and their Parquet metadata."""
+
+    name: str
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def load_runs(tables_dir: str | Path, runs: Sequence[str]) -> dict[str, RunData]:
+    """Read every run's tables of :data:`RUN_TABLES` (and any other ``*.parquet``'s metadata) that exist."""
+    loaded = {}
+    for run in runs:
+        data = RunData(run)
+        folder = Path(tables_dir) / run
+        for path in sorted(folder.glob("*.parquet")):
+            data.metadata[path.stem] = read_metadata(path)
+            if path.stem in RUN_TABLES:
+                data.tables[path.stem] = pd.read_parquet(path)
+        loaded[run] = data
+    return loaded
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def summary_rows(metrics: Mapping[str, Mapping[str, Any]], runs: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per configured run with the :data:`SUMMARY_COLUMNS` (``None`` where a number is unavailable)."""
+    rows = []
+    for run in runs:
+        m = metrics.get(run, {})
+        train, hessian, interp = m.get("train", {}), m.get("hessian", {}), m.get("interpolate", {})
+        missing = [stage for stage in STAGES if stage not in m]
+        if train.get("status") == "diverged":
+            status = f"diverged at step {train.get('diverged_step')}"
+        elif "train" not in m:
+            status = "not trained"
+        elif missing:
+            status = "missing: " + ", ".join(missing)
+        else:
+            status = str(train.get("status", "completed"))
+        if interp.get("status") == "diverged" and not status.startswith("diverged"):
+            status += " (scans: diverged)"
+        train_acc, test_acc = _number(train.get("train_accuracy")), _number(train.get("test_accuracy"))
+        trace = hessian.get("trace_hutchpp", hessian.get("trace_hutchinson"))
+        trace_se = hessian.get("trace_hutchpp_stderr" if "trace_hutchpp" in hessian else "trace_hutchinson_stderr")
+        rows.append({
+            "run": run,
+            "model": train.get("model_name") or m.get("model") or "",
+            "status": status,
+            "test_accuracy": test_acc,
+            "train_accuracy": train_acc,
+            "generalization_gap": _number(train.get("generalization_gap")),
+            "accuracy_gap": None if train_acc is None or test_acc is None else train_acc - test_acc,
+            "lambda_max": _number(hessian.get("lambda_max")),
+            "trace": _number(trace),
+            "trace_stderr": _number(trace_se),
+            "barrier": _number(interp.get("barrier_train", interp.get("barrier"))),
+            "lambda_max_lr_over_2": _number(hessian.get("lambda_max_lr_over_2")),
+            "lr": None,
+            "epochs": train.get("epochs"),
+        })
+    return rows
+
+
+def fill_from_config(rows: list[dict[str, Any]], runs: Mapping[str, RunData]) -> None:
+    """Model name and peak learning rate from the config stored with each run's training table."""
+    for row in rows:
+        config = runs.get(row["run"], RunData(row["run"])).metadata.get("train_history", {}).get("run", {})
+        row["model"] = row["model"] or config.get("model_name", "")
+        row["lr"] = _number(config.get("train", {}).get("lr"))
+
+
+def format_value(value: Any) -> str:
+    """4 significant digits for floats, ``—`` for a missing or non-finite number."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+# --------------------------------------------------------------------------------------------------- figures
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format="png", metadata={"Software": None})
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _empty(ax, message: str) -> None:
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, fontsize=9, color="0.4")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _epoch_rows(history: pd.DataFrame) -> pd.DataFrame:
+    rows = history[history.scope == "epoch"] if "scope" in history else history
+    return rows.sort_values("epoch")
+
+
+def plot_training_curves(runs: Mapping[str, RunData], path: str | Path) -> Path:
+    """Train (solid) and test (dashed) loss on a log scale, and test accuracy, over epochs; one colour per run."""
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    drawn = 0
+    for i, (name, data) in enumerate(runs.items()):
+        history = data.tables.get("train_history")
+        if history is None or history.empty:
+            continue
+        rows = _epoch_rows(history)
+        color = f"C{i % 10}"
+        finite = lambda s: s.where(np.isfinite(s) & (s > 0))  # noqa: E731 (log scale: gaps, not zeros)
+        ax_loss.plot(rows.epoch, finite(rows.train_loss), "-", color=color, label=f"{name} train")
+        ax_loss.plot(rows.epoch, finite(rows.test_loss), "--", color=color, label=f"{name} test")
+        ax_acc.plot(rows.epoch, rows.test_accuracy, "-", color=color, label=name)
+        drawn += 1
+    if not drawn:
+        _empty(ax_loss, "no training history")
+        _empty(ax_acc, "no training history")
+    else:
+        ax_loss.set_yscale("log")
+        ax_loss.set(xlabel="epoch", ylabel="cross-entropy (nats)", title="loss: train (solid), test (dashed)")
+        ax_acc.set(xlabel="epoch", ylabel="test accuracy", title="test accuracy")
+        for ax in (ax_loss, ax_acc):
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _eigen(spectrum: pd.DataFrame, quantity: str = "eigenvalue") -> pd.DataFrame:
+    s = spectrum
+    return s[(s.operator == "hessian") & (s.group == "all") & (s.quantity == quantity)]
+
+
+def plot_sharpness_overview(runs: Mapping[str, RunData], path: str | Path) -> Path:
+    """λmax over the checkpoints for every run, each against its own stability bound 2/η (thin line, same colour)."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    drawn = 0
+    bounds: dict[tuple, list[tuple[str, str]]] = {}
+    for i, (name, data) in enumerate(runs.items()):
+        spectrum = data.tables.get("hessian_spectrum")
+        if spectrum is None or spectrum.empty:
+            continue
+        top = _eigen(spectrum).query("index == 0").sort_values("epoch")
+        if top.empty:
+            continue
+        color = f"C{i % 10}"
+        ax.plot(top.epoch, top.value.where(top.value > 0), "o-", ms=3, color=color, label=rf"{name} $\lambda_{{max}}$")
+        bound = top[top.lr > 0]
+        if len(bound):
+            bounds.setdefault(tuple(zip(bound.epoch.tolist(), bound.lr.tolist())), []).append((name, color))
+        drawn += 1
+    for schedule, owners in bounds.items():  # runs with the same schedule share one line
+        epochs, lrs = np.array(schedule).T
+        shared = len(owners) > 1 or len(bounds) == 1
+        ax.plot(epochs, 2.0 / lrs, "-", lw=1, color="k" if shared else owners[0][1], alpha=0.8,
+                label=r"$2/\eta$" + ("" if len(bounds) == 1 else " (" + ", ".join(n for n, _ in owners) + ")"))
+    if not drawn:
+        _empty(ax, "no Hessian spectrum")
+    else:
+        ax.set_yscale("log")
+        ax.set(xlabel="epoch", ylabel="curvature", title=r"sharpness $\lambda_{max}$ against the stability bound $2/\eta$")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
+
+
+def plot_spectra_overview(runs: Mapping[str, RunData], path: str | Path) -> Path:
+    """Left: the top-k Hessian eigenvalues at the final checkpoint. Right: the spectral densities (SLQ, final
+    checkpoint) of every run on one log-density axis."""
+    fig, (ax_top, ax_density) = plt.subplots(1, 2, figsize=(11, 4))
+    top_drawn = density_drawn = 0
+    for i, (name, data) in enumerate(runs.items()):
+        color = f"C{i % 10}"
+        spectrum = data.tables.get("hessian_spectrum")
+        if spectrum is not None and not spectrum.empty:
+            eig = _eigen(spectrum)
+            if len(eig):
+                last = eig[eig.epoch == eig.epoch.max()].sort_values("index")
+                ax_top.plot(last["index"] + 1, last.value, "o-", color=color, label=f"{name} (epoch {last.epoch.iloc[0]})")
+                top_drawn += 1
+        density = data.tables.get("hessian_density")
+        if density is not None and not density.empty:
+            smooth = density[(density.kind == "smoothed") & (density.operator == "hessian")]
+            if len(smooth):
+                smooth = smooth[smooth.epoch == smooth.epoch.max()]
+                floor = 1e-12 * max(float(smooth.density.max()), 1e-300)
+                ax_density.plot(smooth["lambda"], np.maximum(smooth.density, floor), color=color, lw=1, label=name)
+                density_drawn += 1
+    if top_drawn:
+        ax_top.set_yscale("symlog", linthresh=1e-3)
+        ax_top.set(xlabel="rank k", ylabel=r"$\lambda_k$", title="top Hessian eigenvalues, final checkpoint")
+        ax_top.grid(True, alpha=0.3)
+        ax_top.legend(fontsize=7)
+    else:
+        _empty(ax_top, "no Hessian spectrum")
+    if density_drawn:
+        ax_density.set_yscale("log")
+        ax_density.set(xlabel=r"eigenvalue $\lambda$", ylabel="density (smoothed)",
+                       title="spectral density (stochastic Lanczos quadrature)")
+        ax_density.grid(True, alpha=0.3)
+        ax_density.legend(fontsize=7)
+    else:
+        _empty(ax_density, "no spectral density")
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------ dvc plots exports
+
+# <quantity folder>: (x field, y fields, meaning); one JSON file per run, so `dvc plots diff` overlays revisions per run.
+PLOT_EXPORTS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "loss": ("epoch", ("train_loss", "test_loss"), "cross-entropy per epoch"),
+    "accuracy": ("epoch", ("train_accuracy", "test_accuracy"), "accuracy per epoch"),
+    "sharpness": ("epoch", ("lambda_max", "two_over_lr"), "Hessian λmax per checkpoint and 2/η"),
+    "density": ("lambda", ("density",), "smoothed spectral density, final checkpoint"),
+    "partner_path": ("t", ("train_loss", "test_loss"), "loss from the run (t=0) to its second-seed model (t=1)"),
+    "random_line": ("alpha", ("train_loss", "test_loss"), "loss along the filter-normalised random direction"),
+}
+
+
+def _path_frame(line: pd.DataFrame, path: str, x: str) -> pd.DataFrame:
+    rows = line[line.path == path]
+    if rows.empty:
+        return pd.DataFrame()
+    wide = rows.pivot_table(index="alpha", columns="split", values="loss", aggfunc="first", observed=True)
+    wide = wide.rename(columns={split: f"{split}_loss" for split in wide.columns}).reset_index()
+    # both columns always (NaN for a split not scanned), so every file has the fields its dvc.yaml plot names
+    return wide.rename(columns={"alpha": x}).reindex(columns=[x, "train_loss", "test_loss"])
+
+
+def plot_exports(data: RunData) -> dict[str, pd.DataFrame]:
+    """The frames of :data:`PLOT_EXPORTS` that this run's tables allow (an empty table gives none)."""
+    frames: dict[str, pd.DataFrame] = {}
+    history = data.tables.get("train_history")
+    if history is not None and not history.empty:
+        rows = _epoch_rows(history)
+        frames["loss"] = rows[["epoch", "train_loss", "test_loss"]]
+        frames["accuracy"] = rows[["epoch", "train_accuracy", "test_accuracy"]]
+    spectrum = data.tables.get("hessian_spectrum")
+    if spectrum is not None and not spectrum.empty:
+        top = _eigen(spectrum).query("index == 0").sort_values("epoch")
+        if len(top):
+            frames["sharpness"] = pd.DataFrame({
+                "epoch": top.epoch.to_numpy(), "lambda_max": top.value.to_numpy(),
+                "two_over_lr": np.where(top.lr > 0, 2.0 / top.lr.where(top.lr > 0, 1.0), np.nan)})
+    density = data.tables.get("hessian_density")
+    if density is not None and not density.empty:
+        smooth = density[(density.kind == "smoothed") & (density.operator == "hessian")]
+        if len(smooth):
+            frames["density"] = smooth[smooth.epoch == smooth.epoch.max()][["lambda", "density"]]
+    line = data.tables.get("interpolation_1d")
+    if line is not None and not line.empty:
+        for name, path, x in (("partner_path", "partner", "t"), ("random_line", "random", "alpha")):
+            frame = _path_frame(line, path, x)
+            if len(frame):
+                frames[name] = frame
+    return {name: frame.reset_index(drop=True) for name, frame in frames.items()}
+
+
+def write_plot_exports(runs: Mapping[str, RunData], out_dir: str | Path) -> list[Path]:
+    """``<out_dir>/<quantity>/<run>.json`` for every export a run has (see :data:`PLOT_EXPORTS`).
+
+    JSON records rather than CSV: a missing number is ``null``, which vega leaves out of the line; DVC reads an empty
+    CSV cell as 0 and would draw it (2/η where η = 0 at the end of a cosine schedule).
+    """
+    written = []
+    for name, data in runs.items():
+        for quantity, frame in plot_exports(data).items():
+            path = Path(out_dir) / quantity / f"{name}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            records = [{k: (v if isinstance(v, str) or math.isfinite(v) else None) for k, v in row.items()}
+                       for row in frame.astype(object).to_dict(orient="records")]
+            with atomic_path(path) as tmp:
+                tmp.write_text(json.dumps(records, allow_nan=False) + "\n")
+            written.append(path)
+    return written
+
+
+# ------------------------------------------------------------------------------------------------ provenance
+
+LIBRARIES = ("torch", "torchvision", "numpy", "pandas", "pyarrow", "scipy", "matplotlib", "curvlinops-for-pytorch",
+             "prefect", "dvc")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def provenance_rows(runs: Mapping[str, RunData]) -> list[dict[str, str]]:
+    """Per run and table: the git revision, code and data fingerprints and torch version recorded with it."""
+    rows = []
+    for name, data in runs.items():
+        for table, meta in sorted(data.metadata.items()):
+            prov = meta.get("provenance", {})
+            rows.append({"run": name, "table": table, "git_revision": str(prov.get("git_revision", "unknown")),
+                         "code": str(prov.get("code_fingerprint", ""))[:12],
+                         "data": str(meta.get("data_fingerprint", ""))[:12], "torch": str(prov.get("torch", ""))})
+    return rows
+
+
+def recorded_settings(runs: Mapping[str, RunData]) -> dict[str, dict[str, Any]]:
+    """The settings stored with the tables: each run's model and train config, and the hessian and landscape
+    sections the scans were made with (taken from the first run that has them)."""
+    settings: dict[str, dict[str, Any]] = {}
+    for name, data in runs.items():
+        run = data.metadata.get("train_history", {}).get("run")
+        if run:
+            settings[f"runs.{name}"] = run
+        for table, section in (("hessian_spectrum", "hessian"), ("surface_2d", "landscape")):
+            value = data.metadata.get(table, {}).get(section)
+            if value and section not in settings:
+                settings[section] = value
+    return settings
+
+
+@dataclass
+class Report:
+    """What both documents show."""
+
+    summary: list[dict[str, Any]]
+    figures: list[tuple[str, Path, str]]  # (title, PNG path, caption)
+    provenance: list[dict[str, str]]
+    settings: dict[str, dict[str, Any]]
+    revision: str
+    libraries: dict[str, str]
+    exports: list[Path] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------- rendering
+
+
+def summary_markdown(summary: Sequence[Mapping[str, Any]]) -> str:
+    """The summary table in GitHub markdown (also the Prefect markdown artifact)."""
+    header = "| " + " | ".join(h for _, h, _ in SUMMARY_COLUMNS) + " |"
+    rule = "|" + "|".join("---" if k in ("run", "model", "status") else "---:" for k, _, _ in SUMMARY_COLUMNS) + "|"
+    body = ["| " + " | ".join(format_value(row.get(k)) for k, _, _ in SUMMARY_COLUMNS) + " |" for row in summary]
+    return "\n".join([header, rule, *body])
+
+
+def _legend_markdown() -> str:
+    return "\n".join(f"- **{h}**: {meaning}" for _, h, meaning in SUMMARY_COLUMNS if meaning)
+
+
+def render_markdown(report: Report, base: Path) -> str:
+    """``reports/README.md``: figures linked relative to ``base`` (the folder the file is written to)."""
+    lines = ["# Loss-landscape report", "",
+             f"Built from the pipeline's tables at git revision `{report.revision}`. "
+             "`index.html` beside this file is the same report with every figure embedded.", "",
+             "## Summary", "", summary_markdown(report.summary), "", _legend_markdown(), ""]
+    for title, path, caption in report.figures:
+        rel = Path(path).resolve().relative_to(base.resolve()) if Path(path).resolve().is_relative_to(base.resolve()) \
+            else Path(path)
+        lines += [f"## {title}", "", f"![{title}]({rel.as_posix()})", "", caption, ""]
+    lines += ["## Provenance", "", "| run | table | git revision | code | data | torch |", "|---|---|---|---|---|---|"]
+    lines += [f"| {p['run']} | {p['table']} | `{p['git_revision']}` | `{p['code']}` | `{p['data']}` | {p['torch']} |"
+              for p in report.provenance]
+    lines += ["", "Libraries at report time: " + ", ".join(f"{k} {v}" for k, v in report.libraries.items()), "",
+              "### Settings recorded with the tables", ""]
+    for name, value in report.settings.items():
+        lines += [f"<details><summary><code>{name}</code></summary>", "", "```json",
+                  json.dumps(value, indent=2, sort_keys=True), "```", "", "</details>", ""]
+    return "\n".join(lines)
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;padding:0 1rem;
+color:#1d1d1f;line-height:1.45}
+h1{font-size:1.6rem;margin-bottom:.2rem}h2{font-size:1.25rem;margin-top:2rem;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0}th,td{border:1px solid #ddd;padding:.25rem .5rem}
+th{background:#f4f4f6}td.num{text-align:right;font-variant-numeric:tabular-nums}
+tr.bad td{background:#fff1f0}figure{margin:1rem 0}figure img{max-width:100%;border:1px solid #eee}
+figcaption{font-size:.85rem;color:#555}.meta{color:#666;font-size:.85rem}code{font-size:.85em}
+figure.broken::after{content:"this figure failed to load";color:#b00020;font-weight:600}
+dl.legend{font-size:.8rem;color:#444;display:grid;grid-template-columns:max-content 1fr;gap:.1rem 1rem}
+dl.legend dt{font-weight:600}dl.legend dd{margin:0}
+pre{background:#f7f7f9;padding:.5rem;overflow-x:auto;font-size:.8rem}
+"""
+
+# Marks each figure that failed to decode (visible) and records "<decoded>/<total>" on <body data-figures>.
+_CHECK_FIGURES = """
+window.addEventListener("load", function () {
+  var images = Array.prototype.slice.call(document.querySelectorAll("figure img"));
+  var bad = images.filter(function (img) { return !img.complete || img.naturalWidth === 0; });
+  bad.forEach(function (img) { img.closest("figure").classList.add("broken"); });
+  document.body.setAttribute("data-figures", (images.length - bad.length) + "/" + images.length);
+});
+"""
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def render_html(report: Report) -> str:
+    """``reports/index.html``: one file, figures embedded as data URIs, no external resources."""
+    e = html.escape
+    head = "".join(f"<th title='{e(meaning)}'>{e(h)}</th>" for _, h, meaning in SUMMARY_COLUMNS)
+    body = []
+    for row in report.summary:
+        cells = "".join(f"<td class='num'>{e(format_value(row.get(k)))}</td>" if k not in ("run", "model", "status")
+                        else f"<td>{e(format_value(row.get(k)))}</td>" for k, _, _ in SUMMARY_COLUMNS)
+        bad = row.get("status") != "completed"
+        body.append(f"<tr class='{'bad' if bad else ''}'>{cells}</tr>")
+    legend = "".join(f"<dt>{e(h)}</dt><dd>{e(meaning)}</dd>" for _, h, meaning in SUMMARY_COLUMNS if meaning)
+    figures = "".join(
+        f"<h2>{e(title)}</h2><figure><img src='{_data_uri(path)}' alt='{e(title)}'>"
+        f"<figcaption>{e(caption)}</figcaption></figure>" for title, path, caption in report.figures)
+    prov = "".join(f"<tr><td>{e(p['run'])}</td><td>{e(p['table'])}</td><td><code>{e(p['git_revision'])}</code></td>"
+                   f"<td><code>{e(p['code'])}</code></td><td><code>{e(p['data'])}</code></td><td>{e(p['torch'])}</td></tr>"
+                   for p in report.provenance)
+    libs = ", ".join(f"{e(k)} {e(v)}" for k, v in report.libraries.items())
+    settings = "".join(f"<details><summary><code>{e(name)}</code></summary><pre>"
+                       f"{e(json.dumps(value, indent=2, sort_keys=True))}</pre></details>"
+                       for name, value in report.settings.items())
+    exports = ", ".join(sorted({p.parent.name for p in report.exports}))
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Loss-landscape report</title><style>{_CSS}</style></head>
+<body>
+<h1>Loss-landscape report</h1>
+<p class="meta">git revision <code>{e(report.revision)}</code> · {len(report.summary)} runs · self-contained
+(figures embedded) · data for <code>dvc plots</code>: {e(exports) or "none"}</p>
+<h2>Summary</h2>
+<table id="summary"><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>
+<dl class="legend">{legend}</dl>
+{figures}
+<h2>Provenance</h2>
+<table id="provenance"><thead><tr><th>run</th><th>table</th><th>git revision</th><th>code</th><th>data</th><th>torch</th>
+</tr></thead><tbody>{prov}</tbody></table>
+<p class="meta">Libraries at report time: {libs}</p>
+<h3>Settings recorded with the tables</h3>
+{settings}
+<script>{_CHECK_FIGURES}</script>
+</body></html>
+"""
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path

@@ -22,6 +22,7 @@ SCHEDULES = ("constant", "step", "cosine")
 ACTIVATIONS = ("relu", "tanh", "gelu", "elu")
 EIGEN_METHODS = ("lanczos", "power", "arpack")
 TRACE_METHODS = ("hutchinson", "hutchpp")
+FLATNESS_MEASURES = ("epsilon", "pac_bayes")
 CURVATURE_OPERATORS = ("hessian", "ggn")
 GROUP_LEVELS = ("none", "block", "module")
 HVP_METHODS = ("reverse_over_reverse", "forward_over_reverse", "double_backward")
@@ -155,6 +156,13 @@ class HessianConfig:
     operators: tuple[str, ...] = spec(("hessian",))  # hessian (always at `checkpoints`), ggn (at `details`)
     groups: str = spec("block", choices=GROUP_LEVELS)  # per-group top eigenvalue at `details`: block | module | none
     group_top_k: int = spec(1, ge=1, unit="eigenvalues per group")
+    noise: bool = spec(True)  # at `checkpoints`: gradient noise scale (per-sample gradients) and g'Hg/|g|^2
+    flatness: tuple[str, ...] = spec(("epsilon", "pac_bayes"))  # at `details`: epsilon, pac_bayes; [] = none
+    flatness_radius: float = spec(0.5, gt=0.0, unit="L2 norm of the weight perturbation")  # epsilon-ball (absolute)
+    flatness_box: float = spec(1e-3, gt=0.0, unit="fraction of |w_i| + 1")  # Keskar et al.'s box (relative)
+    flatness_steps: int = spec(20, ge=1, unit="ascent steps per start")  # projected gradient ascent
+    pac_bayes_bound: float = spec(0.1, gt=0.0, unit="nats of expected loss increase")  # the largest sigma within it
+    pac_bayes_draws: int = spec(10, ge=1, unit="noise draws")  # the same draws for every sigma of the bisection
     hvp: str = spec("reverse_over_reverse", choices=HVP_METHODS)  # chosen by benchmarks/hvp.py; see README
     batch_size: int = spec(512, ge=1, unit="samples per forward")  # splits the probe set; does not change results
     dtype: str = spec("float32", choices=DTYPES)  # network precision for the products (solvers run in float64)
@@ -164,7 +172,8 @@ class HessianConfig:
     def __post_init__(self):
         _check_checkpoint_selection("hessian.checkpoints", self.checkpoints)
         _check_checkpoint_selection("hessian.details", self.details)
-        for key, values, allowed in (("trace", self.trace, TRACE_METHODS), ("operators", self.operators, CURVATURE_OPERATORS)):
+        for key, values, allowed in (("trace", self.trace, TRACE_METHODS), ("operators", self.operators, CURVATURE_OPERATORS),
+                                     ("flatness", self.flatness, FLATNESS_MEASURES)):
             for i, value in enumerate(values):
                 if value not in allowed:
                     raise ConfigError(f"hessian.{key}[{i}]", f"unknown name {value!r}; allowed: {', '.join(allowed)}")

@@ -45,6 +45,10 @@ SUMMARY_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("trace", "trace", "Hessian trace (Hutch++ when computed, else Hutchinson)"),
     ("trace_stderr", "± trace", "standard error of the trace estimate"),
     ("barrier", "barrier", "loss barrier to the second-seed model (train split, nats)"),
+    ("epsilon_sharpness", "ε-sharp.", "largest loss increase found in an L2 ball of radius hessian.flatness_radius"),
+    ("pac_bayes_sigma", "σ PAC", "largest isotropic weight-noise scale keeping the expected loss increase within "
+     "hessian.pac_bayes_bound (larger: flatter)"),
+    ("noise_scale", "B_simple", "gradient noise scale tr(Σ)/|g|² at the final checkpoint (McCandlish et al. 2018)"),
     ("lambda_max_lr_over_2", "λmax·η/2", "≥ 1: plain gradient descent at the peak learning rate η is unstable along "
      "the top eigenvector (heavy-ball momentum β moves the threshold to 1 + β)"),
     ("lr", "η", "peak learning rate"),
@@ -120,6 +124,9 @@ def summary_rows(metrics: Mapping[str, Mapping[str, Any]], runs: Sequence[str]) 
             "trace": _number(trace),
             "trace_stderr": _number(trace_se),
             "barrier": _number(interp.get("barrier_train", interp.get("barrier"))),
+            "epsilon_sharpness": _number(hessian.get("epsilon_sharpness_absolute")),
+            "pac_bayes_sigma": _number(hessian.get("pac_bayes_sigma_isotropic")),
+            "noise_scale": _number(hessian.get("noise_scale")),
             "lambda_max_lr_over_2": _number(hessian.get("lambda_max_lr_over_2")),
             "lr": None,
             "epochs": train.get("epochs"),

@@ -35,7 +35,12 @@ TRAIN_HISTORY = pa.schema([
 # One row per (checkpoint, operator, group, quantity, index). Quantities: `eigenvalue` (index 0 = largest),
 # `lambda_min`, `trace` (method hutchinson | hutchpp, with stderr), `loss` and `grad_norm` of the probe set, `dim`
 # (parameters spanned), `density_mass` (total SLQ weight, 1 up to rounding), `products` (all products spent at the
-# checkpoint, in `value` and `hvps`, with the checkpoint's total `seconds`).
+# checkpoint, in `value` and `hvps`, with the checkpoint's total `seconds`). With `hessian.noise`, at every checkpoint:
+# `noise_trace_covariance` (tr of the per-sample gradient covariance, N - 1 normalised), `noise_scale` (B_simple =
+# tr(Sigma)/|g|^2, in samples; McCandlish et al. 2018), `grad_sharpness` (g'Hg/|g|^2). With `hessian.flatness`, at
+# `details`: `epsilon_sharpness` (largest loss increase found, nats) and `epsilon_sharpness_keskar`
+# (100 * increase / (1 + L)), method `absolute` (L2 ball) or `relative` (Keskar's box); `pac_bayes_sigma`, method
+# `isotropic` or `magnitude` (the largest noise scale keeping the expected loss increase within the bound).
 HESSIAN_SPECTRUM = pa.schema([
     ("run", pa.string()),
     ("checkpoint", pa.string()),  # checkpoint file name, e.g. epoch_0030.pt

@@ -9,6 +9,8 @@ from torch import nn
 from pipeline.checkpoints import select_checkpoints
 from pipeline.config import HessianConfig
 from pipeline.curvature.analysis import analyse
+from pipeline.curvature.dynamics import gradient_noise
+from pipeline.curvature.flatness import epsilon_sharpness, pac_bayes_sigma
 from pipeline.curvature.operators import GGNOperator, HessianOperator, ProbeSet, dense_matrix, parameter_groups
 
 
@@ -109,15 +111,48 @@ def test_details_trace_density_ggn_and_groups(truth):
                                            torch.cat([b[1] for b in probe.batches]))
     assert rows_of(report, "loss")[0]["value"] == pytest.approx(float(loss), rel=1e-12)
     solves = {(r["operator"], r["group"], r["method"]): r["hvps"] for r in report.rows if r["quantity"] == "eigenvalue"}
-    others = sum(r["hvps"] for r in report.rows if r["quantity"] in ("trace", "density_mass"))
+    others = sum(r["hvps"] for r in report.rows if r["quantity"] in ("trace", "density_mass", "grad_sharpness"))
     assert report.hvps == sum(solves.values()) + others == rows_of(report, "products")[0]["hvps"]
 
 
 def test_without_details_only_eigenvalues_are_computed(truth):
     model, probe, _, _ = truth
-    report = analyse(model, probe, config(lambda_min=False), details=False)
+    report = analyse(model, probe, config(lambda_min=False, noise=False), details=False)
     assert {r["quantity"] for r in report.rows} == {"loss", "grad_norm", "dim", "eigenvalue", "products"}
     assert {r["operator"] for r in report.rows} == {"hessian"} and report.density == []
+
+
+def test_noise_and_flatness_rows_are_the_measures_at_the_point(truth):
+    """Gradient noise and g'Hg/|g|^2 at every point; flatness only with details; the values are those of the
+    measures themselves (and of the dense Hessian)."""
+    model, probe, H, _ = truth
+    cfg = config(groups="none", operators=("hessian",), density_runs=0, trace=(), flatness_steps=5, pac_bayes_draws=3)
+    plain = analyse(model, probe, cfg, details=False)
+    assert {r["quantity"] for r in plain.rows} >= {"noise_scale", "noise_trace_covariance", "grad_sharpness"}
+    assert not rows_of(plain, "epsilon_sharpness") and not rows_of(plain, "pac_bayes_sigma")
+    g = HessianOperator(model, probe).gradient()
+    assert rows_of(plain, "grad_sharpness")[0]["value"] == pytest.approx(float(g @ H @ g / (g @ g)), rel=1e-9)
+    noise = gradient_noise(model, probe)
+    assert rows_of(plain, "noise_scale")[0]["value"] == noise.noise_scale
+    assert rows_of(plain, "noise_trace_covariance")[0]["value"] == noise.trace_covariance
+
+    report = analyse(model, probe, cfg, details=True)
+    v1 = HessianOperator(model, probe).flatten({n: v[0] for n, v in report.eigenvectors.items()})
+    for neighbourhood, epsilon in (("absolute", cfg.flatness_radius), ("relative", cfg.flatness_box)):
+        direct = epsilon_sharpness(model, probe, epsilon=epsilon, neighbourhood=neighbourhood, steps=5,
+                                   directions=(v1,), seed=cfg.seed + 19)
+        assert rows_of(report, "epsilon_sharpness", method=neighbourhood)[0]["value"] == direct.increase > 0
+        assert rows_of(report, "epsilon_sharpness_keskar", method=neighbourhood)[0]["value"] == direct.keskar
+    for method, magnitude in (("isotropic", False), ("magnitude", True)):
+        direct = pac_bayes_sigma(model, probe, bound=cfg.pac_bayes_bound, magnitude_aware=magnitude, draws=3,
+                                 seed=cfg.seed + 23)
+        assert rows_of(report, "pac_bayes_sigma", method=method)[0]["value"] == direct.sigma > 0
+
+
+def test_an_unknown_flatness_measure_is_a_config_error():
+    from pipeline.config import ConfigError
+    with pytest.raises(ConfigError, match=r"hessian.flatness\[1\]: unknown name 'sam'; allowed: epsilon, pac_bayes"):
+        HessianConfig(flatness=("epsilon", "sam"))
 
 
 def test_trace_of_a_larger_model_is_within_three_standard_errors():

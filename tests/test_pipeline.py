@@ -107,6 +107,9 @@ def test_repro_runs_everything_then_nothing_then_only_what_changed(repo, env):
     hessian = metrics["resnet20"]["hessian"]
     assert hessian["epoch"] == 1 and hessian["lambda_max"] > 0 and hessian["lambda_min"] <= hessian["lambda_max"]
     assert len(hessian["eigenvalues"]) == 2 and hessian["trace_hutchpp_stderr"] >= 0
+    assert hessian["noise_scale"] > 0 and hessian["grad_sharpness"] is not None  # noise and flatness (issue 6)
+    assert hessian["epsilon_sharpness_absolute"] >= hessian["epsilon_sharpness_relative"] >= 0
+    assert hessian["pac_bayes_sigma_isotropic"] > 0 and hessian["pac_bayes_sigma_magnitude"] > 0
     spectrum = pd.read_parquet(repo / "reports/tables/mlp/hessian_spectrum.parquet")
     assert sorted(spectrum.epoch.unique()) == [0, 1, 2]  # eigenvalues at every checkpoint
     assert set(spectrum[spectrum.quantity == "trace"].epoch) == {2}  # details at the final one

@@ -18,7 +18,8 @@ from pipeline.report import (PLOT_EXPORTS, SUMMARY_COLUMNS, Report, RunData, fil
 METRICS = {
     "a": {"train": {"status": "completed", "train_accuracy": 1.0, "test_accuracy": 0.9, "generalization_gap": 0.25,
                     "epochs": 3, "diverged_step": None},
-          "hessian": {"lambda_max": 4.0, "lambda_max_lr_over_2": 0.2, "trace_hutchinson": 10.0,
+          "hessian": {"lambda_max": 4.0, "lambda_max_lr_over_2": 0.2, "trace_hutchinson": 10.0, "noise_scale": 30.0,
+                      "epsilon_sharpness_absolute": 0.04, "pac_bayes_sigma_isotropic": 0.02,
                       "trace_hutchinson_stderr": 1.0, "trace_hutchpp": 9.5, "trace_hutchpp_stderr": 0.5},
           "partner": {}, "interpolate": {"barrier": 0.7, "barrier_train": 0.7, "barrier_test": 0.6}, "surface": {}},
     "b": {"train": {"status": "diverged", "diverged_step": 17, "train_accuracy": float("nan"), "test_accuracy": 0.1,
@@ -34,6 +35,7 @@ def test_summary_rows_take_the_numbers_and_say_what_is_missing():
     assert a["status"] == "completed" and a["accuracy_gap"] == pytest.approx(0.1)
     assert a["trace"] == 9.5 and a["trace_stderr"] == 0.5  # Hutch++ preferred when present
     assert a["barrier"] == 0.7 and a["lambda_max"] == 4.0 and a["lambda_max_lr_over_2"] == 0.2
+    assert a["noise_scale"] == 30.0 and a["epsilon_sharpness"] == 0.04 and a["pac_bayes_sigma"] == 0.02
     assert rows["b"]["status"] == "diverged at step 17"
     assert rows["b"]["train_accuracy"] is None and rows["b"]["accuracy_gap"] is None  # NaN is not a number here
     assert rows["c"]["status"] == "missing: partner, interpolate, surface"

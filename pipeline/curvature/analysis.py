@@ -19,9 +19,10 @@ from torch import Tensor, nn
 
 from pipeline.config import HessianConfig
 from pipeline.curvature import spectral
-from pipeline.curvature.operators import OPERATORS, CurvatureOperator, ProbeSet, parameter_groups
+from pipeline.curvature.dynamics import gradient_noise, gradient_sharpness
+from pipeline.curvature.flatness import epsilon_sharpness, pac_bayes_sigma
+from pipeline.curvature.operators import BN_MODE, OPERATORS, CurvatureOperator, ProbeSet, parameter_groups  # noqa: F401
 
-BN_MODE = "eval"  # BatchNorm uses its running statistics; recorded with every result
 ALL = "all"  # the `group` of quantities over the whole parameter vector
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,9 @@ def analyse(model: nn.Module, probe: ProbeSet, cfg: HessianConfig, *, details: b
 
     Always: probe loss and gradient norm, top ``cfg.top_k`` Hessian eigenpairs and (``cfg.lambda_min``) the
     smallest eigenvalue. With ``details``: trace estimates, SLQ density, the GGN (when in ``cfg.operators``), and the
-    top ``cfg.group_top_k`` eigenvalues of each parameter group's diagonal Hessian block (``cfg.groups``).
+    top ``cfg.group_top_k`` eigenvalues of each parameter group's diagonal Hessian block (``cfg.groups``), and the
+    flatness measures of ``cfg.flatness``. With ``cfg.noise``, at every point: the gradient noise scale and the
+    curvature along the gradient.
     """
     say = on_step or (lambda message: log.info(message))
     report = CurvatureReport()
@@ -90,6 +93,8 @@ def analyse(model: nn.Module, probe: ProbeSet, cfg: HessianConfig, *, details: b
         _row("hessian", ALL, "grad_norm", 0, float(grad.norm()), seconds=time.perf_counter() - start),
         _row("hessian", ALL, "dim", 0, hessian.dim),
     ]
+    if cfg.noise:
+        _noise(report, model, probe, hessian, say)
     operators: list[tuple[str, CurvatureOperator]] = [("hessian", hessian)]
     if details and "ggn" in cfg.operators:
         operators.append(("ggn", OPERATORS["ggn"](model, probe)))
@@ -103,6 +108,8 @@ def analyse(model: nn.Module, probe: ProbeSet, cfg: HessianConfig, *, details: b
             op = OPERATORS["hessian"](model, probe, wrt=names, hvp=cfg.hvp, check=False)
             _spectrum(report, "hessian", group, op, cfg, cfg.group_top_k, False, say, keep_vectors=False)
             report.hvps += op.products
+    if details and cfg.flatness:
+        _flatness(report, model, probe, hessian, cfg, say)
     report.hvps += sum(op.products for _, op in operators)
     report.rows.append(_row("hessian", ALL, "products", 0, report.hvps, hvps=report.hvps,
                             seconds=time.perf_counter() - start))
@@ -164,3 +171,49 @@ def _density(report, name, op, cfg, say) -> None:
                             method="slq", seconds=seconds))
     say(f"{name}: spectral density from {cfg.density_runs} x {cfg.density_steps} Lanczos steps "
         f"({density.matvecs} products, {seconds:.1f} s)")
+
+
+def _noise(report, model, probe, hessian, say) -> None:
+    """Gradient noise (McCandlish et al. 2018) and the curvature along the gradient, g'Hg/|g|^2 (one product)."""
+    start = time.perf_counter()
+    noise = gradient_noise(model, probe, loss=hessian.loss)
+    seconds = time.perf_counter() - start
+    report.rows += [
+        _row("hessian", ALL, "noise_trace_covariance", 0, noise.trace_covariance, method="per_sample", seconds=seconds),
+        _row("hessian", ALL, "noise_scale", 0, noise.noise_scale, method="per_sample", seconds=seconds),
+    ]
+    start, before = time.perf_counter(), hessian.products
+    value = gradient_sharpness(hessian) if noise.grad_norm_sq > 0 else math.nan
+    report.rows.append(_row("hessian", ALL, "grad_sharpness", 0, value, hvps=hessian.products - before,
+                            method="rayleigh", seconds=time.perf_counter() - start))
+    say(f"gradient noise: tr(Sigma) {noise.trace_covariance:.4g}, B_simple {noise.noise_scale:.4g} samples; "
+        f"g'Hg/|g|^2 {value:.4g} ({seconds:.1f} s)")
+
+
+def _flatness(report, model, probe, hessian, cfg, say) -> None:
+    """Epsilon-sharpness in an L2 ball and in Keskar's box (top eigenvector as an extra start), PAC-Bayes sigma."""
+    if "epsilon" in cfg.flatness:
+        v1 = ()
+        if report.eigenvectors is not None:
+            v1 = (hessian.flatten({n: vectors[0] for n, vectors in report.eigenvectors.items()}),)
+        for neighbourhood, epsilon in (("absolute", cfg.flatness_radius), ("relative", cfg.flatness_box)):
+            start = time.perf_counter()
+            sharp = epsilon_sharpness(model, probe, epsilon=epsilon, neighbourhood=neighbourhood,
+                                      steps=cfg.flatness_steps, directions=v1, seed=cfg.seed + 19, loss=hessian.loss)
+            seconds = time.perf_counter() - start
+            report.rows += [_row("hessian", ALL, "epsilon_sharpness", 0, sharp.increase, method=neighbourhood,
+                                 seconds=seconds),
+                            _row("hessian", ALL, "epsilon_sharpness_keskar", 0, sharp.keskar, method=neighbourhood,
+                                 seconds=seconds)]
+            say(f"epsilon-sharpness ({neighbourhood}, epsilon {epsilon:g}): loss +{sharp.increase:.4g} "
+                f"(Keskar {sharp.keskar:.4g}; {sharp.gradient_evaluations} gradients, {seconds:.1f} s)")
+    if "pac_bayes" in cfg.flatness:
+        for magnitude in (False, True):
+            start = time.perf_counter()
+            flat = pac_bayes_sigma(model, probe, bound=cfg.pac_bayes_bound, magnitude_aware=magnitude,
+                                   draws=cfg.pac_bayes_draws, seed=cfg.seed + 23, loss=hessian.loss)
+            seconds = time.perf_counter() - start
+            method = "magnitude" if magnitude else "isotropic"
+            report.rows.append(_row("hessian", ALL, "pac_bayes_sigma", 0, flat.sigma, method=method, seconds=seconds))
+            say(f"PAC-Bayes sigma ({method}): {flat.sigma:.4g} keeps the expected loss within "
+                f"+{cfg.pac_bayes_bound:g} ({flat.loss_evaluations} loss evaluations, {seconds:.1f} s)")

@@ -27,8 +27,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
-from pipeline.curvature.analysis import BN_MODE
-from pipeline.curvature.operators import (CurvatureError, CurvatureOperator, HessianOperator, ProbeSet, loss_sum)
+from pipeline.curvature.operators import (BN_MODE, CurvatureError, CurvatureOperator, HessianOperator, ProbeSet,
+                                          loss_sum)
 
 # --------------------------------------------------------------------------------------------------------------
 # Per-sample gradients and the gradient noise scale

@@ -38,6 +38,7 @@ warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
 
 HVP_IMPLEMENTATIONS = ("reverse_over_reverse", "forward_over_reverse", "double_backward")
 LOSSES = ("cross_entropy", "mse")
+BN_MODE = "eval"  # BatchNorm uses its running statistics; recorded with every result
 
 
 class CurvatureError(ValueError):

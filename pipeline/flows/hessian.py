@@ -89,6 +89,17 @@ def headline(spectrum: pd.DataFrame, peak_lr: float) -> dict:
         if trace is not None:
             out[f"trace_{method}"] = float(trace.value)
             out[f"trace_{method}_stderr"] = float(trace.stderr)
+    for quantity, key in (("noise_scale", "noise_scale"), ("noise_trace_covariance", "noise_trace_covariance"),
+                          ("grad_sharpness", "grad_sharpness")):
+        row = pick(quantity=quantity)
+        if row is not None:
+            out[key] = float(row.value)
+    for quantity, method in (("epsilon_sharpness", "absolute"), ("epsilon_sharpness", "relative"),
+                             ("epsilon_sharpness_keskar", "absolute"), ("epsilon_sharpness_keskar", "relative"),
+                             ("pac_bayes_sigma", "isotropic"), ("pac_bayes_sigma", "magnitude")):
+        row = pick(quantity=quantity, method=method)
+        if row is not None:
+            out[f"{quantity}_{method}"] = float(row.value)
     ggn = pick("ggn")
     if ggn is not None:
         out["ggn_lambda_max"] = float(ggn.value)

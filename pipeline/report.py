@@ -446,7 +446,7 @@ def render_markdown(report: Report, base: Path) -> str:
 
 
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;padding:0 1rem;
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1400px;padding:0 1rem;
 color:#1d1d1f;line-height:1.45}
 h1{font-size:1.6rem;margin-bottom:.2rem}h2{font-size:1.25rem;margin-top:2rem;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0}th,td{border:1px solid #ddd;padding:.25rem .5rem}
@@ -457,6 +457,7 @@ figure.broken::after{content:"this figure failed to load";color:#b00020;font-wei
 dl.legend{font-size:.8rem;color:#444;display:grid;grid-template-columns:max-content 1fr;gap:.1rem 1rem}
 dl.legend dt{font-weight:600}dl.legend dd{margin:0}
 pre{background:#f7f7f9;padding:.5rem;overflow-x:auto;font-size:.8rem}
+.wide{overflow-x:auto}
 """
 
 # Marks each figure that failed to decode (visible) and records "<decoded>/<total>" on <body data-figures>.
@@ -504,7 +505,7 @@ def render_html(report: Report) -> str:
 <p class="meta">git revision <code>{e(report.revision)}</code> · {len(report.summary)} runs · self-contained
 (figures embedded) · data for <code>dvc plots</code>: {e(exports) or "none"}</p>
 <h2>Summary</h2>
-<table id="summary"><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>
+<div class="wide"><table id="summary"><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>
 <dl class="legend">{legend}</dl>
 {figures}
 <h2>Provenance</h2>

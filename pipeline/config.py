@@ -32,6 +32,9 @@ DIRECTION_NORMS = ("filter", "layer", "none")
 DIRECTION_IGNORES = ("biasbn", "none")
 LINE_SPLITS = ("train", "test")
 EXECUTORS = ("local", "dask")
+LOSSES = ("cross_entropy", "mse")
+TRACK_UNITS = ("steps", "epochs")
+FULL_BATCH = "full"
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 _RUN_NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
@@ -98,7 +101,8 @@ class TrainConfig:
     """``train`` section: optimiser, schedule, checkpointing and logging (a run may override any key)."""
 
     epochs: int = spec(30, ge=1, unit="epochs")
-    batch_size: int = spec(64, ge=1, unit="samples per step")
+    batch_size: int | str = spec(64, ge=1, unit="samples per step")  # or `full`: full-batch gradient descent
+    loss: str = spec("cross_entropy", choices=LOSSES)  # cross_entropy | mse (squared error to the one-hot target)
     optimizer: str = spec("sgd", choices=OPTIMIZERS)  # name
     lr: float = spec(0.05, gt=0.0, unit="learning rate per step (peak of the schedule)")
     momentum: float = spec(0.9, ge=0.0, lt=1.0, unit="SGD heavy-ball coefficient")
@@ -112,10 +116,17 @@ class TrainConfig:
     checkpoint_every: int = spec(5, ge=1, unit="epochs")  # plus the init and final checkpoints
     log_every: int = spec(0, ge=0, unit="steps")  # extra per-step history rows; 0 = per-epoch rows only
     eval_batch_size: int = spec(1024, ge=1, unit="samples per forward")  # evaluation only; results do not change
+    track_sharpness_every: int = spec(5, ge=0, unit="steps or epochs (track_sharpness_unit)")  # 0 = off
+    track_sharpness_unit: str = spec("epochs", choices=TRACK_UNITS)  # unit of track_sharpness_every
+    track_tol: float = spec(1e-3, gt=0.0, lt=1.0, unit="Ritz residual / lambda_max")  # tracked lambda_max (Lanczos)
+    track_max_hvps: int = spec(200, ge=10, unit="Hessian-vector products per tracked lambda_max")
     seed: int = spec(0, ge=0)  # initialisation and batch order
     device: str = spec("auto", pattern=_DEVICE_PATTERN)  # auto (CUDA when present, else CPU), cpu, cuda, cuda:N
 
     def __post_init__(self):
+        if isinstance(self.batch_size, str) and self.batch_size != FULL_BATCH:
+            raise ConfigError("train.batch_size", f"expected an integer >= 1 or 'full' (full-batch gradient descent), "
+                                                  f"got {self.batch_size!r}")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0.0):
             raise ConfigError("train.nesterov", "needs optimizer: sgd and momentum > 0")
         if list(self.milestones) != sorted(set(self.milestones)) or any(m < 1 for m in self.milestones):

@@ -27,7 +27,7 @@ def git_revision() -> str:
 
 # The modules whose code decides the trained weights. Config semantics are covered by the run config itself,
 # so adding a config section for a later stage does not invalidate persisted checkpoints.
-TRAINING_MODULES = ("data.py", "models.py", "training.py")
+TRAINING_MODULES = ("data.py", "models.py", "training.py", "tracking.py")  # tracking: the sharpness rows
 
 
 @lru_cache(maxsize=1)

@@ -56,7 +56,7 @@ SUMMARY_COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 
 # Files read per run, by name (all optional: a missing table leaves its figures and exports out).
-RUN_TABLES = ("train_history", "hessian_spectrum", "hessian_density", "interpolation_1d")
+RUN_TABLES = ("train_history", "sharpness_history", "hessian_spectrum", "hessian_density", "interpolation_1d")
 
 
 @dataclass
@@ -242,6 +242,62 @@ def plot_sharpness_overview(runs: Mapping[str, RunData], path: str | Path) -> Pa
     return _save(fig, path)
 
 
+def plot_tracked_sharpness(tables: Mapping[str, pd.DataFrame], path: str | Path, *, title: str = "") -> Path:
+    """The ``sharpness_history`` tables of some runs (``{run: frame}``), two panels.
+
+    Left: tracked λmax (solid) and the curvature along the gradient g'Hg/|g|² (dotted) over the steps, each run
+    against its optimiser's stability threshold (dashed; 2/η for plain gradient descent, (2+2β)/η with momentum).
+    Right: how well the quadratic model predicts the change of the probe loss over one step, as
+    |actual − predicted| / |first-order term|, against η·λmax/2 (1 = the edge of stability).
+    """
+    fig, (ax_sharp, ax_model) = plt.subplots(1, 2, figsize=(11, 4))
+    drawn, spans = 0, []
+    for i, (name, frame) in enumerate(tables.items()):
+        if frame is None or frame.empty:
+            continue
+        rows = frame.sort_values("step")
+        color = f"C{i % 10}"
+        positive = lambda s: s.where(np.isfinite(s) & (s > 0))  # noqa: E731 (log scale: gaps, not zeros)
+        ax_sharp.plot(rows.step, positive(rows.lambda_max), "-", color=color, lw=1.2, label=rf"{name} $\lambda_{{max}}$")
+        ax_sharp.plot(rows.step, positive(rows.grad_sharpness), ":", color=color, lw=1,
+                      label=rf"{name} $g^\top Hg/\|g\|^2$")
+        threshold = rows.stability_threshold.where(np.isfinite(rows.stability_threshold))
+        if threshold.notna().any():
+            momentum = not np.allclose(threshold.dropna(), rows.two_over_lr[threshold.notna()], rtol=1e-9)
+            ax_sharp.plot(rows.step, threshold, "--", color=color, lw=1, alpha=0.9,
+                          label=f"{name} " + (r"$(2+2\beta)/\eta$" if momentum else r"$2/\eta$"))
+        spans += [float(v) for v in (rows.lambda_max.min(), rows.lambda_max.max(), threshold.min(), threshold.max())
+                  if math.isfinite(v)]
+        relative = (rows.model_error.abs() / rows.first_order.abs()).where(rows.first_order.abs() > 0)
+        ax_model.scatter(rows.lr * rows.lambda_max / 2.0, positive(relative), s=8, color=color, alpha=0.7, label=name)
+        drawn += 1
+    if not drawn:
+        _empty(ax_sharp, "no tracked sharpness (train.track_sharpness_every: 0)")
+        _empty(ax_model, "no tracked steps")
+    else:
+        positive_spans = [v for v in spans if v > 0]
+        if positive_spans and max(positive_spans) > 30 * min(positive_spans):  # linear shows "at 2/η" best
+            ax_sharp.set_yscale("log")
+        else:
+            ax_sharp.set_ylim(bottom=0, top=1.15 * max(spans + [1e-12]))
+        ax_sharp.set(xlabel="step", ylabel="curvature (probe set)",
+                     title=title or r"tracked $\lambda_{max}$ against the stability threshold")
+        ax_model.set_yscale("log")
+        ax_model.axvline(1.0, color="k", lw=1, ls="--")
+        ax_model.set(xlabel=r"$\eta\,\lambda_{max}/2$ (1: edge of stability)",
+                     ylabel=r"$|\Delta L - \Delta L_{quad}|\,/\,|g^\top\Delta\theta|$",
+                     title="quadratic model of the step taken: relative error")
+        for ax in (ax_sharp, ax_model):
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_dynamics_overview(runs: Mapping[str, RunData], path: str | Path) -> Path:
+    """:func:`plot_tracked_sharpness` of every run that tracked its sharpness during training."""
+    return plot_tracked_sharpness({name: data.tables.get("sharpness_history") for name, data in runs.items()}, path)
+
+
 def plot_spectra_overview(runs: Mapping[str, RunData], path: str | Path) -> Path:
     """Left: the top-k Hessian eigenvalues at the final checkpoint. Right: the spectral densities (SLQ, final
     checkpoint) of every run on one log-density axis."""
@@ -292,6 +348,10 @@ PLOT_EXPORTS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "density": ("lambda", ("density",), "smoothed spectral density, final checkpoint"),
     "partner_path": ("t", ("train_loss", "test_loss"), "loss from the run (t=0) to its second-seed model (t=1)"),
     "random_line": ("alpha", ("train_loss", "test_loss"), "loss along the filter-normalised random direction"),
+    "tracked_sharpness": ("step", ("lambda_max", "stability_threshold", "grad_sharpness"),
+                          "λmax tracked during training, the optimiser's stability threshold and g'Hg/|g|²"),
+    "step_model": ("step", ("actual_change", "predicted_change"),
+                   "change of the probe loss over a tracked step and its quadratic-model prediction"),
 }
 
 
@@ -320,6 +380,11 @@ def plot_exports(data: RunData) -> dict[str, pd.DataFrame]:
             frames["sharpness"] = pd.DataFrame({
                 "epoch": top.epoch.to_numpy(), "lambda_max": top.value.to_numpy(),
                 "two_over_lr": np.where(top.lr > 0, 2.0 / top.lr.where(top.lr > 0, 1.0), np.nan)})
+    tracked = data.tables.get("sharpness_history")
+    if tracked is not None and not tracked.empty:
+        rows = tracked.sort_values("step")
+        frames["tracked_sharpness"] = rows[["step", "lambda_max", "stability_threshold", "grad_sharpness"]]
+        frames["step_model"] = rows[["step", "actual_change", "predicted_change"]]
     density = data.tables.get("hessian_density")
     if density is not None and not density.empty:
         smooth = density[(density.kind == "smoothed") & (density.operator == "hessian")]

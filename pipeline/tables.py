@@ -32,6 +32,36 @@ TRAIN_HISTORY = pa.schema([
     ("seconds", pa.float64()),  # cumulative training wall-clock time, evaluation excluded
 ])
 
+# One row per tracked optimiser step (train.track_sharpness_every), measured on the probe set in eval mode at the
+# weights before the step (pipeline.tracking). Empty when tracking is off.
+SHARPNESS_HISTORY = pa.schema([
+    ("run", pa.string()),
+    ("epoch", pa.int64()),  # epochs completed before the step
+    ("step", pa.int64()),  # 0-based index of the tracked step (= steps completed before it)
+    ("lr", pa.float64()),  # learning rate of the step
+    ("two_over_lr", pa.float64()),  # 2/eta: the stability bound of plain gradient descent
+    ("stability_threshold", pa.float64()),  # the bound of the run's optimiser: (2+2beta)/eta with momentum; NaN: Adam
+    ("lambda_max", pa.float64()),  # top Hessian eigenvalue of the probe loss (Lanczos, warm-started)
+    ("lambda_max_residual", pa.float64()),  # ||Hv - lambda v||
+    ("lambda_max_converged", pa.bool_()),  # residual within train.track_tol * |lambda_max|
+    ("hvps", pa.int64()),  # Hessian-vector products of that solve
+    ("warm_start", pa.bool_()),  # started from the previous tracked eigenvector
+    ("grad_sharpness", pa.float64()),  # g'Hg/|g|^2: curvature along the probe gradient
+    ("grad_norm", pa.float64()),  # |g| of the probe loss
+    ("probe_loss", pa.float64()),  # L(theta) on the probe set, before the step
+    ("loss_after", pa.float64()),  # L(theta + dtheta), the step actually taken (BatchNorm statistics held)
+    ("actual_change", pa.float64()),  # loss_after - probe_loss
+    ("predicted_change", pa.float64()),  # first_order + second_order
+    ("first_order", pa.float64()),  # g'dtheta (= -eta g'v for SGD)
+    ("second_order", pa.float64()),  # dtheta'H dtheta / 2 (= eta^2 v'Hv / 2)
+    ("model_error", pa.float64()),  # actual - predicted: the third- and higher-order remainder
+    ("model_ratio", pa.float64()),  # actual / predicted (1 where the quadratic model holds)
+    ("step_norm", pa.float64()),  # |dtheta|
+    ("step_sharpness", pa.float64()),  # dtheta'H dtheta / |dtheta|^2
+    ("step_cosine", pa.float64()),  # -g'dtheta / (|g| |dtheta|)
+    ("seconds", pa.float64()),  # wall-clock time of the measurements of this row
+])
+
 # One row per (checkpoint, operator, group, quantity, index). Quantities: `eigenvalue` (index 0 = largest),
 # `lambda_min`, `trace` (method hutchinson | hutchpp, with stderr), `loss` and `grad_norm` of the probe set, `dim`
 # (parameters spanned), `density_mass` (total SLQ weight, 1 up to rounding), `products` (all products spent at the
@@ -114,7 +144,8 @@ SURFACE_CURVATURE = pa.schema([
     ("converged", pa.bool_()),
 ])
 
-SCHEMAS: dict[str, pa.Schema] = {"train_history": TRAIN_HISTORY, "hessian_spectrum": HESSIAN_SPECTRUM,
+SCHEMAS: dict[str, pa.Schema] = {"train_history": TRAIN_HISTORY, "sharpness_history": SHARPNESS_HISTORY,
+                                 "hessian_spectrum": HESSIAN_SPECTRUM,
                                  "hessian_density": HESSIAN_DENSITY, "interpolation_1d": INTERPOLATION_1D,
                                  "surface_2d": SURFACE_2D, "surface_curvature": SURFACE_CURVATURE}
 

@@ -3,6 +3,12 @@
 Batch order comes from a generator seeded by ``(train.seed, epoch)`` and the learning rate is a pure function of
 the global step, so a run resumed from any checkpoint replays exactly the steps the uninterrupted run takes: on the
 CPU the final weights are bitwise identical. A non-finite loss stops the run and is recorded (``status: diverged``).
+
+``train.batch_size: full`` is full-batch gradient descent (one step per epoch over the whole train split);
+``train.loss: mse`` trains on the squared error to the one-hot target (the edge-of-stability setting of Cohen et al.
+2021). With ``train.track_sharpness_every`` a :class:`~pipeline.tracking.SharpnessTracker` measures λmax, the
+curvature along the gradient and the quadratic model of the step at the due steps, on the probe set; those rows are
+``Trainer.state.sharpness`` (the ``sharpness_history`` table).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import RunConfig, TrainConfig, resolve_device
+from pipeline.config import FULL_BATCH, RunConfig, TrainConfig, resolve_device
 from pipeline.data import PreparedData
 from pipeline.io import save_torch, write_json
 from pipeline.models import build_model, count_parameters
@@ -46,8 +52,13 @@ def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * step / total))
 
 
-def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
-    """Index batches for ``epoch`` (1-based); a trailing batch of one sample is dropped (BatchNorm needs two)."""
+def batch_order(n: int, batch_size: int | str, seed: int, epoch: int) -> list[torch.Tensor]:
+    """Index batches for ``epoch`` (1-based); a trailing batch of one sample is dropped (BatchNorm needs two).
+
+    ``batch_size`` ``"full"`` gives one batch of all ``n`` samples (full-batch gradient descent).
+    """
+    if batch_size == FULL_BATCH:
+        batch_size = n
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     perm = torch.randperm(n, generator=generator)
     batches = list(perm.split(batch_size))
@@ -56,16 +67,29 @@ def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Te
     return batches
 
 
+def batch_loss(outputs: torch.Tensor, targets: torch.Tensor, loss: str = "cross_entropy",
+               reduction: str = "mean") -> torch.Tensor:
+    """The training loss of a batch: ``cross_entropy``, or ``mse``, the squared error to the one-hot target summed
+    over the outputs (no factor ½; the same per-sample loss as the curvature operators), averaged over the batch."""
+    if loss == "cross_entropy":
+        return F.cross_entropy(outputs, targets, reduction=reduction)
+    if loss == "mse":
+        per_sample = ((outputs - F.one_hot(targets, outputs.shape[-1]).to(outputs.dtype)) ** 2).sum(dim=-1)
+        return per_sample.mean() if reduction == "mean" else per_sample.sum()
+    raise ValueError(f"loss: unknown name {loss!r}; allowed: cross_entropy, mse")
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over all of ``(x, y)`` in eval mode (weighted by sample count)."""
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+             loss: str = "cross_entropy") -> tuple[float, float]:
+    """Mean loss (``cross_entropy`` or ``mse``) and accuracy over all of ``(x, y)`` in eval mode."""
     was_training = model.training
     model.eval()
     loss_sum, correct = 0.0, 0
     for start in range(0, len(x), batch_size):
         logits = model(x[start:start + batch_size])
         target = y[start:start + batch_size]
-        loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
+        loss_sum += batch_loss(logits, target, loss, reduction="sum").item()
         correct += (logits.argmax(1) == target).sum().item()
     model.train(was_training)
     return loss_sum / len(x), correct / len(x)
@@ -92,6 +116,8 @@ class TrainState:
     status: str = "running"  # running | completed | diverged
     diverged_step: int | None = None
     history: list[dict] = field(default_factory=list)
+    sharpness: list[dict] = field(default_factory=list)  # tracked steps (train.track_sharpness_every)
+    track_vector: torch.Tensor | None = None  # the last tracked top eigenvector: the next solve's warm start
 
 
 class Trainer:
@@ -116,6 +142,15 @@ class Trainer:
         self.optimizer = _build_optimizer(self.model, self.cfg)
         self.steps_per_epoch = len(batch_order(len(self.x_train), self.cfg.batch_size, 0, 1))
         self.state = TrainState()
+        self.tracker = None
+        if self.cfg.track_sharpness_every:
+            from pipeline.curvature.operators import ProbeSet
+            from pipeline.tracking import SharpnessTracker
+
+            x_probe, y_probe = (t.to(self.device) for t in data.probe_tensors())
+            self.tracker = SharpnessTracker(ProbeSet.from_tensors(x_probe, y_probe, self.cfg.eval_batch_size),
+                                            loss=self.cfg.loss, tol=self.cfg.track_tol,
+                                            max_hvps=self.cfg.track_max_hvps, seed=self.cfg.seed)
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -159,7 +194,8 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             x, y = self.x_train[index.to(self.device)], self.y_train[index.to(self.device)]
-            loss = F.cross_entropy(self.model(x), y)
+            before = self._track_before(lr, epoch)
+            loss = batch_loss(self.model(x), y, cfg.loss)
             if not torch.isfinite(loss):
                 state.status, state.diverged_step = "diverged", state.step
                 break
@@ -168,6 +204,8 @@ class Trainer:
             grad_norm = torch.linalg.vector_norm(
                 torch.stack([p.grad.norm() for p in self.model.parameters() if p.grad is not None])).item()
             self.optimizer.step()
+            if before is not None:
+                state.sharpness.append(self._track_after(before))
             state.step += 1
             loss_sum += loss.item() * len(index)
             grad_norm_sum += grad_norm
@@ -188,6 +226,27 @@ class Trainer:
             self.save_checkpoint()
         return row
 
+    # ------------------------------------------------------------------ sharpness tracking
+    def _track_before(self, lr: float, epoch: int) -> dict | None:
+        """λmax and g'Hg/|g|² on the probe set before the step with index ``state.step``, when it is due."""
+        from pipeline.tracking import stability_threshold, tracking_due
+
+        if self.tracker is None or not tracking_due(self.cfg, self.state.step, self.steps_per_epoch):
+            return None
+        self.tracker.vector = self.state.track_vector
+        before = self.tracker.before_step(self.model)
+        self.state.track_vector = self.tracker.vector
+        before.update(run=self.run.name, epoch=epoch - 1, step=self.state.step, lr=lr,
+                      two_over_lr=2.0 / lr if lr > 0 else math.inf,
+                      stability_threshold=stability_threshold(self.cfg, lr))
+        return before
+
+    def _track_after(self, before: dict) -> dict:
+        from pipeline.tracking import TRACK_COLUMNS
+
+        row = self.tracker.after_step(self.model, before)
+        return {k: row[k] for k in TRACK_COLUMNS}
+
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
         """Write ``epoch_XXXX.pt`` atomically (weights, optimiser, progress, config, provenance) and the manifest."""
@@ -197,6 +256,7 @@ class Trainer:
         save_torch(path, {
             "format": CHECKPOINT_FORMAT, "tag": tag, "epoch": s.epoch, "step": s.step, "seconds": s.seconds,
             "status": s.status, "diverged_step": s.diverged_step, "history": s.history,
+            "sharpness": s.sharpness, "track_vector": s.track_vector,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "config": self.run.to_dict(), "fingerprint": self.fingerprint,
             "data_fingerprint": self.data_fingerprint, "provenance": provenance(),
@@ -209,7 +269,8 @@ class Trainer:
         self.optimizer.load_state_dict(payload["optimizer"])
         self.state = TrainState(epoch=payload["epoch"], step=payload["step"], seconds=payload["seconds"],
                                 status=payload["status"], diverged_step=payload["diverged_step"],
-                                history=list(payload["history"]))
+                                history=list(payload["history"]), sharpness=list(payload.get("sharpness", [])),
+                                track_vector=payload.get("track_vector"))
 
     # ------------------------------------------------------------------ history rows
     def _row(self, scope: str, epoch: int, **values) -> dict:
@@ -220,8 +281,8 @@ class Trainer:
 
     def _epoch_row(self, batch_loss: float, grad_norm: float) -> dict:
         bs = self.cfg.eval_batch_size
-        train_loss, train_acc = evaluate(self.model, self.x_train, self.y_train, bs)
-        test_loss, test_acc = evaluate(self.model, self.x_test, self.y_test, bs)
+        train_loss, train_acc = evaluate(self.model, self.x_train, self.y_train, bs, self.cfg.loss)
+        test_loss, test_acc = evaluate(self.model, self.x_test, self.y_test, bs, self.cfg.loss)
         lr = learning_rate(self.cfg, max(self.state.step - 1, 0), self.steps_per_epoch)
         return self._row("epoch", self.state.epoch, lr=lr, batch_loss=batch_loss, grad_norm=grad_norm,
                          seconds=self.state.seconds, train_loss=train_loss, train_accuracy=train_acc,
@@ -237,6 +298,32 @@ class Trainer:
             "train_loss": last["train_loss"], "train_accuracy": last["train_accuracy"],
             "test_loss": last["test_loss"], "test_accuracy": last["test_accuracy"],
             "generalization_gap": last["test_loss"] - last["train_loss"],
+            **self.sharpness_summary(),
+        }
+
+    def sharpness_summary(self) -> dict:
+        """Headline numbers of the tracked sharpness (empty when tracking is off).
+
+        ``sharpness_over_threshold_last_quarter``: the mean over the last quarter of the tracked steps of
+        λmax / (the optimiser's stability threshold), about 1 at the edge of stability (Cohen et al. 2021).
+        """
+        rows = self.state.sharpness
+        if not rows:
+            return {}
+        last = rows[-1]
+        quarter = rows[len(rows) - max(len(rows) // 4, 1):]
+        ratios = [r["lambda_max"] / r["stability_threshold"] for r in quarter
+                  if math.isfinite(r["lambda_max"]) and math.isfinite(r["stability_threshold"])
+                  and r["stability_threshold"] > 0]
+        finite = lambda v: v if isinstance(v, float) and math.isfinite(v) else None  # noqa: E731
+        return {
+            "tracked_steps": len(rows),
+            "tracking_seconds": round(sum(r["seconds"] for r in rows), 3),
+            "tracked_lambda_max": finite(last["lambda_max"]),
+            "tracked_stability_threshold": finite(last["stability_threshold"]),
+            "tracked_grad_sharpness": finite(last["grad_sharpness"]),
+            "sharpness_over_threshold_last_quarter": finite(sum(ratios) / len(ratios)) if ratios else None,
+            "tracked_hvps_mean": round(sum(r["hvps"] for r in rows) / len(rows), 2),
         }
 
 

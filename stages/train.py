@@ -26,7 +26,7 @@ def main(argv=None):
     configure_prefect()
     from pipeline.flows.stages import train_flow
     train_flow(params, args.run, args.data, checkpoints, tables / "train_history.parquet",
-               tables / "train_metrics.json")
+               tables / "train_metrics.json", tables / "sharpness_history.parquet")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from pipeline.report import (PLOT_EXPORTS, SUMMARY_COLUMNS, Report, RunData, fill_from_config, format_value,
-                             plot_exports, plot_sharpness_overview, plot_spectra_overview, plot_training_curves,
+                             plot_dynamics_overview, plot_exports, plot_sharpness_overview, plot_spectra_overview, plot_training_curves,
                              render_html, render_markdown, summary_markdown, summary_rows, write_plot_exports)
 
 METRICS = {
@@ -76,8 +76,13 @@ def tables(run="a", lr=(0.1, 0.05, 0.0)):
                          for path, alphas in (("partner", (0.0, 0.5, 1.0)), ("random", (-1.0, 0.0, 1.0)),
                                               ("init_final", (0.0, 1.0)))
                          for a in alphas for split in ("train", "test")])
+    tracked = pd.DataFrame({"run": run, "epoch": [0, 0, 1], "step": [20, 0, 10], "lr": 0.1, "two_over_lr": 20.0,
+                            "stability_threshold": 38.0, "lambda_max": [12.0, 4.0, 9.0],
+                            "grad_sharpness": [2.0, 1.0, 1.5], "first_order": [-0.3, -1.0, -0.5],
+                            "second_order": [0.1, 0.2, 0.1], "predicted_change": [-0.2, -0.8, -0.4],
+                            "actual_change": [-0.19, -0.8, -0.41], "model_error": [0.01, 0.0, -0.01]})
     return RunData(run, tables={"train_history": history, "hessian_spectrum": spectrum, "hessian_density": density,
-                                "interpolation_1d": line})
+                                "interpolation_1d": line, "sharpness_history": tracked})
 
 
 def test_plot_exports_hold_exactly_the_table_values():
@@ -97,13 +102,17 @@ def test_plot_exports_hold_exactly_the_table_values():
     assert partner.t.tolist() == [0.0, 0.5, 1.0] and partner.train_loss.tolist() == [1.0, 1.5, 2.0]
     assert partner.test_loss.tolist() == [10.0, 15.0, 20.0]
     assert frames["random_line"].alpha.tolist() == [-1.0, 0.0, 1.0]
+    tracked = frames["tracked_sharpness"]  # sorted by step
+    assert tracked.step.tolist() == [0, 10, 20] and tracked.lambda_max.tolist() == [4.0, 9.0, 12.0]
+    assert tracked.stability_threshold.tolist() == [38.0] * 3 and tracked.grad_sharpness.tolist() == [1.0, 1.5, 2.0]
+    assert frames["step_model"].actual_change.tolist() == [-0.8, -0.41, -0.19]
 
 
 def test_a_run_without_tables_exports_nothing_and_its_figures_still_draw(tmp_path):
     empty = {"x": RunData("x", tables={"train_history": tables().tables["train_history"].iloc[0:0]})}
     assert plot_exports(empty["x"]) == {}
     assert write_plot_exports(empty, tmp_path / "plots") == []
-    for plot in (plot_training_curves, plot_sharpness_overview, plot_spectra_overview):
+    for plot in (plot_training_curves, plot_sharpness_overview, plot_spectra_overview, plot_dynamics_overview):
         assert mpimg.imread(plot(empty, tmp_path / f"{plot.__name__}.png")).shape[2] in (3, 4)
 
 
@@ -165,3 +174,13 @@ def test_dvc_yaml_draws_every_export_with_its_fields():
     for quantity, (x, ys, _) in PLOT_EXPORTS.items():
         spec = plots[f"reports/plots/{quantity}"]
         assert spec["x"] == x and ([spec["y"]] if isinstance(spec["y"], str) else spec["y"]) == list(ys)
+
+
+def test_the_dynamics_figure_draws_tracked_runs_and_says_when_none_tracked(tmp_path):
+    runs = {"a": tables("a"), "b": tables("b")}
+    drawn = mpimg.imread(plot_dynamics_overview(runs, tmp_path / "d.png"))
+    untracked = {name: RunData(name, tables={k: v for k, v in data.tables.items() if k != "sharpness_history"})
+                 for name, data in runs.items()}
+    empty = mpimg.imread(plot_dynamics_overview(untracked, tmp_path / "e.png"))
+    assert drawn.shape[2] in (3, 4) and empty.shape[2] in (3, 4)
+    assert float(drawn[..., :3].std()) > float(empty[..., :3].std())  # curves and points, not just a note

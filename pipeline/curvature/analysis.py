@@ -74,18 +74,18 @@ def eigen_solve(op: CurvatureOperator, cfg: HessianConfig, k: int, smallest: boo
 
 
 def analyse(model: nn.Module, probe: ProbeSet, cfg: HessianConfig, *, details: bool,
-            on_step: Callable[[str], None] | None = None) -> CurvatureReport:
+            on_step: Callable[[str], None] | None = None, loss: str = "cross_entropy") -> CurvatureReport:
     """Curvature of the probe-set loss of ``model`` (already in eval mode, on its device and dtype).
 
     Always: probe loss and gradient norm, top ``cfg.top_k`` Hessian eigenpairs and (``cfg.lambda_min``) the
     smallest eigenvalue. With ``details``: trace estimates, SLQ density, the GGN (when in ``cfg.operators``), and the
     top ``cfg.group_top_k`` eigenvalues of each parameter group's diagonal Hessian block (``cfg.groups``), and the
     flatness measures of ``cfg.flatness``. With ``cfg.noise``, at every point: the gradient noise scale and the
-    curvature along the gradient.
+    curvature along the gradient. ``loss`` is the run's training loss (``cross_entropy`` or ``mse``).
     """
     say = on_step or (lambda message: log.info(message))
     report = CurvatureReport()
-    hessian = OPERATORS["hessian"](model, probe, hvp=cfg.hvp)
+    hessian = OPERATORS["hessian"](model, probe, hvp=cfg.hvp, loss=loss)
     start = time.perf_counter()
     grad = hessian.gradient()
     report.rows += [
@@ -97,7 +97,7 @@ def analyse(model: nn.Module, probe: ProbeSet, cfg: HessianConfig, *, details: b
         _noise(report, model, probe, hessian, say)
     operators: list[tuple[str, CurvatureOperator]] = [("hessian", hessian)]
     if details and "ggn" in cfg.operators:
-        operators.append(("ggn", OPERATORS["ggn"](model, probe)))
+        operators.append(("ggn", OPERATORS["ggn"](model, probe, loss=loss)))
     for name, op in operators:
         _spectrum(report, name, ALL, op, cfg, cfg.top_k, cfg.lambda_min, say, keep_vectors=(name == "hessian"))
         if details:
@@ -105,7 +105,7 @@ def analyse(model: nn.Module, probe: ProbeSet, cfg: HessianConfig, *, details: b
             _density(report, name, op, cfg, say)
     if details and cfg.groups != "none":
         for group, names in parameter_groups(model, cfg.groups).items():
-            op = OPERATORS["hessian"](model, probe, wrt=names, hvp=cfg.hvp, check=False)
+            op = OPERATORS["hessian"](model, probe, wrt=names, hvp=cfg.hvp, check=False, loss=loss)
             _spectrum(report, "hessian", group, op, cfg, cfg.group_top_k, False, say, keep_vectors=False)
             report.hvps += op.products
     if details and cfg.flatness:

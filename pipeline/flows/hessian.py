@@ -42,7 +42,8 @@ def analyse_checkpoint(path: Path, data: PreparedData, data_fingerprint: str, cf
     model = model.to(device=device, dtype=getattr(torch, cfg.dtype))
     x, y = data.probe_tensors()
     probe = ProbeSet.from_tensors(x, y, cfg.batch_size)
-    report = analyse(model, probe, cfg, details=details, on_step=lambda m: logger.info("epoch %d %s", meta["epoch"], m))
+    report = analyse(model, probe, cfg, details=details, on_step=lambda m: logger.info("epoch %d %s", meta["epoch"], m),
+                     loss=payload["config"]["train"].get("loss", "cross_entropy"))
     rows = [{**meta, **row, "bn_mode": BN_MODE} for row in report.rows]
     density = [{"run": meta["run"], "checkpoint": meta["checkpoint"], "epoch": meta["epoch"], **row}
                for row in report.density]

@@ -63,6 +63,11 @@ def _worker_threads(cfg: LandscapeConfig) -> int | None:
     return max(1, (os.cpu_count() or 1) // cfg.workers)
 
 
+def _loss(payload: dict) -> str:
+    """The training loss of a checkpoint's run (checkpoints made before `train.loss` existed used cross-entropy)."""
+    return payload["config"]["train"].get("loss", "cross_entropy")
+
+
 @dataclasses.dataclass
 class Job:
     """One scan to evaluate tile by tile: ``theta = params + sum_j coords[:, j] d_j`` on ``(x, y)``."""
@@ -77,17 +82,19 @@ class Job:
     x: torch.Tensor
     y: torch.Tensor
     store: TileStore
+    loss: str = "cross_entropy"  # the run's training loss (train.loss)
 
 
 @unit_of_work
 def evaluate_tile(model, params, buffers, directions, buffer_directions, coords, x, y, tile: Tile, chunk: int,
-                  batch_size: int, channels_last: bool, threads: int | None) -> tuple[int, torch.Tensor, torch.Tensor]:
+                  batch_size: int, channels_last: bool, threads: int | None,
+                  loss: str = "cross_entropy") -> tuple[int, torch.Tensor, torch.Tensor]:
     """Loss and accuracy at the rows of one tile (the unit of work of a scan)."""
     if threads is not None:
         torch.set_num_threads(threads)
     loss, accuracy = evaluate_points(model, params, buffers, directions, coords[tile.rows], x, y,
                                      batch_size=batch_size, chunk=chunk, buffer_directions=buffer_directions,
-                                     channels_last=channels_last)
+                                     channels_last=channels_last, loss=loss)
     return tile.index, loss, accuracy
 
 
@@ -110,7 +117,7 @@ def run_jobs(jobs: Sequence[Job], cfg: LandscapeConfig, *, chunk: int, channels_
 
     def arguments(job: Job, tile: Tile) -> tuple:
         return (job.model, job.params, job.buffers, job.directions, job.buffer_directions, job.coords, job.x, job.y,
-                tile, chunk, cfg.batch_size, channels_last, threads)
+                tile, chunk, cfg.batch_size, channels_last, threads, job.loss)
 
     points = 0
     try:
@@ -280,7 +287,7 @@ def interpolate_flow(params: Params, run_name: str, data_dir: Path, checkpoint_d
                                    else None)
             jobs.append(Job(f"{scan.path}-{split}", final, params_final, buffers_final, [scan.direction],
                             [scan.buffer_direction] if scan.buffer_direction else None, scan.coords, x, y,
-                            TileStore(Path(work_dir) / f"{scan.path}_{split}", key)))
+                            TileStore(Path(work_dir) / f"{scan.path}_{split}", key), _loss(final_payload)))
     results = run_jobs(jobs, cfg, chunk=chunk, channels_last=channels_last, description=f"interpolate {run_name}")
 
     rows, summary = [], {"splits": list(cfg.splits)}
@@ -342,9 +349,10 @@ def _path_summary(scan: LineScan, loss: torch.Tensor, accuracy: torch.Tensor) ->
 
 
 @unit_of_work
-def curvature_point(model, directions, coords: list[float], probe: ProbeSet, tol: float, seed: int) -> dict:
+def curvature_point(model, directions, coords: list[float], probe: ProbeSet, tol: float, seed: int,
+                    loss: str = "cross_entropy") -> dict:
     """λmax, λmin and their ratio at one point of the curvature map."""
-    return curvature_at(model, directions, coords, probe, tol=tol, seed=seed)
+    return curvature_at(model, directions, coords, probe, tol=tol, seed=seed, loss=loss)
 
 
 @flow(name="surface", flow_run_name="surface-{run_name}")
@@ -388,7 +396,7 @@ def surface_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: 
                            final=final_payload["fingerprint"], final_epoch=final_payload["epoch"],
                            tile_size=cfg.tile_size, batch_size=cfg.batch_size)
     job = Job("surface", final, params_final, buffers_final, directions, None, coords, x, y,
-              TileStore(Path(work_dir), key))
+              TileStore(Path(work_dir), key), _loss(final_payload))
     results = run_jobs([job], cfg, chunk=chunk, channels_last=channels_last, description=f"surface {run_name}")
     loss, accuracy = results["surface"]
     timing = results["_timing"]
@@ -402,7 +410,7 @@ def surface_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: 
         sub = curvature_coords(cfg)
         for i, c in enumerate(sub.tolist()):
             point = curvature_point.with_options(task_run_name=f"curvature-{i:03d}")(
-                final, directions, c, probe, cfg.curvature_tol, cfg.seed)
+                final, directions, c, probe, cfg.curvature_tol, cfg.seed, _loss(final_payload))
             curvature_rows.append({"run": run_name, "plane": cfg.plane, "alpha": c[0], "beta": c[1], **point})
             logger.info("curvature at (%.3f, %.3f): lambda_max %.4g, lambda_min %.4g, |ratio| %.3g (%d products)",
                         c[0], c[1], point["lambda_max"], point["lambda_min"], point["ratio"], point["hvps"])

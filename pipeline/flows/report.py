@@ -17,7 +17,8 @@ from pipeline.data import DataError
 from pipeline.flows.common import unit_of_work
 from pipeline.landscape.figures import plot_placeholder
 from pipeline.provenance import git_revision
-from pipeline.report import (Report, fill_from_config, library_versions, load_runs, plot_sharpness_overview,
+from pipeline.report import (Report, fill_from_config, library_versions, load_runs, plot_dynamics_overview,
+                             plot_sharpness_overview,
                              plot_spectra_overview, plot_training_curves, provenance_rows, recorded_settings,
                              render_html, render_markdown, summary_markdown, summary_rows, write_plot_exports,
                              write_text)
@@ -42,7 +43,8 @@ def read_tables(tables_dir: Path, runs: tuple[str, ...]):
 
 @unit_of_work(task_run_name="figure-{name}")
 def make_figure(name: str, runs, path: Path) -> Path:
-    plot = {"training": plot_training_curves, "sharpness": plot_sharpness_overview, "spectra": plot_spectra_overview}
+    plot = {"training": plot_training_curves, "sharpness": plot_sharpness_overview, "spectra": plot_spectra_overview,
+            "dynamics": plot_dynamics_overview}
     return plot[name](runs, path)
 
 
@@ -74,6 +76,10 @@ def report_flow(params: Params, metrics_path: Path, tables_dir: Path, figures_di
                  "the end of every epoch."),
                 ("sharpness", "Sharpness during training", "Top Hessian eigenvalue of the probe-set loss at every "
                  "checkpoint against 2/η of the learning rate in effect (Cohen et al. 2021)."),
+                ("dynamics", "Sharpness tracked during training", "Left: λmax (Lanczos, warm-started from the "
+                 "previous eigenvector) and the curvature along the gradient at the tracked steps "
+                 "(train.track_sharpness_every), against the optimiser's stability threshold. Right: relative error of "
+                 "the quadratic model of each tracked step, against η·λmax/2."),
                 ("spectra", "Hessian spectra", "Top eigenvalues (Lanczos) and spectral density (stochastic Lanczos "
                  "quadrature) at the final checkpoint.")]
     figures = [(title, make_figure(name, runs, Path(overview_dir) / f"{name}.png"), caption)

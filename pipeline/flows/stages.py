@@ -18,7 +18,7 @@ from pipeline.data import load_prepared, prepare_dataset, save_prepared
 from pipeline.flows.common import Progress, unit_of_work
 from pipeline.io import write_json
 from pipeline.provenance import provenance
-from pipeline.tables import TRAIN_HISTORY, write_table
+from pipeline.tables import SHARPNESS_HISTORY, TRAIN_HISTORY, write_table
 from pipeline.training import Trainer
 
 
@@ -49,18 +49,21 @@ def train_until_checkpoint(trainer: Trainer, progress: Progress) -> dict:
 
 
 @unit_of_work
-def write_train_outputs(trainer: Trainer, history_path: Path, metrics_path: Path) -> dict:
-    """Write the history table (with provenance) and the run's headline metrics."""
-    write_table(trainer.state.history, history_path, TRAIN_HISTORY,
-                metadata={"provenance": provenance(), "run": trainer.run.to_dict(),
-                          "data_fingerprint": trainer.data_fingerprint})
+def write_train_outputs(trainer: Trainer, history_path: Path, metrics_path: Path,
+                        sharpness_path: Path | None = None) -> dict:
+    """Write the history tables (with provenance) and the run's headline metrics."""
+    metadata = {"provenance": provenance(), "run": trainer.run.to_dict(), "data_fingerprint": trainer.data_fingerprint}
+    write_table(trainer.state.history, history_path, TRAIN_HISTORY, metadata=metadata)
+    if sharpness_path is not None:
+        write_table(trainer.state.sharpness, sharpness_path, SHARPNESS_HISTORY,
+                    metadata={**metadata, "probe_size": len(trainer.data.probe_index), "bn_mode": "eval"})
     summary = trainer.summary()
     write_json(metrics_path, summary)
     return summary
 
 
 def _train(run: RunConfig, data_dir: Path, checkpoint_dir: Path, history_path: Path, metrics_path: Path,
-           label: str) -> dict:
+           label: str, sharpness_path: Path | None = None) -> dict:
     logger = get_run_logger()
     trainer = Trainer(run, load_prepared(data_dir), checkpoint_dir)
     logger.info("%s: %s on %s, seed %d, %s", label, run.model_name, trainer.device, run.train.seed, trainer.start())
@@ -71,7 +74,11 @@ def _train(run: RunConfig, data_dir: Path, checkpoint_dir: Path, history_path: P
                 task_run_name=f"epochs-to-checkpoint-{trainer.state.epoch + 1}")(trainer, progress)
     finally:
         progress.close()
-    summary = write_train_outputs(trainer, history_path, metrics_path)
+    summary = write_train_outputs(trainer, history_path, metrics_path, sharpness_path)
+    if trainer.state.sharpness:
+        logger.info("%s: sharpness tracked at %d steps (%.1f s of %.1f s); last lambda_max %.4g, 2/lr %.4g",
+                    label, len(trainer.state.sharpness), summary["tracking_seconds"], summary["seconds"],
+                    trainer.state.sharpness[-1]["lambda_max"], trainer.state.sharpness[-1]["two_over_lr"])
     if summary["status"] == "diverged":
         logger.warning("%s diverged at step %s (non-finite loss); recorded, later stages report it",
                        label, summary["diverged_step"])
@@ -82,17 +89,19 @@ def _train(run: RunConfig, data_dir: Path, checkpoint_dir: Path, history_path: P
 
 @flow(name="train", flow_run_name="train-{run_name}")
 def train_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: Path, history_path: Path,
-               metrics_path: Path) -> dict:
+               metrics_path: Path, sharpness_path: Path | None = None) -> dict:
     """Train one run, resuming from ``checkpoint_dir`` when its checkpoints match the config, data and code."""
-    return _train(params.run(run_name), data_dir, checkpoint_dir, history_path, metrics_path, f"train {run_name}")
+    return _train(params.run(run_name), data_dir, checkpoint_dir, history_path, metrics_path, f"train {run_name}",
+                  sharpness_path)
 
 
 def partner_run(params: Params, run_name: str) -> RunConfig:
     """Run ``run_name`` with its train seed shifted by ``landscape.partner_seed_offset``: the second model of the
-    linear mode-connectivity path (same architecture, data and schedule; another initialisation and batch order)."""
+    linear mode-connectivity path (same architecture, data and schedule; another initialisation and batch order).
+    Sharpness tracking is off for the partner: it never changes the weights, and only the run itself is reported."""
     run = params.run(run_name)
     seed = run.train.seed + params.landscape.partner_seed_offset
-    return dataclasses.replace(run, train=dataclasses.replace(run.train, seed=seed))
+    return dataclasses.replace(run, train=dataclasses.replace(run.train, seed=seed, track_sharpness_every=0))
 
 
 @flow(name="partner", flow_run_name="partner-{run_name}")

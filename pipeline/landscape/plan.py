@@ -177,7 +177,8 @@ def curvature_coords(cfg: LandscapeConfig) -> Tensor:
 
 
 def curvature_at(model: nn.Module, directions: Sequence[Mapping[str, Tensor]], coords: Sequence[float],
-                 probe: ProbeSet, *, tol: float = 1e-2, max_hvps: int = 200, seed: int = 0) -> dict:
+                 probe: ProbeSet, *, tol: float = 1e-2, max_hvps: int = 200, seed: int = 0,
+                 loss: str = "cross_entropy") -> dict:
     """λmax, λmin and |λmin/λmax| of the probe-set Hessian at ``theta_final + sum_j c_j d_j`` (thick-restart
     Lanczos, both ends from one Krylov basis; BatchNorm in eval mode). The model is not modified.
 
@@ -190,7 +191,7 @@ def curvature_at(model: nn.Module, directions: Sequence[Mapping[str, Tensor]], c
             for c, d in zip(coords, directions):
                 if name in d and c != 0:
                     p.add_(d[name].to(p.dtype), alpha=float(c))
-    operator = HessianOperator(shifted, probe)
+    operator = HessianOperator(shifted, probe, loss=loss)
     largest, smallest = lanczos(operator.matvec, operator.dim, k_largest=1, k_smallest=1, tol=tol,
                                 max_matvecs=max_hvps, seed=seed)
     lmax, lmin = float(largest.eigenvalues[0]), float(smallest.eigenvalues[0])

@@ -1,0 +1,152 @@
+r"""Sharpness during training: :math:`\lambda_{max}` beside the stability threshold, and the quadratic model of a step.
+
+With ``train.track_sharpness_every`` the trainer calls a :class:`SharpnessTracker` at the due steps. From the
+weights :math:`\theta_t` *before* step :math:`t` it measures, on the fixed probe set (BatchNorm with running
+statistics, as in the ``hessian`` stage; the training forward itself is untouched):
+
+- :math:`\lambda_{max}` of the probe-loss Hessian by Lanczos, warm-started from the previous tracked eigenvector
+  (the top eigenvector moves little between nearby steps, so the warm start needs fewer products; Cohen et al.
+  2021 track sharpness the same way);
+- the curvature along the gradient, :math:`g^\top H g / \lVert g \rVert^2`;
+- after the optimiser took the step :math:`\Delta\theta = \theta_{t+1} - \theta_t` (momentum and weight decay
+  included: it is the step actually taken), the second-order prediction
+  :math:`\Delta L \approx g^\top \Delta\theta + \tfrac12 \Delta\theta^\top H \Delta\theta` (for SGD,
+  :math:`-\eta g^\top v + \tfrac12 \eta^2 v^\top H v`) beside the actual change of the probe loss.
+
+Gradient descent on a quadratic is stable along a direction only when :math:`\eta\lambda < 2`; heavy-ball momentum
+:math:`\beta` moves the bound to :math:`(2 + 2\beta)/\eta` and Nesterov's to :math:`(2 + 2\beta)/((1 + 2\beta)\eta)`
+(Cohen et al. 2021, appendix). :func:`stability_threshold` gives the bound of the run's optimiser (NaN for Adam,
+whose bound concerns the preconditioned Hessian). The tracker never touches the global random state, so a tracked
+run trains exactly the same weights as an untracked one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.config import TrainConfig
+from pipeline.curvature.dynamics import quadratic_step_model
+from pipeline.curvature.operators import HessianOperator, ProbeSet
+from pipeline.curvature.spectral import lanczos
+
+__all__ = ["SharpnessTracker", "stability_threshold", "tracking_due", "TRACK_COLUMNS"]
+
+# Columns of the `sharpness_history` table, in order (see pipeline.tables.SHARPNESS_HISTORY for their meaning).
+TRACK_COLUMNS = ("run", "epoch", "step", "lr", "two_over_lr", "stability_threshold", "lambda_max",
+                 "lambda_max_residual", "lambda_max_converged", "hvps", "warm_start", "grad_sharpness", "probe_loss",
+                 "grad_norm", "loss_after", "actual_change", "predicted_change", "first_order", "second_order",
+                 "model_error", "model_ratio", "step_norm", "step_sharpness", "step_cosine", "seconds")
+
+
+_BEFORE = ("lambda_max", "lambda_max_residual", "grad_sharpness", "grad_norm")
+_AFTER = ("probe_loss", "loss_after", "actual_change", "predicted_change", "first_order", "second_order",
+          "model_error", "model_ratio", "step_norm", "step_sharpness", "step_cosine")
+
+
+def stability_threshold(cfg: TrainConfig, lr: float) -> float:
+    r"""The largest curvature on which the run's optimiser at learning rate ``lr`` is stable on a quadratic.
+
+    SGD: :math:`2/\eta`; heavy ball :math:`(2 + 2\beta)/\eta`; Nesterov :math:`(2 + 2\beta)/((1 + 2\beta)\eta)`.
+    NaN for Adam and for ``lr == 0`` is ``inf``.
+    """
+    if cfg.optimizer != "sgd":
+        return math.nan
+    if lr <= 0:
+        return math.inf
+    beta = cfg.momentum
+    if cfg.nesterov:
+        return (2.0 + 2.0 * beta) / ((1.0 + 2.0 * beta) * lr)
+    return (2.0 + 2.0 * beta) / lr
+
+
+def tracking_due(cfg: TrainConfig, step: int, steps_per_epoch: int) -> bool:
+    """Whether the step with 0-based global index ``step`` is tracked (``track_sharpness_every`` steps or epochs).
+
+    In epochs, the first step of every k-th epoch is tracked (the weights at the end of the previous epoch), so
+    epoch-wise tracking starts at the initialisation, as step-wise tracking does.
+    """
+    every = cfg.track_sharpness_every
+    if every == 0:
+        return False
+    if cfg.track_sharpness_unit == "steps":
+        return step % every == 0
+    return step % steps_per_epoch == 0 and (step // steps_per_epoch) % every == 0
+
+
+class SharpnessTracker:
+    """Tracks :math:`\\lambda_{max}`, :math:`g^\\top Hg/\\lVert g\\rVert^2` and the quadratic step model on a probe set.
+
+    Usage, around one optimiser step of ``model`` (in training mode; the tracker switches to eval mode and back)::
+
+        before = tracker.before_step(model)        # λmax, g'Hg/|g|^2 at θ; returns the state to diff against
+        optimizer.step()
+        row = tracker.after_step(model, before)    # the quadratic model of the step actually taken
+
+    ``vector`` (the last top eigenvector, flat float64 on the CPU) is the warm start of the next solve; the trainer
+    keeps it in its checkpoints so that a resumed run tracks as the uninterrupted one does.
+    """
+
+    def __init__(self, probe: ProbeSet, *, loss: str, tol: float, max_hvps: int, seed: int = 0):
+        self.probe = probe
+        self.loss = loss
+        self.tol = tol
+        self.max_hvps = max_hvps
+        self.seed = seed
+        self.vector: Tensor | None = None
+
+    def before_step(self, model: nn.Module) -> dict:
+        """Curvature at the current weights; returns the measurements and a copy of the state (parameters, buffers)."""
+        started = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        try:
+            state = {name: value.detach().clone() for name, value in model.state_dict().items()}
+            op = HessianOperator(model, self.probe, loss=self.loss)
+            g = op.gradient()
+            if not bool(torch.isfinite(g).all()):  # about to diverge: nothing to measure, nothing to warm-start
+                self.vector = None
+                return {"state": state, "finite": False, **{k: math.nan for k in _BEFORE},
+                        "lambda_max_converged": False, "hvps": 0, "warm_start": False,
+                        "seconds": time.perf_counter() - started}
+            warm = self.vector is not None and self.vector.shape == (op.dim,)
+            top, _ = lanczos(op.matvec, op.dim, k_largest=1, tol=self.tol, max_matvecs=self.max_hvps,
+                             v0=self.vector.to(op.device) if warm else None, seed=self.seed, device=op.device)
+            self.vector = top.eigenvectors[0].detach().to("cpu", torch.float64).clone()
+            grad_norm_sq = float(g @ g)
+            grad_sharpness = float(g @ op.matvec(g)) / grad_norm_sq if grad_norm_sq > 0 else math.nan
+        finally:
+            model.train(was_training)
+        return {"state": state, "finite": True, "lambda_max": float(top.eigenvalues[0]), "lambda_max_residual": float(top.residuals[0]),
+                "lambda_max_converged": bool(top.converged[0]), "hvps": int(top.matvecs), "warm_start": warm,
+                "grad_sharpness": grad_sharpness, "grad_norm": math.sqrt(grad_norm_sq),
+                "seconds": time.perf_counter() - started}
+
+    def after_step(self, model: nn.Module, before: dict) -> dict:
+        """The quadratic model of the step from ``before['state']`` to the model's current parameters."""
+        started = time.perf_counter()
+        row = {k: v for k, v in before.items() if k not in ("state", "finite")}
+        if not before["finite"]:
+            return {**row, **{k: math.nan for k in _AFTER}}
+        state = before["state"]
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        current = dict(model.named_parameters())
+        step = {n: current[n].detach() - state[n].to(current[n].device) for n in trainable}
+        was_training = model.training
+        model.eval()
+        try:
+            prediction = quadratic_step_model(model, self.probe, step, params=state, loss=self.loss)
+        finally:
+            model.train(was_training)
+        row.update({
+            "probe_loss": prediction.loss_before, "loss_after": prediction.loss_after, "actual_change": prediction.actual,
+            "predicted_change": prediction.predicted, "first_order": prediction.first_order,
+            "second_order": prediction.second_order, "model_error": prediction.error,
+            "model_ratio": prediction.ratio, "step_norm": prediction.step_norm,
+            "step_sharpness": prediction.step_sharpness, "step_cosine": prediction.cosine,
+            "seconds": before["seconds"] + time.perf_counter() - started,
+        })
+        return row

@@ -1,4 +1,5 @@
-"""``landscape`` command line: ``check`` the params, ``run`` the pipeline, open the Prefect ``ui``.
+"""``landscape`` command line: ``check`` the params, ``run`` the pipeline or the flatness ``sweep``, open the Prefect
+``ui``.
 
 Also :func:`stage_entry`, the wrapper every ``stages/*.py`` entry point runs under: bad input ends the process
 with one ``error: ...`` line and exit code 2, never a traceback.
@@ -94,21 +95,35 @@ def stop_process(process: subprocess.Popen) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``dvc repro`` with a Prefect server: reuse a reachable one, else start one for the duration of the run."""
+    load_params(args.params)  # fail before anything starts
+    return repro_with_prefect(args.port, args.dvc_args)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """``dvc repro sweeps/dvc.yaml`` (the flatness sweep, a pipeline of its own) with a Prefect server."""
+    from pipeline.sweep_run import load_sweep_params
+
+    params = load_sweep_params("sweeps/params.yaml")  # the file sweeps/dvc.yaml reads; fail before anything starts
+    print(f"sweeps/params.yaml: OK; {params.grid.size} grid points", flush=True)
+    return repro_with_prefect(args.port, ["sweeps/dvc.yaml", *args.dvc_args])
+
+
+def repro_with_prefect(port: int, dvc_args: Sequence[str]) -> int:
+    """Run ``dvc repro DVC_ARGS`` reporting to a reachable Prefect server, else to one started for the run."""
     from pipeline.flows.runtime import api_reachable
 
-    load_params(args.params)  # fail before anything starts
-    url = os.environ.get("PREFECT_API_URL") or f"http://127.0.0.1:{args.port}/api"
+    url = os.environ.get("PREFECT_API_URL") or f"http://127.0.0.1:{port}/api"
     server = None
     if not api_reachable(url):
-        url = f"http://127.0.0.1:{args.port}/api"
-        print(f"starting a Prefect server on 127.0.0.1:{args.port} ...", flush=True)
-        server = start_prefect_server(args.port)
+        url = f"http://127.0.0.1:{port}/api"
+        print(f"starting a Prefect server on 127.0.0.1:{port} ...", flush=True)
+        server = start_prefect_server(port)
     print(f"Prefect UI: {url.removesuffix('/api')}  (flow runs of this pipeline appear there)", flush=True)
     # Stages call `python`: make it this environment's interpreter even when the venv is not activated.
     env = {**os.environ, "PREFECT_API_URL": url,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     try:
-        return subprocess.call(["dvc", "repro", *args.dvc_args], env=env)
+        return subprocess.call(["dvc", "repro", *dvc_args], env=env)
     finally:
         if server is not None:
             stop_process(server)
@@ -172,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--port", type=int, default=4200)
     run.add_argument("dvc_args", nargs=argparse.REMAINDER, help="passed on to `dvc repro` (e.g. -f, a stage)")
     run.set_defaults(func=cmd_run)
+    sweep = sub.add_parser("sweep", help="run the flatness sweep (dvc repro sweeps/dvc.yaml) with a Prefect server")
+    sweep.add_argument("--port", type=int, default=4200)
+    sweep.add_argument("dvc_args", nargs=argparse.REMAINDER, help="passed on to `dvc repro` (e.g. -f)")
+    sweep.set_defaults(func=cmd_sweep)
     compare = sub.add_parser("compare", help="headline numbers (or one table) of two revisions side by side")
     compare.add_argument("rev_a", nargs="?", default="HEAD", help="git revision or `dvc exp` name (default HEAD)")
     compare.add_argument("rev_b", nargs="?", default=None, help="second revision (default: the working tree)")

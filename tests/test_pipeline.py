@@ -38,7 +38,8 @@ SMALL_PARAMS = {
     "landscape": {**{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(LandscapeConfig()).items()},
                   "line_points": 5, "path_points": 3, "surface_points": 5, "tile_size": 8, "chunk": 2,
                   "curvature_map": 3},
-    "runs": {"mlp": {"model": "mlp", "mlp_width": 16}, "resnet20": {"model": "resnet20", "epochs": 1}},
+    "runs": {"mlp": {"model": "mlp", "mlp_width": 16, "track_sharpness_every": 3, "track_sharpness_unit": "steps"},
+             "resnet20": {"model": "resnet20", "epochs": 1}},
 }
 TRAIN = {"train@mlp", "train@resnet20"}
 HESSIAN = {"hessian@mlp", "hessian@resnet20"}
@@ -121,6 +122,10 @@ def test_repro_runs_everything_then_nothing_then_only_what_changed(repo, env):
     vectors = torch.load(repo / "artifacts/hessian/resnet20/eigenvectors.pt", weights_only=True)
     assert vectors["epoch"] == 1 and vectors["vectors"]["fc.weight"].shape == (2, 3, 64)
     assert (repo / "reports/tables/mlp/train_history.parquet").is_file()
+    tracked = pd.read_parquet(repo / "reports/tables/mlp/sharpness_history.parquet")  # every 3rd of 10 steps
+    assert tracked.step.tolist() == [0, 3, 6, 9] and (tracked.lambda_max > 0).all()
+    assert metrics["mlp"]["train"]["tracked_steps"] == 4 and metrics["mlp"]["train"]["tracked_lambda_max"] > 0
+    assert len(pd.read_parquet(repo / "reports/tables/resnet20/sharpness_history.parquet")) == 1  # epoch 0 (every 5)
     for run in ("mlp", "resnet20"):  # the scans
         for figure in ("interpolation_1d", "surface_contour", "surface_filled", "surface_3d"):
             assert (repo / f"reports/figures/{run}/{figure}.png").stat().st_size > 10_000
@@ -242,8 +247,8 @@ def test_the_report_opens_in_a_browser_with_every_figure_decoded(repo, env, tmp_
     index = repo / "reports/index.html"
     dom = dump_dom(index)
     images = re.findall(r"<img [^>]*>", dom)
-    assert len(images) == 6 and all("src=\"data:image/png;base64," in img for img in images)
-    assert 'data-figures="6/6"' in dom  # the page's own check: every <img> complete with a natural width
+    assert len(images) == 7 and all("src=\"data:image/png;base64," in img for img in images)
+    assert 'data-figures="7/7"' in dom  # the page's own check: every <img> complete with a natural width
     assert "broken" not in re.findall(r"<figure[^>]*>", dom)[0]
     for run in ("mlp", "resnet20"):
         assert f"<td>{run}</td>" in dom

@@ -251,7 +251,8 @@ def plot_tracked_sharpness(tables: Mapping[str, pd.DataFrame], path: str | Path,
     |actual − predicted| / |first-order term|, against η·λmax/2 (1 = the edge of stability).
     """
     fig, (ax_sharp, ax_model) = plt.subplots(1, 2, figsize=(11, 4))
-    drawn, spans = 0, []
+    drawn, spans, edges = 0, [], []
+    thresholds: dict[tuple, list[tuple[str, str, bool]]] = {}  # runs with the same schedule share one line
     for i, (name, frame) in enumerate(tables.items()):
         if frame is None or frame.empty:
             continue
@@ -264,13 +265,21 @@ def plot_tracked_sharpness(tables: Mapping[str, pd.DataFrame], path: str | Path,
         threshold = rows.stability_threshold.where(np.isfinite(rows.stability_threshold))
         if threshold.notna().any():
             momentum = not np.allclose(threshold.dropna(), rows.two_over_lr[threshold.notna()], rtol=1e-9)
-            ax_sharp.plot(rows.step, threshold, "--", color=color, lw=1, alpha=0.9,
-                          label=f"{name} " + (r"$(2+2\beta)/\eta$" if momentum else r"$2/\eta$"))
+            key = tuple(zip(rows.step.tolist(), threshold.round(12).tolist()))
+            thresholds.setdefault(key, []).append((name, color, momentum))
         spans += [float(v) for v in (rows.lambda_max.min(), rows.lambda_max.max(), threshold.min(), threshold.max())
                   if math.isfinite(v)]
         relative = (rows.model_error.abs() / rows.first_order.abs()).where(rows.first_order.abs() > 0)
-        ax_model.scatter(rows.lr * rows.lambda_max / 2.0, positive(relative), s=8, color=color, alpha=0.7, label=name)
+        edge = rows.lr * rows.lambda_max / 2.0
+        edges += [float(v) for v in edge if math.isfinite(v) and v > 0]
+        ax_model.scatter(edge, positive(relative), s=8, color=color, alpha=0.7, label=name)
         drawn += 1
+    for schedule, owners in thresholds.items():
+        steps, values = np.array(schedule, dtype=float).T
+        shared = len(owners) > 1 or len(thresholds) == 1
+        label = r"$(2+2\beta)/\eta$" if owners[0][2] else r"$2/\eta$"
+        ax_sharp.plot(steps, values, "--", lw=1, color="k" if shared else owners[0][1], alpha=0.8,
+                      label=label + ("" if len(thresholds) == 1 else " (" + ", ".join(n for n, _, _ in owners) + ")"))
     if not drawn:
         _empty(ax_sharp, "no tracked sharpness (train.track_sharpness_every: 0)")
         _empty(ax_model, "no tracked steps")
@@ -283,6 +292,8 @@ def plot_tracked_sharpness(tables: Mapping[str, pd.DataFrame], path: str | Path,
         ax_sharp.set(xlabel="step", ylabel="curvature (probe set)",
                      title=title or r"tracked $\lambda_{max}$ against the stability threshold")
         ax_model.set_yscale("log")
+        if edges and max(edges) > 30 * min(edges):
+            ax_model.set_xscale("log")
         ax_model.axvline(1.0, color="k", lw=1, ls="--")
         ax_model.set(xlabel=r"$\eta\,\lambda_{max}/2$ (1: edge of stability)",
                      ylabel=r"$|\Delta L - \Delta L_{quad}|\,/\,|g^\top\Delta\theta|$",

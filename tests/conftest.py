@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.config import DataConfig, parse_params
 from pipeline.data import prepare_dataset
@@ -27,3 +28,18 @@ def synthetic_data():
 @pytest.fixture(scope="session")
 def digits_data():
     return prepare_dataset(DataConfig())
+
+
+def tiny_mlp(activation: type[torch.nn.Module] = torch.nn.Tanh) -> torch.nn.Module:
+    """4 -> 5 -> 3 with a smooth activation: 43 parameters, float64."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 5), activation(), torch.nn.Linear(5, 3)).double()
+
+
+@pytest.fixture
+def problem():
+    """The tiny MLP with 11 seeded samples of 4 features and 3 classes (float64): small enough for dense Hessians."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(11, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (11,), generator=g)
+    return tiny_mlp(), x, y

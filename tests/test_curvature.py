@@ -9,20 +9,6 @@ from pipeline.curvature.operators import (HVP_IMPLEMENTATIONS, CurvatureError, G
                                           ProbeSet, dense_matrix, parameter_groups, relative_difference)
 
 
-def tiny_mlp(activation=nn.Tanh):
-    """4 -> 5 -> 3 with a smooth activation: 43 parameters, float64."""
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 5), activation(), nn.Linear(5, 3)).double()
-
-
-@pytest.fixture
-def problem():
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(11, 4, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 3, (11,), generator=g)
-    return tiny_mlp(), x, y
-
-
 def flat_loss(model, x, y, loss="cross_entropy"):
     """The probe-set mean loss as a function of one flat parameter vector (the reference, no batching)."""
     names = [n for n, _ in model.named_parameters()]

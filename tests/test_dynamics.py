@@ -6,25 +6,12 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import tiny_mlp
 from pipeline.config import ModelConfig
 from pipeline.curvature.dynamics import (directional_sharpness, gradient_noise, gradient_sharpness,
                                          per_sample_gradients, quadratic_step_model)
 from pipeline.curvature.operators import CurvatureError, HessianOperator, ProbeSet, dense_matrix, relative_difference
 from pipeline.models import build_model
-
-
-def tiny_mlp():
-    """4 -> 5 -> 3 with tanh: 43 parameters, float64."""
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-
-
-@pytest.fixture
-def problem():
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(11, 4, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 3, (11,), generator=g)
-    return tiny_mlp(), x, y
 
 
 @pytest.fixture

@@ -18,11 +18,20 @@ from pipeline.io import atomic_path  # noqa: E402
 DPI = 120
 
 
-def _save(fig, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format="png")
-    plt.close(fig)
+def save_figure(fig, path: str | Path) -> Path:
+    """Write ``fig`` to ``path`` as a PNG atomically (folders made as needed) and close it, also on error.
+
+    Every figure of the pipeline goes through here. The PNG carries no ``Software`` tag, so its bytes depend on the
+    figure alone, not on the matplotlib version (DVC then sees an unchanged figure as unchanged).
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format="png", metadata={"Software": None})
+    finally:
+        plt.close(fig)
+    return path
 
 
 def _select(spectrum: pd.DataFrame, operator="hessian", group="all", quantity="eigenvalue") -> pd.DataFrame:
@@ -57,7 +66,7 @@ def plot_sharpness(spectrum: pd.DataFrame, path: str | Path, *, run: str, moment
     ax.set_title(f"{run}: sharpness against the stability bound")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_spectrum(spectrum: pd.DataFrame, path: str | Path, *, run: str) -> None:
@@ -92,7 +101,7 @@ def plot_spectrum(spectrum: pd.DataFrame, path: str | Path, *, run: str) -> None
         ax.set_xlabel(r"$\lambda_{max}$ of the diagonal block")
         ax.set_title(f"per parameter group, epoch {int(last.epoch.iloc[0])}")
         ax.grid(True, axis="x", alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_density(density: pd.DataFrame, path: str | Path, *, run: str) -> None:
@@ -115,4 +124,4 @@ def plot_density(density: pd.DataFrame, path: str | Path, *, run: str) -> None:
     ax.set_title(f"{run}: spectral density (stochastic Lanczos quadrature)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)

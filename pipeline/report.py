@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from pipeline.io import atomic_path  # noqa: E402
-from pipeline.plotting import DPI  # noqa: E402
+from pipeline.plotting import save_figure  # noqa: E402
 from pipeline.tables import read_metadata  # noqa: E402
 
 # The stages whose metrics a complete run has (``<tables>/<run>/<stage>_metrics.json``).
@@ -154,17 +154,6 @@ def format_value(value: Any) -> str:
 # --------------------------------------------------------------------------------------------------- figures
 
 
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format="png", metadata={"Software": None})
-    finally:
-        plt.close(fig)
-    return path
-
-
 def _empty(ax, message: str) -> None:
     ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, fontsize=9, color="0.4")
     ax.set_xticks([])
@@ -201,7 +190,7 @@ def plot_training_curves(runs: Mapping[str, RunData], path: str | Path) -> Path:
         for ax in (ax_loss, ax_acc):
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _eigen(spectrum: pd.DataFrame, quantity: str = "eigenvalue") -> pd.DataFrame:
@@ -239,7 +228,7 @@ def plot_sharpness_overview(runs: Mapping[str, RunData], path: str | Path) -> Pa
         ax.set(xlabel="epoch", ylabel="curvature", title=r"sharpness $\lambda_{max}$ against the stability bound $2/\eta$")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_tracked_sharpness(tables: Mapping[str, pd.DataFrame], path: str | Path, *, title: str = "") -> Path:
@@ -301,7 +290,7 @@ def plot_tracked_sharpness(tables: Mapping[str, pd.DataFrame], path: str | Path,
         for ax in (ax_sharp, ax_model):
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_dynamics_overview(runs: Mapping[str, RunData], path: str | Path) -> Path:
@@ -346,7 +335,7 @@ def plot_spectra_overview(runs: Mapping[str, RunData], path: str | Path) -> Path
         ax_density.legend(fontsize=7)
     else:
         _empty(ax_density, "no spectral density")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------ dvc plots exports

@@ -38,8 +38,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 from scipy.stats import kendalltau  # noqa: E402
 
-from pipeline.io import atomic_path  # noqa: E402
-from pipeline.plotting import DPI  # noqa: E402
+from pipeline.plotting import save_figure  # noqa: E402
 
 __all__ = ["Measure", "MEASURES", "MEASURE_NAMES", "TARGETS", "GRANULATED_AXES", "ROW_COLUMNS", "KENDALL_COLUMNS",
            "Experiment", "sweep_rows", "experiments_from_exp_show", "rows_from_exp_show", "completed_rows",
@@ -470,17 +469,6 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 NO_BATCH_COLOUR = "0.55"
 
 
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format="png")
-    finally:
-        plt.close(fig)
-    return path
-
-
 def _note(ax, message: str) -> None:
     ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, fontsize=9, color="0.35")
 
@@ -599,7 +587,7 @@ def plot_sweep(frame: pd.DataFrame, path: str | Path, *, target: str = "generali
     excluded = len(frame) - len(rows)
     fig.suptitle(f"Flatness vs {TARGETS[target][1]}: {len(rows)} completed run(s)"
                  + (f", {excluded} excluded (not completed or no gap)" if excluded else ""), fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _cell(value: Any, kind: str = "g") -> str:

@@ -36,9 +36,10 @@ import torch
 from pipeline.checkpoints import parameters_finite
 from pipeline.config import (MODELS, ConfigError, DataConfig, HessianConfig, ModelConfig, RunConfig, TrainConfig,
                              build_section, read_yaml, resolve_device, spec)
-from pipeline.curvature.analysis import ALL, analyse
+from pipeline.curvature.analysis import analyse
 from pipeline.curvature.operators import ProbeSet
 from pipeline.data import PreparedData
+from pipeline.headlines import hessian_headline
 from pipeline.io import atomic_path, write_json
 from pipeline.provenance import PACKAGE_DIR, code_fingerprint, provenance
 from pipeline.sweep import MEASURES, Experiment, batch_size_effect, kendall_table, markdown_table, plot_sweep
@@ -202,55 +203,12 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def headline(rows: Sequence[Mapping[str, Any]], peak_lr: float, *, epoch: int | None = None,
-             checkpoint: str | None = None) -> dict:
-    """The headline numbers of one :func:`~pipeline.curvature.analysis.analyse` report, with the keys of
-    :func:`pipeline.flows.hessian.headline` (which reads the same rows from the spectrum table; that module imports
-    Prefect, this one must not). Tested to agree with it."""
+def headline(rows: Sequence[Mapping[str, Any]], peak_lr: float, *, epoch: int, checkpoint: str) -> dict:
+    """The ``hessian`` metrics of one :func:`~pipeline.curvature.analysis.analyse` report: the rows as the one
+    checkpoint of a spectrum table, through the function the ``hessian`` stage uses."""
     if not rows:
         return {"status": "no finite checkpoint"}
-
-    def pick(operator="hessian", quantity="eigenvalue", method=None, index=0):
-        for row in rows:
-            if (row["operator"] == operator and row["group"] == ALL and row["quantity"] == quantity
-                    and row["index"] == index and (method is None or row["method"] == method)):
-                return row
-        return None
-
-    out: dict[str, Any] = {"epoch": epoch, "checkpoint": checkpoint}
-    top = pick()
-    out["lambda_max"] = float(top["value"])
-    out["lambda_max_residual"] = float(top["residual"])
-    out["lambda_max_lr_over_2"] = float(top["value"]) * peak_lr / 2.0  # > 1: sharper than GD at the peak lr tolerates
-    out["eigenvalues"] = [float(r["value"]) for r in sorted(
-        (r for r in rows if r["operator"] == "hessian" and r["group"] == ALL and r["quantity"] == "eigenvalue"),
-        key=lambda r: r["index"])]
-    low = pick(quantity="lambda_min")
-    if low is not None:
-        out["lambda_min"] = float(low["value"])
-        out["lambda_min_residual"] = float(low["residual"])
-    for method in ("hutchinson", "hutchpp"):
-        trace = pick(quantity="trace", method=method)
-        if trace is not None:
-            out[f"trace_{method}"] = float(trace["value"])
-            out[f"trace_{method}_stderr"] = float(trace["stderr"])
-    for quantity in ("noise_scale", "noise_trace_covariance", "grad_sharpness"):
-        row = pick(quantity=quantity)
-        if row is not None:
-            out[quantity] = float(row["value"])
-    for quantity, method in (("epsilon_sharpness", "absolute"), ("epsilon_sharpness", "relative"),
-                             ("epsilon_sharpness_keskar", "absolute"), ("epsilon_sharpness_keskar", "relative"),
-                             ("pac_bayes_sigma", "isotropic"), ("pac_bayes_sigma", "magnitude")):
-        row = pick(quantity=quantity, method=method)
-        if row is not None:
-            out[f"{quantity}_{method}"] = float(row["value"])
-    ggn = pick("ggn")
-    if ggn is not None:
-        out["ggn_lambda_max"] = float(ggn["value"])
-    totals = [r for r in rows if r["quantity"] == "products"]
-    out["hvps"] = int(sum(int(r["hvps"]) for r in totals))
-    out["seconds"] = round(float(sum(float(r["seconds"]) for r in totals)), 3)
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
+    return hessian_headline(pd.DataFrame([{**row, "epoch": epoch, "checkpoint": checkpoint} for row in rows]), peak_lr)
 
 
 def load_result(folder: str | Path, fingerprint: str | None = None) -> dict | None:

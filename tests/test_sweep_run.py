@@ -226,11 +226,10 @@ def test_a_diverged_point_is_recorded_without_measures(tmp_path, synthetic_data)
     assert row.status == "diverged" and math.isnan(row.lambda_max)
 
 
-def test_headline_matches_the_hessian_flow(synthetic_data):
-    """The sweep's prefect-free headline gives what pipeline.flows.hessian.headline reads from the table."""
+def test_headline_gives_the_hessian_stage_numbers_of_the_report(synthetic_data):
+    """A point's measures are the hessian stage's headline of the same rows (pipeline.headlines), value by value."""
     import torch
 
-    from pipeline.flows.hessian import headline as flow_headline
     from pipeline.models import build_model
 
     torch.manual_seed(0)
@@ -239,10 +238,23 @@ def test_headline_matches_the_hessian_flow(synthetic_data):
     cfg = dataclasses.replace(TINY_HESSIAN, top_k=2, lambda_min=True, trace=("hutchinson", "hutchpp"),
                               operators=("hessian", "ggn"))
     report = analyse(model, make_probe(synthetic_data, cfg), cfg, details=True)
-    spectrum = pd.DataFrame([{"epoch": 4, "checkpoint": "epoch_0004.pt", **row} for row in report.rows])
-    expected = flow_headline(spectrum, 0.3)
-    assert headline(report.rows, 0.3, epoch=4, checkpoint="epoch_0004.pt") == expected
-    assert {"lambda_min", "trace_hutchinson", "ggn_lambda_max", *HESSIAN_KEYS} <= set(expected)
+    out = headline(report.rows, 0.3, epoch=4, checkpoint="epoch_0004.pt")
+
+    def value(quantity, operator="hessian", method=None, index=0):
+        rows = [r for r in report.rows if r["operator"] == operator and r["group"] == "all"
+                and r["quantity"] == quantity and r["index"] == index and method in (None, r["method"])]
+        return rows[0]["value"]
+
+    assert (out["epoch"], out["checkpoint"]) == (4, "epoch_0004.pt")
+    assert out["lambda_max"] == value("eigenvalue") and out["eigenvalues"] == [value("eigenvalue", index=i)
+                                                                               for i in range(2)]
+    assert out["lambda_max_lr_over_2"] == pytest.approx(value("eigenvalue") * 0.15)
+    assert out["lambda_min"] == value("lambda_min") and out["ggn_lambda_max"] == value("eigenvalue", "ggn")
+    assert out["trace_hutchpp"] == value("trace", method="hutchpp")
+    assert out["pac_bayes_sigma_isotropic"] == value("pac_bayes_sigma", method="isotropic")
+    assert out["hvps"] == value("products") == report.hvps
+    assert {"lambda_min", "trace_hutchinson", "ggn_lambda_max", *HESSIAN_KEYS} <= set(out)
+    assert headline([], 0.3, epoch=0, checkpoint="epoch_0000.pt") == {"status": "no finite checkpoint"}
 
 
 # --- aggregation ----------------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 
 import pandas as pd
@@ -18,6 +17,7 @@ from pipeline.curvature.analysis import BN_MODE, analyse
 from pipeline.curvature.operators import ProbeSet
 from pipeline.data import PreparedData, load_prepared
 from pipeline.flows.common import Progress, unit_of_work
+from pipeline.headlines import hessian_headline
 from pipeline.io import save_torch, write_json
 from pipeline.plotting import plot_density, plot_sharpness, plot_spectrum
 from pipeline.provenance import provenance
@@ -61,55 +61,6 @@ def eigen_settings(cfg: HessianConfig) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k in keep}
 
 
-def headline(spectrum: pd.DataFrame, peak_lr: float) -> dict:
-    """Numbers at the newest analysed checkpoint, for ``metrics.json``."""
-    if spectrum.empty:
-        return {"status": "no finite checkpoint"}
-    last = spectrum[spectrum.epoch == spectrum.epoch.max()]
-
-    def pick(operator="hessian", quantity="eigenvalue", method=None, index=0):
-        rows = last[(last.operator == operator) & (last.group == "all") & (last.quantity == quantity)
-                    & (last["index"] == index)]
-        if method is not None:
-            rows = rows[rows.method == method]
-        return rows.iloc[0] if len(rows) else None
-
-    out = {"epoch": int(last.epoch.iloc[0]), "checkpoint": last.checkpoint.iloc[0]}
-    top = pick()
-    out["lambda_max"] = float(top.value)
-    out["lambda_max_residual"] = float(top.residual)
-    out["lambda_max_lr_over_2"] = float(top.value) * peak_lr / 2.0  # > 1: sharper than GD at the peak lr tolerates
-    out["eigenvalues"] = [float(r.value) for r in last[(last.operator == "hessian") & (last.group == "all") &
-                                                       (last.quantity == "eigenvalue")].sort_values("index").itertuples()]
-    low = pick(quantity="lambda_min")
-    if low is not None:
-        out["lambda_min"] = float(low.value)
-        out["lambda_min_residual"] = float(low.residual)
-    for method in ("hutchinson", "hutchpp"):
-        trace = pick(quantity="trace", method=method)
-        if trace is not None:
-            out[f"trace_{method}"] = float(trace.value)
-            out[f"trace_{method}_stderr"] = float(trace.stderr)
-    for quantity, key in (("noise_scale", "noise_scale"), ("noise_trace_covariance", "noise_trace_covariance"),
-                          ("grad_sharpness", "grad_sharpness")):
-        row = pick(quantity=quantity)
-        if row is not None:
-            out[key] = float(row.value)
-    for quantity, method in (("epsilon_sharpness", "absolute"), ("epsilon_sharpness", "relative"),
-                             ("epsilon_sharpness_keskar", "absolute"), ("epsilon_sharpness_keskar", "relative"),
-                             ("pac_bayes_sigma", "isotropic"), ("pac_bayes_sigma", "magnitude")):
-        row = pick(quantity=quantity, method=method)
-        if row is not None:
-            out[f"{quantity}_{method}"] = float(row.value)
-    ggn = pick("ggn")
-    if ggn is not None:
-        out["ggn_lambda_max"] = float(ggn.value)
-    totals = spectrum[spectrum.quantity == "products"]  # one row per checkpoint: every product and second spent
-    out["hvps"] = int(totals.hvps.sum())
-    out["seconds"] = round(float(totals.seconds.sum()), 3)
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
-
-
 @flow(name="hessian", flow_run_name="hessian-{run_name}")
 def hessian_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: Path, tables_dir: Path,
                  vectors_dir: Path, figures_dir: Path) -> dict:
@@ -151,7 +102,7 @@ def hessian_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: 
             "operator": "hessian", "bn_mode": BN_MODE, "eigenvalues": final["eigenvalues"],
             "vectors": final["eigenvectors"], "hessian": eigen_settings(cfg)})
     train_cfg = results[-1]["train"]  # the newest checkpoint is always analysed (every selection includes it)
-    summary = headline(spectrum, float(train_cfg["lr"]))
+    summary = hessian_headline(spectrum, float(train_cfg["lr"]))
     write_json(tables_dir / "hessian_metrics.json", summary)
 
     momentum = float(train_cfg["momentum"]) if train_cfg["optimizer"] == "sgd" else 0.0

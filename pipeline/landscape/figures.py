@@ -30,8 +30,7 @@ from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import LogLocator, MaxNLocator  # noqa: E402
 
-from pipeline.io import atomic_path  # noqa: E402
-from pipeline.plotting import DPI  # noqa: E402
+from pipeline.plotting import save_figure  # noqa: E402
 
 __all__ = ["INTERPOLATION_COLUMNS", "SURFACE_COLUMNS", "PATH_TITLES", "grid_minimum", "shared_norm",
            "plot_interpolation", "plot_surface", "plot_surfaces_side_by_side", "plot_interpolations_side_by_side"]
@@ -94,17 +93,6 @@ def _finite_positive(values) -> np.ndarray:
     v = np.asarray(values, dtype=float).copy()
     v[~np.isfinite(v) | (v <= 0)] = np.nan
     return v
-
-
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format="png")
-    finally:
-        plt.close(fig)
-    return path
 
 
 # --- surfaces: one grid ---------------------------------------------------------------------------------------------
@@ -258,7 +246,7 @@ def plot_surface(table: pd.DataFrame, folder: str | Path, *, run: str, levels: i
     ax.set_ylabel(ylabel)
     ax.set_aspect("equal", adjustable="box")
     ax.set_title(f"{run}: loss contours ({grid.plane} plane, {levels} levels in log10 loss)", fontsize=10)
-    _save(fig, out["contour"])
+    save_figure(fig, out["contour"])
 
     fig, ax = plt.subplots(figsize=(6.6, 5.2))
     filled = _filled(ax, grid, norm, levels)
@@ -268,7 +256,7 @@ def plot_surface(table: pd.DataFrame, folder: str | Path, *, run: str, levels: i
     ax.set_ylabel(ylabel)
     ax.set_aspect("equal", adjustable="box")
     ax.set_title(f"{run}: loss surface ({grid.plane} plane)", fontsize=10)
-    _save(fig, out["filled"])
+    save_figure(fig, out["filled"])
 
     fig = plt.figure(figsize=(7.0, 5.6))
     ax = fig.add_subplot(projection="3d")
@@ -284,7 +272,7 @@ def plot_surface(table: pd.DataFrame, folder: str | Path, *, run: str, levels: i
     ax.set_zlabel("log10 loss", fontsize=8, labelpad=6)
     ax.view_init(elev=35, azim=-60)
     ax.set_title(f"{run}: loss surface ({grid.plane} plane)", fontsize=10)
-    _save(fig, out["3d"])
+    save_figure(fig, out["3d"])
     return out
 
 
@@ -312,7 +300,7 @@ def plot_surfaces_side_by_side(tables: Mapping[str, pd.DataFrame], path: str | P
         ax.set_aspect("equal", adjustable="box")
         ax.set_title(f"{name}\nmin loss {grid.minimum()[2]:.4g}", fontsize=10)
     _colorbar(fig, filled, list(axes[0]), "loss (log scale, shared by all panels)", shrink=0.9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # --- 1-D interpolations ---------------------------------------------------------------------------------------------
@@ -408,7 +396,7 @@ def plot_interpolation(table: pd.DataFrame, path: str | Path, *, run: str,
         handles.append(Line2D([], [], color="C3", marker="x", ls="none", label="non-finite loss"))
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
     fig.suptitle(f"{run}: loss and accuracy along 1-D paths")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_interpolations_side_by_side(table: pd.DataFrame, path: str | Path, *, path_kind: str = "random") -> Path:
@@ -441,7 +429,7 @@ def plot_interpolations_side_by_side(table: pd.DataFrame, path: str | Path, *, p
     ax.set_title(f"train loss along {PATH_TITLES.get(path_kind, path_kind)}", fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_placeholder(path: str | Path, *, run: str, message: str) -> Path:
@@ -449,4 +437,4 @@ def plot_placeholder(path: str | Path, *, run: str, message: str) -> Path:
     fig, ax = plt.subplots(figsize=(5, 2.5))
     ax.axis("off")
     ax.text(0.5, 0.5, f"{run}: {message}", ha="center", va="center", wrap=True)
-    return _save(fig, path)
+    return save_figure(fig, path)

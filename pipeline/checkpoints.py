@@ -1,20 +1,30 @@
-"""Reading training checkpoints for analysis: which to analyse, the model they hold, the learning rate in effect."""
+"""Reading training checkpoints for analysis: which to analyse, the model they hold, the learning rate in effect.
+
+Analyses use only checkpoints the run's ``manifest.json`` vouches for (:func:`verified_checkpoints`): every
+``epoch_*.pt`` of the folder listed there, its bytes matching the listed sha256, made with the run's fingerprint
+(config, data, code, kernels). Anything else is a one-line :class:`~pipeline.data.DataError` naming the file and the
+stage that remakes it; training (``Trainer.start``) repairs such a folder.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import io
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from pipeline.config import ModelConfig, TrainConfig, build_section
+from pipeline.config import ModelConfig, Params, RunConfig, TrainConfig, build_section
 from pipeline.data import DataError, PreparedData
 from pipeline.models import build_model
-from pipeline.training import batch_order, learning_rate, list_checkpoints, load_checkpoint
+from pipeline.training import (CHECKPOINT_GLOB, MANIFEST, batch_order, file_sha256, learning_rate, load_checkpoint,
+                               read_manifest, run_fingerprint)
 
 
 def select_checkpoints(entries: list[dict], selection: str | int) -> list[dict]:
-    """The entries (oldest first, as :func:`pipeline.training.list_checkpoints`) picked by ``selection``.
+    """The entries (oldest first, as :func:`verified_checkpoints`) picked by ``selection``.
 
     ``final``: the newest; ``all``: every one; an integer ``k``: every k-th by epoch order (starting with the first),
     plus the newest.
@@ -29,13 +39,99 @@ def select_checkpoints(entries: list[dict], selection: str | int) -> list[dict]:
     return picked if picked[-1] is entries[-1] else [*picked, entries[-1]]
 
 
-def require_checkpoints(checkpoint_dir: str | Path, run: str, *, stage: str = "train") -> list[dict]:
-    """The readable checkpoints of ``checkpoint_dir``, or a one-line :class:`DataError` saying how to make them
-    (``dvc repro <stage>@<run>``)."""
-    entries = list_checkpoints(checkpoint_dir) if Path(checkpoint_dir).is_dir() else []
-    if not entries:
-        raise DataError(f"{checkpoint_dir}: no readable checkpoints (epoch_*.pt); run `dvc repro {stage}@{run}` first")
-    return entries
+def partner_config(params: Params, run_name: str) -> RunConfig:
+    """The config the ``partner`` stage trains for run ``run_name``: its train seed shifted by
+    ``landscape.partner_seed_offset``, sharpness tracking off.
+
+    The same as :func:`pipeline.flows.stages.partner_run` (kept here, free of Prefect, for the checkpoint checks;
+    a test holds the two equal)."""
+    run = params.run(run_name)
+    seed = run.train.seed + params.landscape.partner_seed_offset
+    return dataclasses.replace(run, train=dataclasses.replace(run.train, seed=seed, track_sharpness_every=0))
+
+
+def expected_fingerprint(params: Params, run_name: str, data_fingerprint: str, *, stage: str = "train") -> str:
+    """The fingerprint the checkpoints of ``stage@run_name`` must carry (``stage``: ``train`` or ``partner``), from
+    the run's config and the prepared data's ``data.fingerprint()``."""
+    run = partner_config(params, run_name) if stage == "partner" else params.run(run_name)
+    return run_fingerprint(run, data_fingerprint)
+
+
+def verified_checkpoints(checkpoint_dir: str | Path, run: str, expected_fingerprint: str | None = None, *,
+                         stage: str = "train") -> list[dict]:
+    """The checkpoints of ``checkpoint_dir`` that its manifest vouches for, oldest first: the manifest's entries
+    ``{file, epoch, step, tag, status, sha256, fingerprint}``.
+
+    Every ``epoch_*.pt`` of the folder must be listed in ``manifest.json`` with its sha256, every listed file must
+    exist, and all must carry ``expected_fingerprint`` (see :func:`expected_fingerprint`) or, without it, one
+    common fingerprint.
+
+    Raises:
+        DataError: one line naming the first file that fails and ``dvc repro <stage>@<run>``.
+    """
+    folder = Path(checkpoint_dir)
+    rerun = f"rerun `dvc repro {stage}@{run}`"
+    files = sorted(folder.glob(CHECKPOINT_GLOB)) if folder.is_dir() else []
+    if not files:
+        raise DataError(f"{folder}: no readable checkpoints (epoch_*.pt); run `dvc repro {stage}@{run}` first")
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise DataError(f"{folder / MANIFEST}: missing or unreadable, so no checkpoint can be verified; {rerun}")
+    names = {p.name for p in files}
+    for name in sorted(manifest):
+        if name not in names:
+            raise DataError(f"{folder / name}: listed in {MANIFEST} but missing; {rerun}")
+    entries = []
+    for path in files:
+        entry = manifest.get(path.name)
+        if entry is None:
+            raise DataError(f"{folder / path.name}: not listed in {MANIFEST} (copied in or left over); {rerun}")
+        if not entry.get("sha256") or not entry.get("fingerprint"):
+            raise DataError(f"{folder / path.name}: {MANIFEST} has no sha256 or fingerprint for it (written by an "
+                            f"older version); {rerun}")
+        _check_digest(folder / path.name, file_sha256(path), entry, rerun)
+        entries.append(entry)
+    want = expected_fingerprint or max(entries, key=lambda e: e.get("epoch", -1))["fingerprint"]
+    for entry in entries:
+        if entry["fingerprint"] != want:
+            raise DataError(f"{folder / entry['file']}: made by another config/data/code (fingerprint "
+                            f"{str(entry['fingerprint'])[:12]}, expected {want[:12]}); {rerun}")
+    return sorted(entries, key=lambda e: (e["epoch"], e["file"]))
+
+
+def load_verified(checkpoint_dir: str | Path, entry: dict, run: str, *, stage: str = "train") -> dict:
+    """The payload of checkpoint ``entry`` (from :func:`verified_checkpoints`), its bytes hashed again as they are
+    read, so what is loaded is what the manifest lists (``weights_only``: no code runs).
+
+    Raises:
+        DataError: one line naming the file, when its bytes or fingerprint no longer match the entry.
+    """
+    path = Path(checkpoint_dir) / entry["file"]
+    rerun = f"rerun `dvc repro {stage}@{run}`"
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"{path}: cannot be read ({error.strerror or error}); {rerun}") from None
+    _check_digest(path, hashlib.sha256(raw).hexdigest(), entry, rerun)
+    try:
+        payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception:  # the listed bytes do not load (any reader error): a one-line error, not a zip traceback
+        raise DataError(f"{path}: unreadable although it matches {MANIFEST}; {rerun}") from None
+    if not isinstance(payload, dict) or payload.get("fingerprint") != entry.get("fingerprint"):
+        raise DataError(f"{path}: its fingerprint differs from the one in {MANIFEST}; {rerun}")
+    return payload
+
+
+def _check_digest(path: Path, digest: str, entry: dict, rerun: str) -> None:
+    if digest != entry.get("sha256"):
+        raise DataError(f"{path}: sha256 does not match {MANIFEST} (torn or replaced); {rerun}")
+
+
+def require_checkpoints(checkpoint_dir: str | Path, run: str, *, stage: str = "train",
+                        expected_fingerprint: str | None = None) -> list[dict]:
+    """The verified checkpoints of ``checkpoint_dir`` (:func:`verified_checkpoints`), or a one-line
+    :class:`DataError` naming the file at fault and how to remake it (``dvc repro <stage>@<run>``)."""
+    return verified_checkpoints(checkpoint_dir, run, expected_fingerprint, stage=stage)
 
 
 def model_from_checkpoint(payload: dict, data: PreparedData, *, data_fingerprint: str | None = None) -> nn.Module:
@@ -68,5 +164,5 @@ def parameters_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-__all__ = ["select_checkpoints", "require_checkpoints", "model_from_checkpoint", "next_learning_rate",
-           "parameters_finite", "load_checkpoint"]
+__all__ = ["select_checkpoints", "require_checkpoints", "verified_checkpoints", "load_verified", "expected_fingerprint",
+           "partner_config", "model_from_checkpoint", "next_learning_rate", "parameters_finite", "load_checkpoint"]

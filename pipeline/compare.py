@@ -10,12 +10,21 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
 import pandas as pd
 
 METRICS = "reports/metrics.json"
+# Wall-clock measurements differ between any two runs of the same code: they are shown, but not counted as a change
+# unless asked for (``landscape compare --timing``).
+_TIMING_NAMES = re.compile(r"(^|_)(seconds|wall|elapsed|time|duration)(_s)?$")
+
+
+def is_timing(name: str) -> bool:
+    """True for wall-clock columns and metric keys (``seconds``, ``tracking_seconds``, ``train.seconds``, ...)."""
+    return bool(_TIMING_NAMES.search(name.rsplit(".", 1)[-1]))
 
 
 class CompareError(RuntimeError):
@@ -80,8 +89,12 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
-def compare_metrics(rev_a: str | None, rev_b: str | None, repo: Path = Path(".")) -> pd.DataFrame:
-    """One row per headline number: ``key``, the value at each revision, ``delta`` (b − a) and ``changed``."""
+def compare_metrics(rev_a: str | None, rev_b: str | None, repo: Path = Path("."), *,
+                    timing: bool = False) -> pd.DataFrame:
+    """One row per headline number: ``key``, the value at each revision, ``delta`` (b − a) and ``changed``.
+
+    Wall-clock keys (:func:`is_timing`) count as ``changed`` only with ``timing``.
+    """
     values = []
     for rev in (rev_a, rev_b):
         try:
@@ -94,13 +107,23 @@ def compare_metrics(rev_a: str | None, rev_b: str | None, repo: Path = Path(".")
         va, vb = a.get(key), b.get(key)
         na, nb = _number(va), _number(vb)
         delta = nb - na if na is not None and nb is not None else None
-        rows.append({"key": key, _label(rev_a): va, _label(rev_b): vb, "delta": delta, "changed": va != vb})
+        rows.append({"key": key, _label(rev_a): va, _label(rev_b): vb, "delta": delta, "changed": va != vb and (timing or not is_timing(key))})
     return pd.DataFrame(rows, columns=["key", _label(rev_a), _label(rev_b), "delta", "changed"])
 
 
 def read_table(run: str, name: str, rev: str | None, repo: Path = Path(".")) -> pd.DataFrame:
     """``reports/tables/<run>/<name>.parquet`` at ``rev``."""
     return pd.read_parquet(io.BytesIO(read_bytes(f"reports/tables/{run}/{name}.parquet", rev, repo)))
+
+
+def differing_rows(merged: pd.DataFrame, *, timing: bool = False) -> pd.DataFrame:
+    """The rows of :func:`compare_tables` that differ: a value changed, or the row is on one side only.
+
+    Wall-clock columns (:func:`is_timing`) count only with ``timing``.
+    """
+    deltas = [c for c in merged.columns if c.endswith("_delta") and (timing or not is_timing(c[: -len("_delta")]))]
+    changed = (merged[deltas].fillna(0).abs() > 0).any(axis=1) if deltas else pd.Series(False, index=merged.index)
+    return merged[changed | (merged.only_in != "")]
 
 
 def compare_tables(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:

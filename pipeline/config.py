@@ -38,6 +38,38 @@ FULL_BATCH = "full"
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 _RUN_NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
+# Upper bounds of the size-like keys: generous for research, but they stop absurd values (a typo's extra digits)
+# before any work, with one line naming the key, instead of an allocation error or a run that never ends.
+MAX_SEED = 2**31 - 1  # seeds plus their offsets (seed + 1, + 11, + 17, partner offset) stay in numpy's 32-bit range
+MAX_EPOCHS = 100_000
+MAX_SAMPLES = 10_000_000  # samples: far above every supported train split (MNIST's 60,000); `prepare` checks the split
+MAX_BATCH = 1_000_000  # samples per step or per forward; the stages check train batch sizes against the split
+MAX_STEPS = 10**9  # optimisation steps (intervals counted in steps)
+MAX_HVPS = 1_000_000  # Hessian-vector products of one solve (a ResNet20 product takes ~10 ms on a CPU: ~3 hours)
+MAX_EIGENPAIRS = 1000  # the Krylov basis holds ~2k + 10 float64 vectors of the parameter count (ResNet20: 4.4 GB at 1000)
+MAX_LINE_POINTS = 100_001  # one forward pass over the probe set per point and split
+MAX_SURFACE_POINTS = 2001  # per axis: 2001^2 = 4.0M points, ~1 GiB of coordinates and tables, hours of forwards
+SURFACE_BYTES_PER_POINT = 256  # coordinates (float64 x 2), loss/accuracy, tile files and the table (pandas + Arrow)
+MAX_CURVATURE_MAP = 201  # per axis: every sub-grid point is one eigen-solve (201^2 = 40,401 solves)
+MAX_MLP_HIDDEN_PARAMETERS = 2**28  # 268M: float32 weights, gradients, optimiser state and Krylov vectors of 8 bytes
+MAX_SYNTHETIC_BYTES = 4 * 2**30  # the synthetic inputs are generated in memory as float32
+
+
+def _bytes(n: float) -> str:
+    """``n`` bytes in binary units, e.g. ``75 GiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.3g} {unit}"
+        n /= 1024
+    return f"{n:.3g} PiB"  # pragma: no cover
+
+
+def surface_estimate(points: int) -> str:
+    """What a ``points`` x ``points`` grid costs, for the error message of ``landscape.surface_points``."""
+    total = points * points
+    return (f"a {points} x {points} grid is {total:.3g} points, about {_bytes(total * SURFACE_BYTES_PER_POINT)} of "
+            f"coordinates and tables at {SURFACE_BYTES_PER_POINT} bytes per point")
+
 
 def _printable(text: str) -> str:
     """Escape control characters so that an error stays on one line whatever the user's keys contain."""
@@ -57,9 +89,13 @@ class ConfigError(ValueError):
         super().__init__(f"{key}: {message}" if key else message)
 
 
-def spec(default: Any, *, unit: str = "", ge=None, gt=None, le=None, lt=None, choices=None, pattern=None):
-    """A dataclass field with its validation rules and unit kept in the metadata."""
-    meta = dict(unit=unit, ge=ge, gt=gt, le=le, lt=lt, choices=choices, pattern=pattern)
+def spec(default: Any, *, unit: str = "", ge=None, gt=None, le=None, lt=None, choices=None, pattern=None,
+         estimate=None):
+    """A dataclass field with its validation rules and unit kept in the metadata.
+
+    ``estimate``: ``value -> str``, the cost of a value, added to the message when an upper bound fails.
+    """
+    meta = dict(unit=unit, ge=ge, gt=gt, le=le, lt=lt, choices=choices, pattern=pattern, estimate=estimate)
     if isinstance(default, (list, dict)):
         raise TypeError("use tuples for sequence defaults so that configs stay frozen")
     return field(default=default, metadata=meta)
@@ -78,30 +114,50 @@ class DataConfig:
     root: str = spec("data/raw")  # folder holding torchvision datasets (cifar10, mnist, fashion_mnist)
     download: bool = spec(False)  # allow torchvision to download into `root` (needs internet)
     test_fraction: float = spec(0.25, gt=0.0, lt=1.0, unit="fraction of samples")  # digits/synthetic only
-    train_samples: int = spec(0, ge=0, unit="samples")  # keep a stratified subset of the train split; 0 = all
-    probe_size: int = spec(512, ge=1, unit="samples")  # fixed probe subset of the train split (curvature, scans)
-    seed: int = spec(0, ge=0)  # split, subset and probe selection
-    synthetic_samples: int = spec(600, ge=4, unit="samples")  # synthetic only: train + test
-    synthetic_classes: int = spec(3, ge=2, unit="classes")  # synthetic only
-    synthetic_size: int = spec(8, ge=1, unit="pixels per side")  # synthetic only
-    synthetic_channels: int = spec(1, ge=1, unit="channels")  # synthetic only
+    train_samples: int = spec(0, ge=0, le=MAX_SAMPLES, unit="samples")  # keep a stratified subset of the train split; 0 = all
+    probe_size: int = spec(512, ge=1, le=MAX_SAMPLES, unit="samples")  # fixed probe subset of the train split (curvature, scans)
+    seed: int = spec(0, ge=0, le=MAX_SEED)  # split, subset and probe selection
+    synthetic_samples: int = spec(600, ge=4, le=MAX_SAMPLES, unit="samples")  # synthetic only: train + test
+    synthetic_classes: int = spec(3, ge=2, le=1000, unit="classes")  # synthetic only
+    synthetic_size: int = spec(8, ge=1, le=1024, unit="pixels per side")  # synthetic only
+    synthetic_channels: int = spec(1, ge=1, le=64, unit="channels")  # synthetic only
+
+    def __post_init__(self):
+        if self.dataset == "synthetic":  # generated in memory: estimate the inputs before generating them
+            need = self.synthetic_samples * self.synthetic_channels * self.synthetic_size ** 2 * 4
+            if need > MAX_SYNTHETIC_BYTES:
+                raise ConfigError("data.synthetic_samples",
+                                  f"{self.synthetic_samples} samples of {self.synthetic_channels} x "
+                                  f"{self.synthetic_size} x {self.synthetic_size} float32 are about {_bytes(need)} of "
+                                  f"inputs; allowed up to {_bytes(MAX_SYNTHETIC_BYTES)} (fewer samples, a smaller "
+                                  f"synthetic_size or fewer synthetic_channels)")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """``model`` section: architecture hyper-parameters shared by the runs (a run may override them)."""
 
-    mlp_depth: int = spec(2, ge=0, unit="hidden layers")
-    mlp_width: int = spec(128, ge=1, unit="units per hidden layer")
+    mlp_depth: int = spec(2, ge=0, le=1000, unit="hidden layers")
+    mlp_width: int = spec(128, ge=1, le=65536, unit="units per hidden layer")
     mlp_activation: str = spec("relu", choices=ACTIVATIONS)  # name
+
+    def __post_init__(self):
+        # Hidden-to-hidden weights alone (the input and output layers depend on the dataset); every analysis also
+        # keeps gradients, optimiser state and float64 Krylov vectors of this size.
+        hidden = max(self.mlp_depth - 1, 0) * self.mlp_width * (self.mlp_width + 1)
+        if hidden > MAX_MLP_HIDDEN_PARAMETERS:
+            raise ConfigError("model.mlp_width", f"{self.mlp_depth} hidden layers of {self.mlp_width} units hold "
+                                                 f"{hidden:.3g} parameters (about {_bytes(4 * hidden)} in float32) "
+                                                 f"between hidden layers; allowed up to {MAX_MLP_HIDDEN_PARAMETERS:.3g} "
+                                                 f"(a smaller mlp_width or mlp_depth)")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """``train`` section: optimiser, schedule, checkpointing and logging (a run may override any key)."""
 
-    epochs: int = spec(30, ge=1, unit="epochs")
-    batch_size: int | str = spec(64, ge=1, unit="samples per step")  # or `full`: full-batch gradient descent
+    epochs: int = spec(30, ge=1, le=MAX_EPOCHS, unit="epochs")
+    batch_size: int | str = spec(64, ge=1, le=MAX_BATCH, unit="samples per step")  # or `full`: full-batch gradient descent
     loss: str = spec("cross_entropy", choices=LOSSES)  # cross_entropy | mse (squared error to the one-hot target)
     optimizer: str = spec("sgd", choices=OPTIMIZERS)  # name
     lr: float = spec(0.05, gt=0.0, unit="learning rate per step (peak of the schedule)")
@@ -111,16 +167,16 @@ class TrainConfig:
     adam_beta1: float = spec(0.9, ge=0.0, lt=1.0)  # Adam only
     adam_beta2: float = spec(0.999, ge=0.0, lt=1.0)  # Adam only
     schedule: str = spec("cosine", choices=SCHEDULES)  # name
-    milestones: tuple[int, ...] = spec((), unit="epochs")  # step schedule: epochs at which lr *= gamma
+    milestones: tuple[int, ...] = spec((), le=MAX_EPOCHS, unit="epochs")  # step schedule: epochs at which lr *= gamma
     gamma: float = spec(0.1, gt=0.0, le=1.0, unit="factor per milestone")  # step schedule
-    checkpoint_every: int = spec(5, ge=1, unit="epochs")  # plus the init and final checkpoints
-    log_every: int = spec(0, ge=0, unit="steps")  # extra per-step history rows; 0 = per-epoch rows only
-    eval_batch_size: int = spec(1024, ge=1, unit="samples per forward")  # evaluation only; results do not change
-    track_sharpness_every: int = spec(5, ge=0, unit="steps or epochs (track_sharpness_unit)")  # 0 = off
+    checkpoint_every: int = spec(5, ge=1, le=MAX_EPOCHS, unit="epochs")  # plus the init and final checkpoints
+    log_every: int = spec(0, ge=0, le=MAX_STEPS, unit="steps")  # extra per-step history rows; 0 = per-epoch rows only
+    eval_batch_size: int = spec(1024, ge=1, le=MAX_BATCH, unit="samples per forward")  # evaluation only; results do not change
+    track_sharpness_every: int = spec(5, ge=0, le=MAX_STEPS, unit="steps or epochs (track_sharpness_unit)")  # 0 = off
     track_sharpness_unit: str = spec("epochs", choices=TRACK_UNITS)  # unit of track_sharpness_every
     track_tol: float = spec(1e-3, gt=0.0, lt=1.0, unit="Ritz residual / lambda_max")  # tracked lambda_max (Lanczos)
-    track_max_hvps: int = spec(200, ge=10, unit="Hessian-vector products per tracked lambda_max")
-    seed: int = spec(0, ge=0)  # initialisation and batch order
+    track_max_hvps: int = spec(200, ge=10, le=MAX_HVPS, unit="Hessian-vector products per tracked lambda_max")
+    seed: int = spec(0, ge=0, le=MAX_SEED)  # initialisation and batch order
     device: str = spec("auto", pattern=_DEVICE_PATTERN)  # auto (CUDA when present, else CPU), cpu, cuda, cuda:N
 
     def __post_init__(self):
@@ -133,6 +189,9 @@ class TrainConfig:
             raise ConfigError("train.milestones", f"must be strictly increasing epochs >= 1, got {list(self.milestones)}")
         if self.schedule == "step" and not self.milestones:
             raise ConfigError("train.milestones", "schedule: step needs at least one milestone (epochs)")
+        if self.schedule == "step" and self.milestones[-1] >= self.epochs:  # epochs count from 0: it would never apply
+            raise ConfigError("train.milestones", f"must be < epochs ({self.epochs}) to take effect, got "
+                                                  f"{list(self.milestones)}")
 
 
 def _check_checkpoint_selection(key: str, value) -> None:
@@ -153,32 +212,32 @@ class HessianConfig:
     checkpoints: str | int = spec("all")  # final | all | k: every k-th checkpoint (by epoch order) plus the final one
     details: str | int = spec("final")  # same choices: where trace, density, GGN and per-group spectra are computed
     method: str = spec("lanczos", choices=EIGEN_METHODS)  # eigen-solver (power = PyHessian's deflated power iteration)
-    top_k: int = spec(5, ge=1, unit="eigenvalues")  # largest eigenvalues, with eigenvectors
+    top_k: int = spec(5, ge=1, le=MAX_EIGENPAIRS, unit="eigenvalues")  # largest eigenvalues, with eigenvectors
     lambda_min: bool = spec(True)  # also the most negative (smallest algebraic) eigenvalue
     tol: float = spec(1e-3, gt=0.0, lt=1.0, unit="Ritz residual / |lambda_max|")  # lanczos/arpack; power: relative change
-    max_hvps: int = spec(600, ge=10, unit="Hessian-vector products per eigen-solve")
-    power_iters: int = spec(100, ge=1, unit="products per eigenvalue")  # power only (PyHessian's maxIter)
+    max_hvps: int = spec(600, ge=10, le=MAX_HVPS, unit="Hessian-vector products per eigen-solve")
+    power_iters: int = spec(100, ge=1, le=MAX_HVPS, unit="products per eigenvalue")  # power only (PyHessian's maxIter)
     trace: tuple[str, ...] = spec(("hutchinson", "hutchpp"))  # trace estimators (hutchinson, hutchpp); [] = none
-    trace_hvps: int = spec(60, ge=4, unit="Hessian-vector products per estimator")
-    density_runs: int = spec(2, ge=0, unit="random start vectors")  # stochastic Lanczos quadrature; 0 = no density
-    density_steps: int = spec(64, ge=2, unit="Lanczos steps per run")
+    trace_hvps: int = spec(60, ge=4, le=MAX_HVPS, unit="Hessian-vector products per estimator")
+    density_runs: int = spec(2, ge=0, le=1000, unit="random start vectors")  # stochastic Lanczos quadrature; 0 = no density
+    density_steps: int = spec(64, ge=2, le=10_000, unit="Lanczos steps per run")
     density_sigma: float = spec(0.01, gt=0.0, unit="fraction of the spectrum's range")  # Gaussian smoothing width
-    density_points: int = spec(500, ge=10, unit="grid points")
+    density_points: int = spec(500, ge=10, le=1_000_000, unit="grid points")
     operators: tuple[str, ...] = spec(("hessian",))  # hessian (always at `checkpoints`), ggn (at `details`)
     groups: str = spec("block", choices=GROUP_LEVELS)  # per-group top eigenvalue at `details`: block | module | none
-    group_top_k: int = spec(1, ge=1, unit="eigenvalues per group")
+    group_top_k: int = spec(1, ge=1, le=MAX_EIGENPAIRS, unit="eigenvalues per group")
     noise: bool = spec(True)  # at `checkpoints`: gradient noise scale (per-sample gradients) and g'Hg/|g|^2
     flatness: tuple[str, ...] = spec(("epsilon", "pac_bayes"))  # at `details`: epsilon, pac_bayes; [] = none
     flatness_radius: float = spec(0.5, gt=0.0, unit="L2 norm of the weight perturbation")  # epsilon-ball (absolute)
     flatness_box: float = spec(1e-3, gt=0.0, unit="fraction of |w_i| + 1")  # Keskar et al.'s box (relative)
-    flatness_steps: int = spec(20, ge=1, unit="ascent steps per start")  # projected gradient ascent
+    flatness_steps: int = spec(20, ge=1, le=MAX_HVPS, unit="ascent steps per start")  # projected gradient ascent
     pac_bayes_bound: float = spec(0.1, gt=0.0, unit="nats of expected loss increase")  # the largest sigma within it
-    pac_bayes_draws: int = spec(10, ge=1, unit="noise draws")  # the same draws for every sigma of the bisection
+    pac_bayes_draws: int = spec(10, ge=1, le=100_000, unit="noise draws")  # the same draws for every sigma of the bisection
     hvp: str = spec("reverse_over_reverse", choices=HVP_METHODS)  # chosen by benchmarks/hvp.py; see README
-    batch_size: int = spec(512, ge=1, unit="samples per forward")  # splits the probe set; does not change results
+    batch_size: int = spec(512, ge=1, le=MAX_BATCH, unit="samples per forward")  # splits the probe set; does not change results
     dtype: str = spec("float32", choices=DTYPES)  # network precision for the products (solvers run in float64)
     device: str = spec("auto", pattern=_DEVICE_PATTERN)  # auto | cpu | cuda | cuda:N
-    seed: int = spec(0, ge=0)  # start vectors and trace probes
+    seed: int = spec(0, ge=0, le=MAX_SEED)  # start vectors and trace probes
 
     def __post_init__(self):
         _check_checkpoint_selection("hessian.checkpoints", self.checkpoints)
@@ -209,23 +268,24 @@ class LandscapeConfig:
 
     norm: str = spec("filter", choices=DIRECTION_NORMS)  # random directions: filter (Li et al. 2018) | layer | none
     ignore: str = spec("biasbn", choices=DIRECTION_IGNORES)  # biasbn: biases and BatchNorm parameters do not move
-    seed: int = spec(0, ge=0)  # random directions: x uses seed, y uses seed + 1 (1-D: seed)
-    line_points: int = spec(41, ge=3, unit="points")  # final + alpha * d, alpha in [-line_range, line_range]
+    seed: int = spec(0, ge=0, le=MAX_SEED)  # random directions: x uses seed, y uses seed + 1 (1-D: seed)
+    line_points: int = spec(41, ge=3, le=MAX_LINE_POINTS, unit="points")  # final + alpha * d, alpha in [-line_range, line_range]
     line_range: float = spec(1.0, gt=0.0, unit="direction lengths")
-    path_points: int = spec(21, ge=3, unit="points")  # on t in [0, 1]: init -> final, final -> partner
+    path_points: int = spec(21, ge=3, le=MAX_LINE_POINTS, unit="points")  # on t in [0, 1]: init -> final, final -> partner
     splits: tuple[str, ...] = spec(("train", "test"))  # 1-D scans evaluated on: train | test
-    partner_seed_offset: int = spec(1, ge=1)  # mode connectivity partner: the run retrained with train.seed + offset
+    partner_seed_offset: int = spec(1, ge=1, le=1_000_000)  # mode connectivity partner: the run retrained with train.seed + offset
     plane: str = spec("random", choices=PLANES)  # 2-D plane: random | pca (of the trajectory) | eigen (top two)
-    surface_points: int = spec(41, ge=2, unit="points per axis")
+    surface_points: int = spec(41, ge=2, le=MAX_SURFACE_POINTS, unit="points per axis",
+                                estimate=surface_estimate)
     surface_range: float = spec(1.0, gt=0.0, unit="direction lengths")  # grid over [-range, range]^2
-    curvature_map: int = spec(0, ge=0, unit="points per axis")  # |lambda_min/lambda_max| on a coarse sub-grid; 0 = off
+    curvature_map: int = spec(0, ge=0, le=MAX_CURVATURE_MAP, unit="points per axis")  # |lambda_min/lambda_max| on a coarse sub-grid; 0 = off
     curvature_tol: float = spec(1e-2, gt=0.0, lt=1.0, unit="Ritz residual / |lambda_max|")  # curvature map solves
-    tile_size: int = spec(256, ge=1, unit="points per tile")  # one Prefect task per tile; finished tiles are kept
-    chunk: int = spec(0, ge=0, unit="points per forward")  # 0 = measured once per model and device
-    batch_size: int = spec(512, ge=1, unit="samples per forward")  # does not change results
+    tile_size: int = spec(256, ge=1, le=MAX_SURFACE_POINTS ** 2, unit="points per tile")  # one Prefect task per tile; finished tiles are kept
+    chunk: int = spec(0, ge=0, le=65536, unit="points per forward")  # 0 = measured once per model and device
+    batch_size: int = spec(512, ge=1, le=MAX_BATCH, unit="samples per forward")  # does not change results
     executor: str = spec("local", choices=EXECUTORS)  # local (this process) | dask (prefect-dask)
     scheduler: str = spec("")  # dask: scheduler address, e.g. tcp://10.0.0.5:8786; "" = LocalCluster on 127.0.0.1
-    workers: int = spec(2, ge=1, unit="processes")  # dask LocalCluster only
+    workers: int = spec(2, ge=1, le=1024, unit="processes")  # dask LocalCluster only
     device: str = spec("auto", pattern=_DEVICE_PATTERN)  # auto | cpu | cuda | cuda:N
 
     def __post_init__(self):
@@ -242,6 +302,21 @@ class LandscapeConfig:
             raise ConfigError("landscape.scheduler", "is read only with executor: dask; set executor: dask or leave it empty")
         if self.scheduler and not re.fullmatch(r"(tcp|tls|ucx|inproc)://\S+", self.scheduler):
             raise ConfigError("landscape.scheduler", f"expected a Dask address like tcp://HOST:PORT, got {self.scheduler!r}")
+
+
+@dataclass(frozen=True)
+class ReproConfig:
+    """``repro`` section: the kernel and thread settings that make CPU results the same bits on every machine.
+
+    PyTorch's CPU kernels (ATen's vectorised loops, oneDNN convolutions, MKL GEMMs) dispatch on the CPU's
+    instruction set and split reductions by thread count, and hundreds of SGD steps amplify the last-bit
+    differences. ``pin`` caps all three at AVX2, which every x86-64 machine of the last decade has, and ``threads``
+    fixes the intra-op thread count; both are set before torch is imported in every stage process (see
+    :mod:`pipeline.repro`) and recorded in every table's provenance.
+    """
+
+    pin: bool = spec(True)  # CPU kernels at AVX2 (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_CBWR); false = native
+    threads: int = spec(2, ge=0, le=1024, unit="intra-op threads")  # fixed, so bits do not depend on the core count; 0 = torch's default
 
 
 @dataclass(frozen=True)
@@ -268,6 +343,7 @@ class Params:
     runs: tuple[RunConfig, ...]
     hessian: HessianConfig = HessianConfig()
     landscape: LandscapeConfig = LandscapeConfig()
+    repro: ReproConfig = ReproConfig()
 
     def run(self, name: str) -> RunConfig:
         for run in self.runs:
@@ -277,7 +353,7 @@ class Params:
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
-                             "hessian": HessianConfig, "landscape": LandscapeConfig}
+                             "hessian": HessianConfig, "landscape": LandscapeConfig, "repro": ReproConfig}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -332,7 +408,8 @@ def _check_value(key: str, tp, value: Any, meta: Mapping[str, Any]) -> Any:
                                 ("le", lambda a, b: a <= b, "<="), ("lt", lambda a, b: a < b, "<")):
             limit = meta.get(bound)
             if limit is not None and not op(value, limit):
-                raise ConfigError(key, f"must be {text} {limit}, got {value!r}")
+                cost = meta.get("estimate") if bound in ("le", "lt") else None
+                raise ConfigError(key, f"must be {text} {limit}, got {value!r}" + (f" ({cost(value)})" if cost else ""))
     return value
 
 
@@ -432,6 +509,49 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         ConfigError: one line naming the file or the dotted key and what is allowed.
     """
     return parse_params(read_yaml(path))
+
+
+def check_batch_size(key: str, batch_size: int | str, n_train: int, dataset: str = "the dataset") -> None:
+    """A train batch size larger than the train split would silently be full-batch gradient descent: refuse it.
+
+    Raises:
+        ConfigError: naming ``key`` (``train.batch_size``, ``runs.<name>.batch_size``, ``grid.batch_size[i]``),
+        the split size and what is allowed.
+    """
+    if isinstance(batch_size, int) and batch_size > n_train:
+        raise ConfigError(key, f"must be <= {n_train}, the train split of {dataset} (or 'full' for full-batch "
+                               f"gradient descent), got {batch_size}")
+
+
+def check_run_batch_size(params: Params, run_name: str, n_train: int, dataset: str = "the dataset") -> None:
+    """:func:`check_batch_size` for the run ``run_name``, naming ``runs.<name>.batch_size`` when the run overrides
+    ``train.batch_size`` (its value differs) and ``train.batch_size`` otherwise."""
+    run = params.run(run_name)
+    key = "train.batch_size" if run.train.batch_size == params.train.batch_size else f"runs.{run_name}.batch_size"
+    check_batch_size(key, run.train.batch_size, n_train, dataset)
+
+
+def read_prepared_meta(folder: str | Path) -> dict:
+    """``folder/meta.json`` of the prepared data (n_train, input_shape, num_classes, ...), read without torch.
+
+    Raises:
+        DataError: naming the file when it is missing or not the JSON object ``prepare`` writes.
+    """
+    import json
+
+    from pipeline.errors import DataError
+
+    path = Path(folder) / "meta.json"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found; run the data preparation stage first") from None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"{path}: unreadable ({first}); rerun the data preparation stage") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("n_train"), int):
+        raise DataError(f"{path}: not the summary the data preparation stage writes (no n_train); rerun it")
+    return meta
 
 
 def resolve_device(name: str, key: str = "train.device") -> str:

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
+import pickle
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,14 +22,11 @@ import torch
 from torch import Tensor
 
 from pipeline.config import DataConfig
+from pipeline.errors import DataError  # noqa: F401 - re-exported: pipeline.data.DataError is the public name
 from pipeline.io import save_torch, write_json
 
 _MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 _CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
-
-
-class DataError(RuntimeError):
-    """A dataset cannot be prepared or loaded; ``str(error)`` is one line naming the key or file and the fix."""
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: tensors have no boolean equality
@@ -116,25 +116,96 @@ def _make_synthetic(cfg: DataConfig):
     return (*_stratified_split(x, y, cfg), cfg.synthetic_classes, False)
 
 
-def _load_torchvision(cfg: DataConfig):
-    """Official train/test splits of CIFAR-10, MNIST or FashionMNIST from ``cfg.root`` as uint8 NCHW."""
-    from torchvision import datasets
+# md5 of the files of cifar-10-python.tar.gz (as torchvision lists them): a full batch (10,000 images) that does not
+# match is refused; a smaller one (a subset, a test fixture) is read with one warning that it is not the official file.
+_CIFAR_MD5 = {
+    "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e",
+    "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
+}
+_CIFAR_BATCH_IMAGES = 10_000
 
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what CIFAR-10's batch files hold: dicts, lists, strings, ints and uint8 numpy arrays.
+
+    ``pickle.load`` would call any importable function the file names (a crafted ``data_batch_1`` runs a shell
+    command); here any other global is refused.
+    """
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refused global {module}.{name} (not part of the CIFAR-10 format)")
+        return super().find_class(module, name)
+
+
+def _read_cifar_file(path: str) -> tuple[dict, bool]:
+    """One CIFAR-10 pickle as a dict with str keys, read by :class:`_CifarUnpickler`, and whether its md5 is the
+    official file's.
+
+    Raises:
+        DataError: naming the file, for anything that is not a CIFAR-10 batch.
+    """
+    raw = Path(path).read_bytes()
+    official = hashlib.md5(raw).hexdigest() == _CIFAR_MD5.get(os.path.basename(path))
+    try:
+        payload = _CifarUnpickler(io.BytesIO(raw), encoding="latin1").load()
+    except Exception as err:  # noqa: BLE001 - refused globals, truncation, garbage: all one line naming the file
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(f"{path}: not a CIFAR-10 batch file ({first})") from None
+    if not isinstance(payload, dict):
+        raise DataError(f"{path}: not a CIFAR-10 batch file (a {type(payload).__name__}, expected a dict)")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in payload.items()}, official
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(message, file=sys.stderr, flush=True)
+
+
+def _cifar_split(folder: str, names: tuple[str, ...]) -> tuple[Tensor, Tensor]:
+    """Images [N, 3, 32, 32] uint8 and labels [N] int64 of the named batch files (rows R|G|B, row-major 32x32)."""
+    xs, ys = [], []
+    for name in names:
+        path = os.path.join(folder, name)
+        batch, official = _read_cifar_file(path)
+        data, labels = batch.get("data"), batch.get("labels")
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            found = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+            raise DataError(f"{path}: 'data' must be a uint8 array of shape [N, 3072], found {found}")
+        if not isinstance(labels, list) or len(labels) != len(data) or not all(
+                isinstance(v, int) and 0 <= v < 10 for v in labels):
+            raise DataError(f"{path}: 'labels' must be {len(data)} integers in [0, 10)")
+        if not official and len(data) == _CIFAR_BATCH_IMAGES:
+            raise DataError(f"{path}: md5 differs from the official CIFAR-10 batch; re-extract cifar-10-python.tar.gz")
+        if not official:
+            _warn_once(f"warning: {folder}: batches differ from the official CIFAR-10 release (a subset or another "
+                       "copy); read with the restricted unpickler")
+        xs.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))
+        ys.append(torch.tensor(labels, dtype=torch.int64))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _load_torchvision(cfg: DataConfig):
+    """Official train/test splits of CIFAR-10, MNIST or FashionMNIST from ``cfg.root`` as uint8 NCHW.
+
+    CIFAR-10's pickled batches are read by a restricted unpickler (never ``pickle.load``): data cannot run code.
+    """
     root = cfg.root
     if cfg.dataset == "cifar10":
         label, folder, files = "CIFAR-10", os.path.join(root, "cifar-10-batches-py"), _CIFAR_FILES
         hint = f"extract cifar-10-python.tar.gz into {root}"
-
-        class FilesCIFAR10(datasets.CIFAR10):
-            """CIFAR10 that checks the batch files exist instead of their md5 (the data are read identically)."""
-
-            meta = {**datasets.CIFAR10.meta, "md5": None}  # check_integrity(path, None) only tests existence
-
-            def _check_integrity(self) -> bool:
-                return all(os.path.isfile(os.path.join(self.root, self.base_folder, f)) for f in _CIFAR_FILES)
-
-        cls = FilesCIFAR10
     else:
+        from torchvision import datasets
+
         cls = datasets.MNIST if cfg.dataset == "mnist" else datasets.FashionMNIST
         label = "MNIST" if cfg.dataset == "mnist" else "FashionMNIST"
         folder, files = os.path.join(root, cls.__name__, "raw"), _MNIST_FILES
@@ -142,19 +213,29 @@ def _load_torchvision(cfg: DataConfig):
     expected = f"expected {folder}/{{{','.join(files)}}} ({hint}) or set data.download: true"
     if cfg.dataset == "cifar10":  # shorter, as the files are numbered
         expected = expected.replace(",".join(files[:5]), "data_batch_1..5")
+    if cfg.dataset == "cifar10" and cfg.download and not all(os.path.isfile(os.path.join(folder, f)) for f in files):
+        from torchvision import datasets
+
+        try:  # torchvision checks the md5 of the archive it downloads
+            datasets.CIFAR10(root, train=True, download=True)
+        except Exception as err:  # noqa: BLE001 - network errors
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise DataError(f"data.root: could not download {label} into {root} ({first})") from None
     if not cfg.download and not all(os.path.isfile(os.path.join(folder, f)) for f in files):
         raise DataError(f"data.root: {label} not found: {expected}")
+    if cfg.dataset == "cifar10":
+        _read_cifar_file(os.path.join(folder, "batches.meta"))  # checked like the batches
+        x_train, y_train = _cifar_split(folder, _CIFAR_FILES[:5])
+        x_test, y_test = _cifar_split(folder, ("test_batch",))
+        return x_train, y_train, x_test, y_test, 10, False
     try:
         train, test = cls(root, train=True, download=cfg.download), cls(root, train=False, download=cfg.download)
     except Exception as err:  # network errors, truncated or foreign files; torchvision messages may span lines
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise DataError(f"data.root: could not load {label} from {root} ({first}); {expected}") from None
 
-    def to_nchw(ds) -> tuple[Tensor, Tensor]:
-        if cfg.dataset == "cifar10":  # .data is a numpy NHWC uint8 array
-            x = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
-        else:  # .data is a uint8 tensor [N, 28, 28]
-            x = ds.data.to(torch.uint8).unsqueeze(1).contiguous()
+    def to_nchw(ds) -> tuple[Tensor, Tensor]:  # .data is a uint8 tensor [N, 28, 28] (idx files: no pickle)
+        x = ds.data.to(torch.uint8).unsqueeze(1).contiguous()
         return x, torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
 
     return (*to_nchw(train), *to_nchw(test), len(train.classes), False)

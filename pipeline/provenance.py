@@ -27,7 +27,7 @@ def git_revision() -> str:
 
 # The modules whose code decides the trained weights. Config semantics are covered by the run config itself,
 # so adding a config section for a later stage does not invalidate persisted checkpoints.
-TRAINING_MODULES = ("data.py", "models.py", "training.py", "tracking.py")  # tracking: the sharpness rows
+TRAINING_MODULES = ("data.py", "models.py", "training.py", "tracking.py", "repro.py")  # tracking: the sharpness rows
 
 
 @lru_cache(maxsize=1)
@@ -50,6 +50,7 @@ def provenance() -> dict[str, str]:
     import torch
 
     from pipeline import __version__
+    from pipeline.repro import kernel_record
 
     return {
         "git_revision": git_revision(),
@@ -58,5 +59,6 @@ def provenance() -> dict[str, str]:
         "python": sys.version.split()[0],
         "torch": str(torch.__version__),
         "numpy": str(numpy.__version__),
-        "platform": platform.platform(),
+        "platform": f"{platform.system()}-{platform.machine()}",  # no kernel release: same bytes on every host
+        **kernel_record(),  # kernel level, pinning, threads, CPU model: what decides the bits
     }

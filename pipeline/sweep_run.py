@@ -34,8 +34,9 @@ import pandas as pd
 import torch
 
 from pipeline.checkpoints import parameters_finite
-from pipeline.config import (MODELS, ConfigError, DataConfig, HessianConfig, ModelConfig, RunConfig, TrainConfig,
-                             build_section, read_yaml, resolve_device, spec)
+from pipeline.config import (MAX_BATCH, MODELS, ConfigError, DataConfig, HessianConfig, ModelConfig, ReproConfig,
+                             RunConfig,
+                             TrainConfig, build_section, check_batch_size, read_yaml, resolve_device, spec)
 from pipeline.curvature.analysis import analyse
 from pipeline.curvature.operators import ProbeSet
 from pipeline.data import PreparedData
@@ -46,6 +47,7 @@ from pipeline.sweep import MEASURES, Experiment, batch_size_effect, kendall_tabl
 from pipeline.training import train
 
 __all__ = ["SweepGrid", "SweepParams", "Point", "parse_sweep_params", "load_sweep_params", "grid_points",
+           "check_grid_batch_sizes",
            "make_probe", "point_fingerprint", "headline", "run_point", "load_result", "experiments",
            "write_outputs", "SWEEP_MEASURES", "BATCH_SIZE_MEASURES", "RESULT", "OUTPUT_FILES"]
 
@@ -68,7 +70,7 @@ class SweepGrid:
 
     model: tuple[str, ...] = spec(("mlp",), choices=MODELS)  # architectures
     lr: tuple[float, ...] = spec((0.05,), gt=0.0, unit="learning rate per step (peak of the schedule)")
-    batch_size: tuple[int, ...] = spec((64,), ge=1, unit="samples per step")
+    batch_size: tuple[int, ...] = spec((64,), ge=1, le=MAX_BATCH, unit="samples per step")
     seed: tuple[int, ...] = spec((0,), ge=0)  # initialisation and batch order
 
     def __post_init__(self):
@@ -93,10 +95,11 @@ class SweepParams:
     train: TrainConfig
     hessian: HessianConfig
     grid: SweepGrid
+    repro: ReproConfig = ReproConfig()  # applied by the stage wrapper before torch is imported
 
 
 SWEEP_SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
-                                   "hessian": HessianConfig, "grid": SweepGrid}
+                                   "hessian": HessianConfig, "grid": SweepGrid, "repro": ReproConfig}
 
 
 def parse_sweep_params(raw: Any) -> SweepParams:
@@ -163,6 +166,16 @@ def grid_points(params: SweepParams) -> list[Point]:
         points.append(Point(name, model, float(lr), int(batch_size), int(seed),
                             RunConfig(name=name, model_name=model, model=params.model, train=run_train)))
     return points
+
+
+def check_grid_batch_sizes(grid: SweepGrid, n_train: int, dataset: str = "the dataset") -> None:
+    """Every ``grid.batch_size`` must fit the train split (a larger one would silently be full-batch GD).
+
+    Raises:
+        ConfigError: ``grid.batch_size[i]: must be <= N, the train split of ..., got B``.
+    """
+    for i, batch_size in enumerate(grid.batch_size):
+        check_batch_size(f"grid.batch_size[{i}]", batch_size, n_train, dataset)
 
 
 def make_probe(data: PreparedData, cfg: HessianConfig) -> ProbeSet:
@@ -244,6 +257,7 @@ def run_point(point: Point, data: PreparedData, probe: ProbeSet, folder: str | P
         "diverged"`` and no ``hessian`` entry.
     """
     say = log or (lambda message: None)
+    check_batch_size("grid.batch_size", point.batch_size, len(data.y_train), data.name)  # before any training
     folder = Path(folder)
     fingerprint = point_fingerprint(point, hessian_cfg, data_fingerprint or data.fingerprint())
     cached = load_result(folder, fingerprint)

@@ -17,10 +17,11 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,11 @@ from pipeline.provenance import code_fingerprint, provenance
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_GLOB = "epoch_*.pt"
 MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 2  # 2: every entry carries the file's sha256 and the run fingerprint
+MANIFEST_KEYS = ("file", "epoch", "step", "tag", "status", "sha256", "fingerprint")
+FOREIGN = "made by another config, data or code"
+TORN = "unreadable (torn write?)"
+_EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
 
 
 def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -100,9 +106,12 @@ def parameter_norm(model: nn.Module) -> float:
 
 
 def run_fingerprint(run: RunConfig, data_fingerprint: str) -> str:
-    """sha256 identifying what a checkpoint was made from: run config, data and library code."""
-    payload = json.dumps({"run": run.to_dict(), "data": data_fingerprint, "code": code_fingerprint()},
-                         sort_keys=True, default=list)
+    """sha256 identifying what a checkpoint was made from: run config, data, library code and the CPU kernel
+    settings (:func:`pipeline.repro.kernel_fingerprint`: other kernels give other weights)."""
+    from pipeline.repro import kernel_fingerprint
+
+    payload = json.dumps({"run": run.to_dict(), "data": data_fingerprint, "code": code_fingerprint(),
+                          "kernels": kernel_fingerprint()}, sort_keys=True, default=list)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -142,6 +151,7 @@ class Trainer:
         self.optimizer = _build_optimizer(self.model, self.cfg)
         self.steps_per_epoch = len(batch_order(len(self.x_train), self.cfg.batch_size, 0, 1))
         self.state = TrainState()
+        self._entries: dict[str, dict] | None = None  # manifest entries of the good checkpoints (set by start)
         self.tracker = None
         if self.cfg.track_sharpness_every:
             from pipeline.curvature.operators import ProbeSet
@@ -158,29 +168,82 @@ class Trainer:
         return self.state.status != "running"
 
     def start(self) -> str:
-        """Resume from the newest checkpoint made with the same config, data and code, or start afresh.
+        """Resume from the newest good checkpoint (same config, data and code, intact), or start afresh.
 
-        Returns a one-line description of what happened (for logs).
+        A torn (unreadable) or foreign (another fingerprint, or another epoch than its name says) ``epoch_*.pt`` is
+        deleted, that file only, and training resumes from the newest good checkpoint *before* it, so the run
+        recomputes the missing epochs (bitwise the same weights on the CPU). Good checkpoints are never deleted;
+        those after the resume point stay listed and are rewritten, with the same weights, as training reaches them
+        again. A file the manifest lists but that is gone counts as a hole too. The manifest is rewritten from the
+        good checkpoints when it is missing or stale. With no good checkpoint (config changed) the run starts
+        afresh.
+
+        Returns a one-line description of what happened, repairs included (for logs).
         """
-        checkpoints = sorted(self.checkpoint_dir.glob(CHECKPOINT_GLOB))
-        stale = []
-        for path in reversed(checkpoints):
-            payload = _try_load(path)
-            if payload is None:
-                continue
-            if payload.get("fingerprint") != self.fingerprint:
-                stale = checkpoints
-                break
-            self._restore(payload)
-            return (f"resumed from {path.name} (epoch {self.state.epoch}/{self.cfg.epochs}, "
-                    f"status {self.state.status})")
-        for path in stale or checkpoints:  # unreadable or made with another config: start afresh
-            path.unlink()
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        manifest = read_manifest(self.checkpoint_dir)
+        good: dict[str, dict] = {}
+        bad: list[tuple[Path, str]] = []
+        for path in sorted(self.checkpoint_dir.glob(CHECKPOINT_GLOB)):
+            entry, problem = self._inspect(path, (manifest or {}).get(path.name))
+            if entry is not None:
+                good[path.name] = entry
+            else:
+                bad.append((path, problem))
+        holes = [name for name, e in (manifest or {}).items()
+                 if e.get("fingerprint") == self.fingerprint and name not in good
+                 and not (self.checkpoint_dir / name).exists()]
+        for path, _ in bad:
+            path.unlink(missing_ok=True)
+        bad_epochs = [e for e in (_file_epoch(name) for name in [*(p.name for p, _ in bad), *holes]) if e is not None]
+        cutoff = min(bad_epochs) if bad_epochs else None
+        self._entries = dict(good)  # save_checkpoint adds to it; `good` stays what was found
+        notes = _repair_notes(bad, holes)
+        if manifest != good and (good or manifest is not None):  # an empty folder gets its manifest with epoch 0
+            write_manifest(self.checkpoint_dir, good.values())
+            notes.append(f"rewrote {'missing ' if manifest is None else ''}{MANIFEST}")
+
+        candidates = sorted((e for e in good.values() if cutoff is None or e["epoch"] < cutoff),
+                            key=lambda e: e["epoch"])
+        for entry in reversed(candidates):
+            payload = _try_load(self.checkpoint_dir / entry["file"])
+            if payload is None or payload.get("fingerprint") != self.fingerprint:
+                continue  # changed since it was hashed: fall back to an older one
+            self._restore(payload)
+            message = (f"resumed from {entry['file']} (epoch {self.state.epoch}/{self.cfg.epochs}, "
+                       f"status {self.state.status})")
+            if cutoff is not None:
+                notes.append(f"retraining from epoch {self.state.epoch}")
+            return message + (f"; repaired: {'; '.join(notes)}" if notes else "")
+        self.state = TrainState()
         self.state.history.append(self._epoch_row(batch_loss=float("nan"), grad_norm=float("nan")))
         self.save_checkpoint()
-        note = " (discarded checkpoints made with another config, data or code)" if stale else ""
-        return f"started afresh{note}"
+        foreign = sum(1 for _, problem in bad if problem == FOREIGN)
+        if foreign and not good:  # the config, data or code changed: nothing to repair, a new run
+            return f"started afresh (discarded {foreign} checkpoint(s) made with another config, data or code)"
+        if cutoff is not None:
+            notes.append("retraining from epoch 0")
+        return "started afresh" + (f"; repaired: {'; '.join(notes)}" if notes else "")
+
+    def _inspect(self, path: Path, listed: dict | None) -> tuple[dict | None, str]:
+        """``(manifest entry, "")`` for a good checkpoint of this run, else ``(None, what is wrong)``.
+
+        A file whose hash and fingerprint the manifest vouches for is good without being loaded."""
+        try:
+            digest = file_sha256(path)
+        except OSError:
+            return None, TORN
+        if (listed is not None and listed.get("sha256") == digest and listed.get("fingerprint") == self.fingerprint
+                and listed.get("epoch") == _file_epoch(path.name) and all(k in listed for k in MANIFEST_KEYS)):
+            return {k: listed[k] for k in MANIFEST_KEYS}, ""
+        payload = _try_load(path)
+        if payload is None:
+            return None, TORN
+        if payload.get("fingerprint") != self.fingerprint:
+            return None, FOREIGN
+        if payload.get("epoch") != _file_epoch(path.name):
+            return None, f"holds epoch {payload.get('epoch')}, not the one its name says"
+        return manifest_entry(path.name, payload, digest), ""
 
     def train_epoch(self, on_step: Callable[[int], None] | None = None) -> dict:
         """Train one epoch; checkpoint when due. Returns the epoch's history row."""
@@ -249,19 +312,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
-        """Write ``epoch_XXXX.pt`` atomically (weights, optimiser, progress, config, provenance) and the manifest."""
+        """Write ``epoch_XXXX.pt`` atomically (weights, optimiser, progress, config, provenance), then the manifest
+        with the file's sha256 and the run fingerprint (atomically too, after the file is in place)."""
         s = self.state
         tag = "init" if s.epoch == 0 else ("final" if self.done else "periodic")
         path = self.checkpoint_dir / f"epoch_{s.epoch:04d}.pt"
-        save_torch(path, {
+        payload = {
             "format": CHECKPOINT_FORMAT, "tag": tag, "epoch": s.epoch, "step": s.step, "seconds": s.seconds,
             "status": s.status, "diverged_step": s.diverged_step, "history": s.history,
             "sharpness": s.sharpness, "track_vector": s.track_vector,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "config": self.run.to_dict(), "fingerprint": self.fingerprint,
             "data_fingerprint": self.data_fingerprint, "provenance": provenance(),
-        })
-        write_manifest(self.checkpoint_dir)
+        }
+        save_torch(path, payload)
+        if self._entries is None:  # saved without start(): keep what the manifest vouches for
+            self._entries = {name: e for name, e in (read_manifest(self.checkpoint_dir) or {}).items()
+                             if e.get("fingerprint") == self.fingerprint and (self.checkpoint_dir / name).is_file()}
+        self._entries[path.name] = manifest_entry(path.name, payload, file_sha256(path))
+        write_manifest(self.checkpoint_dir, self._entries.values())
         return path
 
     def _restore(self, payload: dict) -> None:
@@ -340,7 +409,9 @@ def train(run: RunConfig, data: PreparedData, checkpoint_dir: str | Path,
 
 
 def list_checkpoints(checkpoint_dir: str | Path) -> list[dict]:
-    """The readable checkpoints of a folder, oldest first: ``{file, epoch, step, tag, status}``."""
+    """The readable checkpoints of a folder, oldest first: ``{file, epoch, step, tag, status}``.
+
+    Not verified against the manifest: analyses use :func:`pipeline.checkpoints.verified_checkpoints`."""
     rows = []
     for path in sorted(Path(checkpoint_dir).glob(CHECKPOINT_GLOB)):
         payload = _try_load(path)
@@ -350,8 +421,43 @@ def list_checkpoints(checkpoint_dir: str | Path) -> list[dict]:
     return rows
 
 
-def write_manifest(checkpoint_dir: str | Path) -> None:
-    write_json(Path(checkpoint_dir) / MANIFEST, {"checkpoints": list_checkpoints(checkpoint_dir)})
+def file_sha256(path: str | Path) -> str:
+    """sha256 hex of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def manifest_entry(name: str, payload: dict, sha256: str) -> dict:
+    """The manifest row of checkpoint file ``name``: its progress, its bytes' sha256 and the run fingerprint."""
+    return {"file": name, "epoch": payload["epoch"], "step": payload["step"], "tag": payload["tag"],
+            "status": payload["status"], "sha256": sha256, "fingerprint": payload.get("fingerprint")}
+
+
+def read_manifest(checkpoint_dir: str | Path) -> dict[str, dict] | None:
+    """The manifest's entries by file name, or None when ``manifest.json`` is missing or not a manifest."""
+    try:
+        raw = json.loads((Path(checkpoint_dir) / MANIFEST).read_text())
+    except (OSError, ValueError):  # missing, unreadable or not JSON: no manifest
+        return None
+    rows = raw.get("checkpoints") if isinstance(raw, dict) else None
+    if not isinstance(rows, list):
+        return None
+    return {r["file"]: r for r in rows if isinstance(r, dict) and isinstance(r.get("file"), str)}
+
+
+def write_manifest(checkpoint_dir: str | Path, entries: Iterable[dict] | None = None) -> None:
+    """Write ``manifest.json`` atomically: ``entries`` (rows of :func:`manifest_entry`), oldest first.
+
+    ``None`` lists every readable checkpoint of the folder (each loaded and hashed)."""
+    folder = Path(checkpoint_dir)
+    if entries is None:
+        entries = [manifest_entry(p.name, payload, file_sha256(p)) for p in sorted(folder.glob(CHECKPOINT_GLOB))
+                   if (payload := _try_load(p)) is not None]
+    rows = sorted(entries, key=lambda e: (e["epoch"], e["file"]))
+    write_json(folder / MANIFEST, {"format": MANIFEST_FORMAT, "checkpoints": rows})
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -365,6 +471,23 @@ def _try_load(path: Path) -> dict | None:
     except Exception:  # a torn or foreign file: treated as absent, never trusted
         return None
     return payload if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT else None
+
+
+def _repair_notes(bad: list[tuple[Path, str]], holes: list[str]) -> list[str]:
+    """What :meth:`Trainer.start` deleted or found missing, grouped by what was wrong (for its one log line)."""
+    by_problem: dict[str, list[str]] = {}
+    for path, problem in bad:
+        by_problem.setdefault(problem, []).append(path.name)
+    notes = [f"deleted {', '.join(names)} ({problem})" for problem, names in by_problem.items()]
+    if holes:
+        notes.append(f"{', '.join(holes)} listed in {MANIFEST} but missing")
+    return notes
+
+
+def _file_epoch(name: str) -> int | None:
+    """The epoch in a checkpoint file name ``epoch_0012.pt``, or None for another name."""
+    match = _EPOCH_FILE.match(name)
+    return int(match.group(1)) if match else None
 
 
 def _build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -4,13 +4,13 @@ the top Hessian eigenvector, and the path to the second-seed model (linear mode 
 import argparse
 from pathlib import Path
 
-from pipeline.checkpoints import require_checkpoints
-from pipeline.cli import stage_entry
+from pipeline.stage import stage_entry
 from pipeline.config import load_params, resolve_device
-from pipeline.data import require_prepared
 
 
 def main(argv=None):
+    from pipeline.checkpoints import require_checkpoints
+    from pipeline.data import require_prepared
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="validated before any work")
     parser.add_argument("--run", required=True, help="a key of `runs` in params.yaml")
@@ -21,8 +21,10 @@ def main(argv=None):
     parser.add_argument("--tables", type=Path, help="default: reports/tables/<run>")
     parser.add_argument("--work", type=Path, help="finished tiles (resume); default: artifacts/landscape/<run>/interpolate_tiles")
     parser.add_argument("--figures", type=Path, help="default: reports/figures/<run>")
-    args = parser.parse_args(argv)
-    params = load_params(args.params)
+    args, extra = parser.parse_known_args(argv)
+    params = load_params(args.params)  # first: a bad run name split by the shell ends here, with the project's line
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     params.run(args.run)
     resolve_device(params.landscape.device, "landscape.device")
     require_prepared(args.data)

@@ -3,7 +3,7 @@
 import argparse
 from pathlib import Path
 
-from pipeline.cli import stage_entry
+from pipeline.stage import stage_entry
 from pipeline.config import load_params
 
 

@@ -3,7 +3,7 @@
 import argparse
 from pathlib import Path
 
-from pipeline.cli import stage_entry
+from pipeline.stage import stage_entry
 from pipeline.config import load_params
 
 
@@ -17,7 +17,7 @@ def main(argv=None):
 
     from pipeline.flows.runtime import configure_prefect
     configure_prefect()
-    from pipeline.flows.stages import metrics_flow
+    from pipeline.flows.metrics import metrics_flow
     metrics_flow(params, args.tables, args.out)
 
 

@@ -3,7 +3,7 @@
 import argparse
 from pathlib import Path
 
-from pipeline.cli import stage_entry
+from pipeline.stage import stage_entry
 from pipeline.config import load_params
 
 
@@ -16,7 +16,7 @@ def main(argv=None):
 
     from pipeline.flows.runtime import configure_prefect
     configure_prefect()
-    from pipeline.flows.stages import prepare_flow
+    from pipeline.flows.prepare import prepare_flow
     prepare_flow(params, args.out)
 
 

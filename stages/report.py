@@ -4,7 +4,7 @@ tables of every run, plus the JSON data that ``dvc plots show`` and ``dvc plots 
 import argparse
 from pathlib import Path
 
-from pipeline.cli import stage_entry
+from pipeline.stage import stage_entry
 from pipeline.config import load_params
 
 

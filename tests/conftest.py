@@ -1,8 +1,14 @@
 import os
 from pathlib import Path
 
-import pytest
-import torch
+from pipeline import repro
+
+# The suite runs with the pipeline's default kernel settings (repro.pin, repro.threads), set before torch is
+# imported: its numbers are then the same bits on every machine, as the stages' are.
+repro.apply(pin=True, threads=2)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from pipeline.config import DataConfig, parse_params
 from pipeline.data import prepare_dataset

@@ -176,3 +176,23 @@ def test_flatten_and_compare_tables():
     assert merged[merged.only_in == "b"].epoch.tolist() == [2]
     frame = pd.DataFrame([{"key": "x", "A": 2.0, "B": 3.0, "delta": 1.0, "changed": True}])
     assert format_metrics(frame).splitlines()[2].split() == ["x", "2", "3", "+1", "(+50.0%)"]
+
+
+def test_wall_clock_numbers_are_not_counted_as_changes(monkeypatch, tmp_path):
+    from pipeline import compare
+
+    assert all(compare.is_timing(k) for k in ("mlp.train.seconds", "tracking_seconds", "seconds", "wall_s"))
+    assert not any(compare.is_timing(k) for k in ("mlp.train.train_loss", "lambda_max", "timestep", "epochs"))
+    runs = [{"mlp": {"train": {"seconds": 12.5, "tracking_seconds": 3.0, "test_loss": 0.1}}},
+            {"mlp": {"train": {"seconds": 13.0, "tracking_seconds": 2.5, "test_loss": 0.1}}}]
+    monkeypatch.setattr(compare, "read_bytes", lambda path, rev, repo: json.dumps(runs[int(rev)]).encode())
+    assert int(compare.compare_metrics("0", "1", tmp_path).changed.sum()) == 0  # identical results: nothing differs
+    assert int(compare.compare_metrics("0", "1", tmp_path, timing=True).changed.sum()) == 2
+    runs[1]["mlp"]["train"]["test_loss"] = 0.2
+    assert compare.compare_metrics("0", "1", tmp_path).query("changed").key.tolist() == ["mlp.train.test_loss"]
+    a = pd.DataFrame({"epoch": [0, 1], "loss": [1.0, 0.5], "seconds": [0.1, 0.2]})
+    b = pd.DataFrame({"epoch": [0, 1], "loss": [1.0, 0.5], "seconds": [0.3, 0.1]})
+    assert compare.differing_rows(compare_tables(a, b)).empty
+    assert len(compare.differing_rows(compare_tables(a, b), timing=True)) == 2
+    b.loc[1, "loss"] = 0.4
+    assert compare.differing_rows(compare_tables(a, b)).epoch.tolist() == [1]

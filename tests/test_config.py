@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import locale
 import math
 import typing
 from pathlib import Path

@@ -60,12 +60,14 @@ def test_absolute_sharpness_at_a_minimum_is_half_lambda_max_epsilon_squared():
     u = res.perturbation
     assert float(u.norm()) == pytest.approx(eps, rel=1e-12)  # on the sphere
     assert abs(float(u @ top_eigenvector(A))) / eps >= 1 - 1e-6  # along the top eigenvector
-    assert res.starts == 2 and res.steps <= 2 * 40
+    # The gradient-step start is skipped where the gradient at the minimum rounds to exactly zero, which depends on
+    # the kernels' rounding: either way the random start alone finds the maximum (checked above).
+    assert res.starts in (1, 2) and res.steps <= res.starts * 40
     assert res.gradient_evaluations == 1 + res.starts + res.steps
     # Started on the top eigenvector, the ascent is at a fixed point at once: exact, no step spent on that start.
     res_v = epsilon_sharpness(model, probe, epsilon=eps, steps=40, loss="mse", gradient_start=False,
                               directions=[top_eigenvector(A)])
-    assert res_v.starts == 3
+    assert res_v.starts == res.starts + 1
     assert res_v.increase == pytest.approx(exact, rel=1e-12)
 
 

@@ -1,6 +1,5 @@
 """The curvature report (pipeline.curvature.analysis) against dense float64 ground truth, and checkpoint selection."""
 
-import math
 
 import pytest
 import torch

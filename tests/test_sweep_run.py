@@ -15,7 +15,7 @@ import pytest
 
 import pipeline.sweep_run as sweep_run
 from conftest import REPO
-from pipeline.cli import stage_entry
+from pipeline.stage import stage_entry
 from pipeline.config import ConfigError, DataConfig, HessianConfig, ModelConfig, TrainConfig
 from pipeline.curvature.analysis import analyse
 from pipeline.sweep import KENDALL_COLUMNS, MEASURES, ROW_COLUMNS, sweep_rows

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from pipeline.config import HessianConfig
+from pipeline.config import ConfigError, HessianConfig
 from pipeline.curvature import spectral
 from pipeline.curvature.dynamics import gradient_noise, gradient_sharpness
 from pipeline.curvature.flatness import epsilon_sharpness, pac_bayes_sigma
@@ -26,6 +26,54 @@ from pipeline.curvature.operators import BN_MODE, OPERATORS, CurvatureOperator, 
 ALL = "all"  # the `group` of quantities over the whole parameter vector
 
 log = logging.getLogger(__name__)
+
+# Largest float64 Krylov basis (Lanczos, SLQ) a solve may hold: a bound on memory checked before any product.
+KRYLOV_MEMORY_LIMIT = 16 * 2**30
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.3g} GiB"
+
+
+def check_dimensions(model: nn.Module, cfg: HessianConfig, what: str = "the model") -> int:
+    """Check the ``hessian`` keys that must fit the parameter count of ``model`` (``what`` names it in messages),
+    before any product: no value is silently clipped. Works on a model on the ``meta`` device (no weights needed).
+
+    Returns:
+        The parameter count (the dimension of the Hessian).
+
+    Raises:
+        ConfigError: one line naming the key, the dimension and what was asked, for ``top_k`` (+ ``lambda_min``)
+        above the dimension, ``group_top_k`` above the smallest group's, ``density_steps`` above the dimension,
+        or a Krylov basis over :data:`KRYLOV_MEMORY_LIMIT`.
+    """
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    dim = sum(p.numel() for p in named.values())
+    wanted = cfg.top_k + int(cfg.lambda_min)
+    if wanted > dim:
+        extra = " less one for lambda_min" if cfg.lambda_min else ""
+        raise ConfigError("hessian.top_k", f"must be <= {dim - int(cfg.lambda_min)} (the {dim} parameters of {what}"
+                                           f"{extra}), got {cfg.top_k}")
+    basis = min(max(2 * wanted + 10, 30), dim) * dim * 8  # spectral.lanczos's default basis, float64
+    if cfg.method == "lanczos" and basis > KRYLOV_MEMORY_LIMIT:
+        raise ConfigError("hessian.top_k", f"{cfg.top_k} needs a Lanczos basis of about {_gib(basis)} for the {dim} "
+                                           f"parameters of {what}; allowed up to {_gib(KRYLOV_MEMORY_LIMIT)}")
+    if cfg.density_runs and cfg.density_steps > dim:
+        raise ConfigError("hessian.density_steps", f"must be <= {dim} (the parameters of {what}: a Krylov space has "
+                                                   f"no more dimensions), got {cfg.density_steps}")
+    if cfg.density_runs and cfg.density_steps * dim * 8 > KRYLOV_MEMORY_LIMIT:
+        raise ConfigError("hessian.density_steps", f"{cfg.density_steps} steps need a basis of about "
+                                                   f"{_gib(cfg.density_steps * dim * 8)} for the {dim} parameters of "
+                                                   f"{what}; allowed up to {_gib(KRYLOV_MEMORY_LIMIT)}")
+    if cfg.groups != "none":
+        sizes = {group: sum(named[n].numel() for n in names)
+                 for group, names in parameter_groups(model, cfg.groups).items()}
+        group = min(sizes, key=sizes.get)
+        if cfg.group_top_k > sizes[group]:
+            raise ConfigError("hessian.group_top_k", f"must be <= {sizes[group]} (the parameters of group {group!r} "
+                                                     f"of {what}, the smallest at groups: {cfg.groups}), got "
+                                                     f"{cfg.group_top_k}")
+    return dim
 
 
 @dataclass
@@ -46,15 +94,21 @@ def _row(operator: str, group: str, quantity: str, index: int, value: float, *, 
             "converged": bool(converged), "seconds": float(seconds)}
 
 
-def eigen_solve(op: CurvatureOperator, cfg: HessianConfig, k: int, smallest: bool, seed: int):
+def eigen_solve(op: CurvatureOperator, cfg: HessianConfig, k: int, smallest: bool, seed: int,
+                key: str = "hessian.top_k"):
     """Top ``k`` eigenpairs (and the smallest one when ``smallest``) of ``op`` by ``cfg.method``.
 
     Returns ``(largest, smallest_or_None)`` :class:`~pipeline.curvature.spectral.EigenResult` s. ``power`` finds
     the eigenvalues of largest magnitude (as PyHessian does); its smallest eigenvalue comes from power iteration
     on the shifted operator :math:`H - \\lambda_1 I`, whose dominant eigenvalue is :math:`\\lambda_{min} - \\lambda_1`.
+
+    Raises:
+        ConfigError: naming ``key`` when ``k`` (plus the smallest one) exceeds ``op.dim``; never clipped silently.
     """
-    k = min(k, op.dim)
-    smallest = smallest and op.dim > k
+    if k + int(smallest) > op.dim:
+        extra = " less one for lambda_min" if smallest else ""
+        raise ConfigError(key, f"must be <= {op.dim - int(smallest)} (the operator's {op.dim} parameters{extra}), "
+                               f"got {k}")
     if cfg.method == "lanczos":
         return spectral.lanczos(op.matvec, op.dim, k_largest=k, k_smallest=int(smallest), tol=cfg.tol,
                                 max_matvecs=cfg.max_hvps, seed=seed, device=op.device)
@@ -84,6 +138,7 @@ def analyse(model: nn.Module, probe: ProbeSet, cfg: HessianConfig, *, details: b
     curvature along the gradient. ``loss`` is the run's training loss (``cross_entropy`` or ``mse``).
     """
     say = on_step or (lambda message: log.info(message))
+    check_dimensions(model, cfg)  # before any product: a top_k above the dimension is an error, never clipped
     report = CurvatureReport()
     hessian = OPERATORS["hessian"](model, probe, hvp=cfg.hvp, loss=loss)
     start = time.perf_counter()
@@ -119,7 +174,7 @@ def analyse(model: nn.Module, probe: ProbeSet, cfg: HessianConfig, *, details: b
 def _spectrum(report, name, group, op, cfg, k, smallest, say, keep_vectors) -> None:
     start = time.perf_counter()
     before = op.products
-    top, bottom = eigen_solve(op, cfg, k, smallest, cfg.seed)
+    top, bottom = eigen_solve(op, cfg, k, smallest, cfg.seed, "hessian.top_k" if group == ALL else "hessian.group_top_k")
     seconds = time.perf_counter() - start
     hvps = op.products - before
     for i, (value, residual, ok) in enumerate(zip(top.eigenvalues, top.residuals, top.converged)):

@@ -8,15 +8,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_table_artifact
 
-from pipeline.checkpoints import (load_checkpoint, model_from_checkpoint, next_learning_rate, parameters_finite,
-                                  require_checkpoints, select_checkpoints)
+from pipeline.checkpoints import (expected_fingerprint, load_verified, model_from_checkpoint, next_learning_rate,
+                                  parameters_finite, require_checkpoints, select_checkpoints)
 from pipeline.config import HessianConfig, Params, resolve_device
 from pipeline.curvature.analysis import BN_MODE, analyse
 from pipeline.curvature.operators import ProbeSet
 from pipeline.data import PreparedData, load_prepared
-from pipeline.flows.common import Progress, unit_of_work
+from pipeline.flows.common import Progress, table_artifact, unit_of_work
 from pipeline.headlines import hessian_headline
 from pipeline.io import save_torch, write_json
 from pipeline.plotting import plot_density, plot_sharpness, plot_spectrum
@@ -27,11 +26,13 @@ EIGENVECTORS = "eigenvectors.pt"
 
 
 @unit_of_work
-def analyse_checkpoint(path: Path, data: PreparedData, data_fingerprint: str, cfg: HessianConfig,
-                       details: bool) -> dict:
-    """Curvature at one checkpoint: rows for both tables and, for the caller, the top eigenvectors."""
+def analyse_checkpoint(checkpoint_dir: Path, entry: dict, run_name: str, data: PreparedData, data_fingerprint: str,
+                       cfg: HessianConfig, details: bool) -> dict:
+    """Curvature at one checkpoint (``entry`` of :func:`~pipeline.checkpoints.verified_checkpoints`, its bytes
+    checked again as they are read): rows for both tables and, for the caller, the top eigenvectors."""
     logger = get_run_logger()
-    payload = load_checkpoint(path)
+    path = Path(checkpoint_dir) / entry["file"]
+    payload = load_verified(checkpoint_dir, entry, run_name)
     meta = {"run": payload["config"]["name"], "checkpoint": path.name, "epoch": payload["epoch"],
             "step": payload["step"], "lr": next_learning_rate(payload, len(data.y_train))}
     model = model_from_checkpoint(payload, data, data_fingerprint=data_fingerprint)
@@ -69,7 +70,8 @@ def hessian_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: 
     cfg = params.hessian
     data = load_prepared(data_dir)
     data_fingerprint = data.fingerprint()  # hashes every tensor: once per flow, not per checkpoint
-    entries = require_checkpoints(checkpoint_dir, run_name)
+    entries = require_checkpoints(checkpoint_dir, run_name,
+                                  expected_fingerprint=expected_fingerprint(params, run_name, data_fingerprint))
     eigen_at = select_checkpoints(entries, cfg.checkpoints)
     detail_files = {e["file"] for e in select_checkpoints(entries, cfg.details)}
     chosen = sorted({e["file"]: e for e in [*eigen_at, *select_checkpoints(entries, cfg.details)]}.values(),
@@ -82,7 +84,7 @@ def hessian_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: 
     try:
         for entry in chosen:
             results.append(analyse_checkpoint.with_options(task_run_name=f"curvature-epoch-{entry['epoch']:04d}")(
-                Path(checkpoint_dir) / entry["file"], data, data_fingerprint, cfg, entry["file"] in detail_files))
+                Path(checkpoint_dir), entry, run_name, data, data_fingerprint, cfg, entry["file"] in detail_files))
             progress.advance(1)
     finally:
         progress.close()
@@ -111,7 +113,7 @@ def hessian_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: 
     plot_density(density, figures_dir / "hessian_density.png", run=run_name)
     logger.info("%s: lambda_max %s, lambda_min %s, trace (Hutch++) %s ± %s", run_name, summary.get("lambda_max"),
                 summary.get("lambda_min"), summary.get("trace_hutchpp"), summary.get("trace_hutchpp_stderr"))
-    create_table_artifact([{"run": run_name, **{k: v for k, v in summary.items() if k != "eigenvalues"}}],
+    table_artifact([{"run": run_name, **{k: v for k, v in summary.items() if k != "eigenvalues"}}],
                           key=f"hessian-{run_name}".lower().replace("_", "-"),
                           description=f"Curvature of run {run_name} at its last analysed checkpoint")
     return summary

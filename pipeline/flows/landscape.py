@@ -15,15 +15,15 @@ from typing import Sequence
 import pandas as pd
 import torch
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_table_artifact
 from prefect.futures import as_completed
 
-from pipeline.checkpoints import load_checkpoint, model_from_checkpoint, parameters_finite, require_checkpoints
+from pipeline.checkpoints import (expected_fingerprint, load_verified, model_from_checkpoint, parameters_finite,
+                                  require_checkpoints)
 from pipeline.config import LandscapeConfig, Params, resolve_device
 from pipeline.curvature.operators import ProbeSet
 from pipeline.data import DataError, PreparedData, load_prepared
 
-from pipeline.flows.common import Progress, unit_of_work
+from pipeline.flows.common import Progress, table_artifact, unit_of_work
 from pipeline.io import save_torch, write_json
 from pipeline.landscape.directions import direction_id
 from pipeline.landscape.evaluate import choose_chunk, choose_layout, evaluate_points
@@ -152,9 +152,13 @@ def run_jobs(jobs: Sequence[Job], cfg: LandscapeConfig, *, chunk: int, channels_
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _final_model(checkpoint_dir: Path, run_name: str, data: PreparedData, fingerprint: str, *, stage: str = "train"):
-    entries = require_checkpoints(checkpoint_dir, run_name, stage=stage)
-    payload = load_checkpoint(Path(checkpoint_dir) / entries[-1]["file"])
+def _final_model(checkpoint_dir: Path, params: Params, run_name: str, data: PreparedData, fingerprint: str, *,
+                 stage: str = "train"):
+    """The verified checkpoints of ``stage@run_name``, the newest's payload and its model (one-line DataError when
+    a checkpoint is torn, foreign or not in the manifest)."""
+    entries = require_checkpoints(checkpoint_dir, run_name, stage=stage,
+                                  expected_fingerprint=expected_fingerprint(params, run_name, fingerprint, stage=stage))
+    payload = load_verified(checkpoint_dir, entries[-1], run_name, stage=stage)
     return entries, payload, model_from_checkpoint(payload, data, data_fingerprint=fingerprint)
 
 
@@ -174,11 +178,11 @@ class Inputs:
         return not parameters_finite(self.final)
 
 
-def _inputs(cfg: LandscapeConfig, run_name: str, data_dir: Path, checkpoint_dir: Path) -> Inputs:
+def _inputs(params: Params, run_name: str, data_dir: Path, checkpoint_dir: Path) -> Inputs:
     data = load_prepared(data_dir)
     fingerprint = data.fingerprint()
-    device = torch.device(resolve_device(cfg.device, "landscape.device"))
-    entries, payload, final = _final_model(checkpoint_dir, run_name, data, fingerprint)
+    device = torch.device(resolve_device(params.landscape.device, "landscape.device"))
+    entries, payload, final = _final_model(checkpoint_dir, params, run_name, data, fingerprint)
     return Inputs(data, fingerprint, device, entries, payload, final)
 
 
@@ -203,7 +207,12 @@ def _eigenvectors(vectors_dir: Path, run_name: str, final_payload: dict) -> dict
     path = Path(vectors_dir) / "eigenvectors.pt"
     if not path.is_file():
         raise DataError(f"{path}: missing; run `dvc repro hessian@{run_name}` first")
-    payload = torch.load(path, weights_only=True)
+    try:
+        payload = torch.load(path, weights_only=True)
+    except Exception:  # any reader error of a torn or foreign file: one line naming it, not a zip traceback
+        raise DataError(f"{path}: unreadable (torn write?); rerun `dvc repro hessian@{run_name}`") from None
+    if not isinstance(payload, dict) or "vectors" not in payload:
+        raise DataError(f"{path}: not an eigenvector file; rerun `dvc repro hessian@{run_name}`")
     if payload.get("epoch") != final_payload["epoch"]:
         raise DataError(f"{path}: eigenvectors of epoch {payload.get('epoch')}, but the final checkpoint is epoch "
                         f"{final_payload['epoch']}; run `dvc repro hessian@{run_name}`")
@@ -230,6 +239,11 @@ def _engine_choice(model, params, buffers, x, cfg: LandscapeConfig, work_dir: Pa
     return chunk, channels_last
 
 
+def _warn(logger):
+    """A tile store's warning callback: one line in the flow's log (a torn tile, recomputed)."""
+    return lambda message: logger.warning("%s", message)
+
+
 def _finite(value: float) -> float | None:
     return value if isinstance(value, float) and math.isfinite(value) else None
 
@@ -247,16 +261,16 @@ def interpolate_flow(params: Params, run_name: str, data_dir: Path, checkpoint_d
     barrier), each on the splits of ``params.landscape.splits``."""
     logger = get_run_logger()
     cfg = params.landscape
-    inputs = _inputs(cfg, run_name, data_dir, checkpoint_dir)
+    inputs = _inputs(params, run_name, data_dir, checkpoint_dir)
     if inputs.diverged:
         return _record_diverged(inputs, run_name, {Path(tables_dir) / "interpolation_1d.parquet": INTERPOLATION_1D},
                                 Path(tables_dir) / "interpolate_metrics.json", [Path(figures_dir) / "interpolation_1d.png"],
                                 Path(work_dir), Path(work_dir).parent / "interpolate_directions.pt")
     data, fingerprint, device = inputs.data, inputs.fingerprint, inputs.device
     entries, final_payload, final = inputs.entries, inputs.payload, inputs.final
-    init = model_from_checkpoint(load_checkpoint(Path(checkpoint_dir) / entries[0]["file"]), data,
+    init = model_from_checkpoint(load_verified(checkpoint_dir, entries[0], run_name), data,
                                  data_fingerprint=fingerprint)
-    _, partner_payload, partner = _final_model(partner_dir, run_name, data, fingerprint, stage="partner")
+    _, partner_payload, partner = _final_model(partner_dir, params, run_name, data, fingerprint, stage="partner")
     eigen = _eigenvectors(vectors_dir, run_name, final_payload)
     final, init, partner = (m.to(device) for m in (final, init, partner))
     eigen = {**eigen, "vectors": {n: v.to(device) for n, v in eigen["vectors"].items()}}
@@ -287,7 +301,8 @@ def interpolate_flow(params: Params, run_name: str, data_dir: Path, checkpoint_d
                                    else None)
             jobs.append(Job(f"{scan.path}-{split}", final, params_final, buffers_final, [scan.direction],
                             [scan.buffer_direction] if scan.buffer_direction else None, scan.coords, x, y,
-                            TileStore(Path(work_dir) / f"{scan.path}_{split}", key), _loss(final_payload)))
+                            TileStore(Path(work_dir) / f"{scan.path}_{split}", key, warn=_warn(logger)),
+                            _loss(final_payload)))
     results = run_jobs(jobs, cfg, chunk=chunk, channels_last=channels_last, description=f"interpolate {run_name}")
 
     rows, summary = [], {"splits": list(cfg.splits)}
@@ -321,7 +336,7 @@ def interpolate_flow(params: Params, run_name: str, data_dir: Path, checkpoint_d
     logger.info("%s: loss barrier to the second-seed model %.4f (%s loss); init -> final %s", run_name,
                 metrics["barrier"], first, "monotone" if metrics["init_final_monotonic"] else
                 f"not monotone (rise {summary['init_final'][first]['max_rise']:.4g})")
-    create_table_artifact([{"run": run_name, "path": s.path, "split": split, **v} for s in scans
+    table_artifact([{"run": run_name, "path": s.path, "split": split, **v} for s in scans
                            for split, v in summary[s.path].items() if isinstance(v, dict)],
                           key=f"interpolate-{run_name}".lower().replace("_", "-"),
                           description=f"1-D scans of run {run_name}: endpoint losses and barriers")
@@ -362,7 +377,7 @@ def surface_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: 
     checkpoint, on the probe set, BatchNorm in eval mode; optionally the curvature map on a coarse sub-grid."""
     logger = get_run_logger()
     cfg = params.landscape
-    inputs = _inputs(cfg, run_name, data_dir, checkpoint_dir)
+    inputs = _inputs(params, run_name, data_dir, checkpoint_dir)
     tables_dir, figures_dir = Path(tables_dir), Path(figures_dir)
     if inputs.diverged:
         return _record_diverged(inputs, run_name, {tables_dir / "surface_2d.parquet": SURFACE_2D,
@@ -375,7 +390,7 @@ def surface_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: 
     final = inputs.final.to(device)
     trajectory, eigen = [], None
     if cfg.plane == "pca":
-        trajectory = [model_from_checkpoint(load_checkpoint(Path(checkpoint_dir) / e["file"]), data,
+        trajectory = [model_from_checkpoint(load_verified(checkpoint_dir, e, run_name), data,
                                             data_fingerprint=fingerprint).to(device) for e in entries[:-1]]
     elif cfg.plane == "eigen":
         eigen = _eigenvectors(vectors_dir, run_name, final_payload)
@@ -396,7 +411,7 @@ def surface_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: 
                            final=final_payload["fingerprint"], final_epoch=final_payload["epoch"],
                            tile_size=cfg.tile_size, batch_size=cfg.batch_size)
     job = Job("surface", final, params_final, buffers_final, directions, None, coords, x, y,
-              TileStore(Path(work_dir), key), _loss(final_payload))
+              TileStore(Path(work_dir), key, warn=_warn(logger)), _loss(final_payload))
     results = run_jobs([job], cfg, chunk=chunk, channels_last=channels_last, description=f"surface {run_name}")
     loss, accuracy = results["surface"]
     timing = results["_timing"]
@@ -444,7 +459,7 @@ def surface_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: 
     plot_surface(table, Path(figures_dir), run=run_name)
     logger.info("%s: loss %.4f at the trained model, minimum %.4f at (%.3f, %.3f) of the grid", run_name,
                 metrics["loss_center"], metrics["loss_min"], *metrics["loss_min_at"])
-    create_table_artifact([{"run": run_name, **{k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}}],
+    table_artifact([{"run": run_name, **{k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}}],
                           key=f"surface-{run_name}".lower().replace("_", "-"),
                           description=f"2-D loss surface of run {run_name}")
     return metrics

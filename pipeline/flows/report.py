@@ -10,11 +10,10 @@ import json
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from pipeline.config import Params
 from pipeline.data import DataError
-from pipeline.flows.common import unit_of_work
+from pipeline.flows.common import markdown_artifact, table_artifact, unit_of_work
 from pipeline.landscape.figures import plot_placeholder
 from pipeline.provenance import git_revision
 from pipeline.report import (Report, fill_from_config, library_versions, load_runs, plot_dynamics_overview,
@@ -99,10 +98,10 @@ def report_flow(params: Params, metrics_path: Path, tables_dir: Path, figures_di
     index, readme = write_documents(report, Path(out_dir))
 
     markdown = summary_markdown(summary)
-    create_markdown_artifact(markdown=f"# Loss-landscape report\n\nRevision `{report.revision}`\n\n{markdown}\n\n"
+    markdown_artifact(markdown=f"# Loss-landscape report\n\nRevision `{report.revision}`\n\n{markdown}\n\n"
                              f"Full report: `{index}`", key="report-summary",
                              description="Summary of all runs (the table of reports/index.html)")
-    create_table_artifact([{k: v for k, v in row.items()} for row in summary], key="report-table",
+    table_artifact([{k: v for k, v in row.items()} for row in summary], key="report-table",
                           description="Summary of all runs")
     for row in summary:
         if row["status"] != "completed":

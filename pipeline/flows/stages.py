@@ -1,37 +1,24 @@
-"""The stage flows: ``prepare``, ``train`` (one flow run per run) and ``metrics``.
+"""The training flows: ``train`` and ``partner`` (one flow run per run).
 
-Each flow's tasks are its units of work: for training, one task per checkpoint interval, so the UI shows a task
-run per checkpoint with its logs; a progress artifact and a terminal bar follow the epochs.
+Each flow's tasks are its units of work, one task per checkpoint interval, so the UI shows a task run per
+checkpoint with its logs; a progress artifact and a terminal bar follow the epochs. (``prepare`` and ``metrics``
+have modules of their own, so that editing training code reruns neither.)
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_table_artifact
 
 from pipeline.config import Params, RunConfig
-from pipeline.data import load_prepared, prepare_dataset, save_prepared
-from pipeline.flows.common import Progress, unit_of_work
+from pipeline.data import load_prepared
+from pipeline.flows.common import Progress, table_artifact, unit_of_work
 from pipeline.io import write_json
 from pipeline.provenance import provenance
 from pipeline.tables import SHARPNESS_HISTORY, TRAIN_HISTORY, write_table
 from pipeline.training import Trainer
-
-
-@flow(name="prepare", flow_run_name="prepare-{params.data.dataset}")
-def prepare_flow(params: Params, out_dir: Path) -> dict:
-    """Load, split and standardise the dataset; fix the probe subset; write ``out_dir``."""
-    logger = get_run_logger()
-    data = unit_of_work(prepare_dataset, name="load-and-split")(params.data)
-    unit_of_work(save_prepared, name="write-prepared")(data, out_dir)
-    meta = json.loads((Path(out_dir) / "meta.json").read_text())
-    logger.info("%s: %d train, %d test, probe %d, input %s, %d classes", data.name, len(data.y_train),
-                len(data.y_test), len(data.probe_index), data.input_shape, data.num_classes)
-    return meta
 
 
 @unit_of_work
@@ -82,7 +69,7 @@ def _train(run: RunConfig, data_dir: Path, checkpoint_dir: Path, history_path: P
     if summary["status"] == "diverged":
         logger.warning("%s diverged at step %s (non-finite loss); recorded, later stages report it",
                        label, summary["diverged_step"])
-    create_table_artifact([{"run": run.name, **summary}], key=label.lower().replace("_", "-").replace(" ", "-"),
+    table_artifact([{"run": run.name, **summary}], key=label.lower().replace("_", "-").replace(" ", "-"),
                           description=f"Headline numbers of {label}")
     return summary
 
@@ -110,28 +97,3 @@ def partner_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: 
     """Train the mode-connectivity partner of run ``run_name`` (see :func:`partner_run`), resuming like ``train``."""
     return _train(partner_run(params, run_name), data_dir, checkpoint_dir, history_path, metrics_path,
                   f"partner {run_name}")
-
-
-@unit_of_work
-def collect_metrics(tables_dir: Path) -> dict:
-    """``{run: {stage: metrics}}`` from every ``<tables_dir>/<run>/<stage>_metrics.json`` (train, hessian, ...)."""
-    collected: dict[str, dict] = {}
-    for path in sorted(Path(tables_dir).glob("*/*_metrics.json")):
-        stage = path.name[: -len("_metrics.json")]
-        collected.setdefault(path.parent.name, {})[stage] = json.loads(path.read_text())
-    return {run: m for run, m in collected.items() if "train" in m}
-
-
-@flow(name="metrics", flow_run_name="metrics")
-def metrics_flow(params: Params, tables_dir: Path, out_path: Path) -> dict:
-    """Gather the headline numbers of the configured runs into one ``metrics.json`` (for ``dvc metrics diff``)."""
-    collected = collect_metrics(tables_dir)
-    metrics = {run.name: collected[run.name] for run in params.runs if run.name in collected}
-    missing = [run.name for run in params.runs if run.name not in collected]
-    if missing:
-        get_run_logger().warning("no metrics yet for runs: %s", ", ".join(missing))
-    write_json(out_path, metrics)
-    rows = [{"run": name, **m["train"], **{f"hessian.{k}": v for k, v in m.get("hessian", {}).items()
-                                           if not isinstance(v, list)}} for name, m in metrics.items()]
-    create_table_artifact(rows, key="metrics", description="Headline numbers of all runs")
-    return metrics

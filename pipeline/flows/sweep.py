@@ -7,12 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from pipeline.curvature.operators import ProbeSet
 from pipeline.config import HessianConfig
 from pipeline.data import PreparedData
-from pipeline.flows.common import Progress, unit_of_work
+from pipeline.flows.common import Progress, markdown_artifact, table_artifact, unit_of_work
 from pipeline.sweep import markdown_table, sweep_rows
 from pipeline.sweep_run import (SWEEP_MEASURES, Point, SweepParams, experiments, grid_points, load_result, make_probe,
                                 point_fingerprint, run_point, write_outputs)
@@ -72,12 +71,12 @@ def sweep_flow(params: SweepParams, data: PreparedData, points_dir: Path, out_di
     if diverged:
         logger.warning("%d point(s) diverged (recorded, left out of the correlations): %s", len(diverged),
                        ", ".join(diverged))
-    create_markdown_artifact(
+    markdown_artifact(
         markdown=f"# Flatness sweep\n\n{summary['n_completed']} of {summary['n_points']} points completed. Kendall's "
                  f"τ-b against the generalisation gap:\n\n{markdown_table(kendall)}\n\nFull summary: "
                  f"`{Path(out_dir) / 'README.md'}`",
         key="sweep-kendall", description="Do flatter minima generalise better? Kendall's tau per measure")
-    create_table_artifact([{k: v for k, v in row.items()} for row in kendall.to_dict("records")],
+    table_artifact([{k: v for k, v in row.items()} for row in kendall.to_dict("records")],
                           key="sweep-kendall-table", description="Kendall's tau of each measure against the gap")
     for row in kendall.to_dict("records"):
         if row["measure"] in SWEEP_MEASURES:

@@ -4,7 +4,8 @@ A scan is the loss and accuracy at every row of a coordinate list (a 1-D line, t
 grid, or a path between two models). The list is cut into tiles of consecutive rows; each finished tile is written
 atomically to a :class:`TileStore`, so an interrupted scan loses at most the tile in progress, and a rerun
 evaluates only the missing tiles. The store is tied to a fingerprint of everything that defines the scan: a
-folder holding another scan's tiles is cleared rather than mixed in.
+folder holding another scan's tiles is cleared rather than mixed in, and a tile that cannot be read (a torn write,
+a stray file) is deleted with one warning line naming it and computed again.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -99,21 +101,24 @@ class TileStore:
 
     A folder whose fingerprint differs from ``fingerprint`` (or is missing) is cleared of tiles, so a changed
     scan starts afresh instead of mixing old tiles in. The fingerprint must cover the tile size: tiles are found
-    by index.
+    by index. A tile that does not load as one (torn, truncated, another file) is deleted when the store opens,
+    with one ``warn`` line naming it, so :meth:`done` leaves it out and the scan computes it again.
 
     Args:
         folder: created when missing.
         fingerprint: identifies the scan (see :func:`scan_fingerprint`).
+        warn: called with each warning (no ``warning:`` prefix); default: a ``warning: ...`` line on stderr.
 
     Raises:
         ValueError: for an empty fingerprint.
     """
 
-    def __init__(self, folder: str | Path, fingerprint: str):
+    def __init__(self, folder: str | Path, fingerprint: str, warn: Callable[[str], None] | None = None):
         if not fingerprint:
             raise ValueError("fingerprint: must be a non-empty string")
         self.folder = Path(folder)
         self.fingerprint = fingerprint
+        self.warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr, flush=True))
         self.folder.mkdir(parents=True, exist_ok=True)
         if self._stored_fingerprint() != fingerprint:
             # tiles first, the new fingerprint last: a crash in between leaves the old fingerprint, so the next
@@ -122,6 +127,15 @@ class TileStore:
                 if _TILE.match(path.name) or (path.name.startswith(".tile_") and path.name.endswith(".tmp")):
                     path.unlink()
             write_json(self.folder / FINGERPRINT, {"fingerprint": fingerprint})
+        self._drop_unreadable()
+
+    def _drop_unreadable(self) -> None:
+        """Delete the tiles that do not load as a tile, one warning line each."""
+        for index in sorted(self.done()):
+            path = self._path(index)
+            if _read_tile(path) is None:
+                self.warn(f"{path}: unreadable (torn write?); recomputing")
+                path.unlink(missing_ok=True)
 
     def _stored_fingerprint(self) -> str | None:
         try:
@@ -153,13 +167,16 @@ class TileStore:
         """``(loss, accuracy)`` of all ``n_points`` rows, assembled from the tiles.
 
         Raises:
-            ValueError: when a row is not covered by exactly one stored tile.
+            ValueError: when a row is not covered by exactly one stored tile, or a tile became unreadable since the
+                store opened (one line naming it; a rerun recomputes it).
         """
         loss = torch.full((n_points,), math.nan, dtype=torch.float64)
         accuracy = torch.full((n_points,), math.nan, dtype=torch.float64)
         covered = torch.zeros(n_points, dtype=torch.int64)
         for index in sorted(self.done()):
-            payload = torch.load(self._path(index), weights_only=True)
+            payload = _read_tile(self._path(index))
+            if payload is None:
+                raise ValueError(f"{self._path(index)}: unreadable (torn write?); rerun the scan to recompute it")
             start, stop = int(payload["start"]), int(payload["stop"])
             if not 0 <= start < stop <= n_points:
                 raise ValueError(f"n_points: tile {index} holds rows {start}:{stop}, outside 0:{n_points}")
@@ -171,6 +188,22 @@ class TileStore:
             raise ValueError(f"tile store {self.folder}: {missing} of {n_points} rows missing "
                              f"and {int((covered > 1).sum())} covered twice; run the scan to complete it")
         return loss, accuracy
+
+
+def _read_tile(path: Path) -> dict | None:
+    """A tile file's payload, or None when it is not a readable tile (torn, truncated or another file)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # any reader error (zip, pickle, I/O) means the same: the tile must be computed again
+        return None
+    if not isinstance(payload, dict) or not {"start", "stop", "loss", "accuracy"} <= payload.keys():
+        return None
+    loss, accuracy, start, stop = (payload[k] for k in ("loss", "accuracy", "start", "stop"))
+    if not (isinstance(loss, Tensor) and isinstance(accuracy, Tensor) and isinstance(start, int)
+            and isinstance(stop, int)):
+        return None
+    size = stop - start
+    return payload if loss.shape == (size,) and accuracy.shape == (size,) else None
 
 
 def evaluate_tile(model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],

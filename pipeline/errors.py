@@ -1,0 +1,8 @@
+"""Errors a user can fix, each one line: a stage prints ``error: <message>`` and exits 2, never a traceback."""
+
+from __future__ import annotations
+
+
+class DataError(RuntimeError):
+    """A dataset, checkpoint or other input file cannot be used; ``str(error)`` is one line naming the key or file
+    and the fix."""

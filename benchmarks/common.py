@@ -12,12 +12,17 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.cli import tune_malloc  # noqa: E402
+from pipeline import repro  # noqa: E402
+
+# Like with like: the kernels and threads of the stages (params.yaml's repro section), set before torch is imported.
+repro.apply_from_params(REPO / "params.yaml")
+
+import torch  # noqa: E402
+
+from pipeline.stage import tune_malloc  # noqa: E402
 from pipeline.config import DataConfig, ModelConfig  # noqa: E402
 from pipeline.data import load_prepared, prepare_dataset  # noqa: E402
 from pipeline.models import build_model  # noqa: E402

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import argparse
 
+from common import load_data, load_model, markdown_table  # first: pins the kernels before torch is imported
 import torch
 
-from common import load_data, load_model, markdown_table
 from pipeline.config import HessianConfig
 from pipeline.curvature import spectral
 from pipeline.curvature.operators import HessianOperator, ProbeSet

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 
+from common import interleaved, load_data, load_model, markdown_table  # first: pins the kernels before torch is imported
 import torch
 
-from common import interleaved, load_data, load_model, markdown_table
 from pipeline.landscape.directions import random_direction
 from pipeline.landscape.evaluate import choose_chunk, choose_layout, evaluate_points, sequential_shift_loop
 from pipeline.landscape.scan import grid_coords

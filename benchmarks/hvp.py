@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 
+from common import interleaved, load_data, load_model, markdown_table  # first: pins the kernels before torch is imported
 import torch
 
-from common import interleaved, load_data, load_model, markdown_table
 from pipeline.curvature.operators import HVP_IMPLEMENTATIONS, HessianOperator, ProbeSet, relative_difference
 
 RUNS = {"mlp": "mlp", "resnet20": "resnet20"}

@@ -312,11 +312,13 @@ class ReproConfig:
     instruction set and split reductions by thread count, and hundreds of SGD steps amplify the last-bit
     differences. ``pin`` caps all three at AVX2, which every x86-64 machine of the last decade has, and ``threads``
     fixes the intra-op thread count; both are set before torch is imported in every stage process (see
-    :mod:`pipeline.repro`) and recorded in every table's provenance.
+    :mod:`pipeline.repro`) and recorded in every table's provenance. ``seeds`` is how many training seeds each run
+    has (:mod:`pipeline.seeds`): one run proves nothing when the noise of its seed is as large as the effect.
     """
 
     pin: bool = spec(True)  # CPU kernels at AVX2 (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_CBWR); false = native
     threads: int = spec(2, ge=0, le=1024, unit="intra-op threads")  # fixed, so bits do not depend on the core count; 0 = torch's default
+    seeds: int = spec(3, ge=1, le=100, unit="training seeds per run")  # the `seeds` stage: headline numbers as mean and 95% interval
 
 
 @dataclass(frozen=True)

@@ -472,6 +472,81 @@ class Report:
     revision: str
     libraries: dict[str, str]
     exports: list[Path] = field(default_factory=list)
+    seeds: list[dict[str, Any]] = field(default_factory=list)  # seed_rows
+    comparisons: list[dict[str, Any]] = field(default_factory=list)  # comparison_rows
+
+
+# ------------------------------------------------------------------------------------------------- across seeds
+
+# (measure of the `seeds` stage, header)
+SEED_COLUMNS = (("test_accuracy", "test acc."), ("generalization_gap", "gen. gap"), ("lambda_max", "λmax"),
+                ("lambda_min", "λmin"), ("trace_hutchinson", "trace"))
+
+
+def _mean_interval(entry: Mapping[str, Any] | None) -> str:
+    if not entry or entry.get("mean") is None:
+        return "–"
+    if entry.get("half_width") is None:
+        return f"{entry['mean']:.4g} (n = {entry['n']})"
+    return f"{entry['mean']:.4g} ± {entry['half_width']:.2g}"
+
+
+def seed_rows(metrics: Mapping[str, Any], runs: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per run that has ``seeds`` metrics: the seeds completed and each :data:`SEED_COLUMNS` measure as
+    ``mean ± half-width`` of its 95% interval."""
+    rows = []
+    for run in runs:
+        seeds = (metrics.get(run) or {}).get("seeds")
+        if seeds:
+            rows.append({"run": run, "seeds": f"{seeds['completed']}/{seeds['seeds']}",
+                         **{key: _mean_interval(seeds.get(key)) for key, _ in SEED_COLUMNS}})
+    return rows
+
+
+def comparison_rows(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per (pair of runs, measure) of ``metrics["comparisons"]``: ratio of means and the verdict."""
+    return [{"pair": pair, "measure": measure, "ratio": "–" if v["ratio"] is None else f"{v['ratio']:.3g}",
+             "verdict": v["verdict"]}
+            for pair, measures in (metrics.get("comparisons") or {}).items() for measure, v in measures.items()]
+
+
+def seeds_markdown(seeds: Sequence[Mapping[str, Any]], comparisons: Sequence[Mapping[str, Any]]) -> str:
+    """The "Across seeds" section in markdown (empty without seed metrics)."""
+    if not seeds:
+        return ""
+    lines = ["| run | seeds | " + " | ".join(h for _, h in SEED_COLUMNS) + " |",
+             "|---|---:|" + "---:|" * len(SEED_COLUMNS)]
+    lines += ["| " + " | ".join([r["run"], r["seeds"], *(r[k] for k, _ in SEED_COLUMNS)]) + " |" for r in seeds]
+    if comparisons:
+        lines += ["", "| runs | measure | ratio of means | verdict |", "|---|---|---:|---|"]
+        lines += [f"| {c['pair']} | {c['measure']} | {c['ratio']} | {c['verdict']} |" for c in comparisons]
+    return "\n".join(lines)
+
+
+SEEDS_CAPTION = ("Mean ± half-width of the 95% Student-t interval over the seeds of each run (train.seed + k, every "
+                 "seed measured alike at its final checkpoint: λmax and λmin by Lanczos, Hutchinson trace). Two runs "
+                 "differ in a measure when their intervals separate; overlapping intervals mean the seeds cannot "
+                 "tell them apart, not that they are equal.")
+
+
+def _html_table(table_id: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    e = html.escape
+    head = "".join(f"<th>{e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<div class='wide'><table id='{table_id}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
+
+
+def seeds_html(seeds: Sequence[Mapping[str, Any]], comparisons: Sequence[Mapping[str, Any]]) -> str:
+    """The "Across seeds" section in HTML (empty without seed metrics)."""
+    if not seeds:
+        return ""
+    out = ["<h2>Across seeds</h2>", _html_table("seeds", ["run", "seeds", *(h for _, h in SEED_COLUMNS)],
+                                                  [[r["run"], r["seeds"], *(r[k] for k, _ in SEED_COLUMNS)] for r in seeds])]
+    if comparisons:
+        out.append(_html_table("comparisons", ["runs", "measure", "ratio of means", "verdict"],
+                               [[c["pair"], c["measure"], c["ratio"], c["verdict"]] for c in comparisons]))
+    out.append(f"<p class='meta'>{html.escape(SEEDS_CAPTION)}</p>")
+    return "".join(out)
 
 
 # ------------------------------------------------------------------------------------------------- rendering
@@ -495,6 +570,8 @@ def render_markdown(report: Report, base: Path) -> str:
              f"Built from the pipeline's tables at git revision `{report.revision}`. "
              "`index.html` beside this file is the same report with every figure embedded.", "",
              "## Summary", "", summary_markdown(report.summary), "", _legend_markdown(), ""]
+    if report.seeds:
+        lines += ["## Across seeds", "", seeds_markdown(report.seeds, report.comparisons), "", SEEDS_CAPTION, ""]
     for title, path, caption in report.figures:
         rel = Path(path).resolve().relative_to(base.resolve()) if Path(path).resolve().is_relative_to(base.resolve()) \
             else Path(path)
@@ -572,6 +649,7 @@ def render_html(report: Report) -> str:
 <h2>Summary</h2>
 <div class="wide"><table id="summary"><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>
 <dl class="legend">{legend}</dl>
+{seeds_html(report.seeds, report.comparisons)}
 {figures}
 <h2>Provenance</h2>
 <table id="provenance"><thead><tr><th>run</th><th>table</th><th>git revision</th><th>code</th><th>data</th><th>torch</th>

@@ -150,6 +150,29 @@ SCHEMAS: dict[str, pa.Schema] = {"train_history": TRAIN_HISTORY, "sharpness_hist
                                  "surface_2d": SURFACE_2D, "surface_curvature": SURFACE_CURVATURE}
 
 
+# One row per (run, seed) of the `seeds` stage: the run trained from seed train.seed + seed_index (0: the run itself,
+# partner_seed_offset: the partner model), measured at its final checkpoint the same way for every seed.
+SEEDS = pa.schema([
+    ("run", pa.string()),
+    ("seed_index", pa.int64()),  # k: trained from train.seed + k
+    ("seed", pa.int64()),  # train.seed + k
+    ("source", pa.string()),  # whose checkpoints: train (k = 0), partner, seeds (trained by the seeds stage)
+    ("status", pa.string()),  # completed | diverged
+    ("epoch", pa.int64()),  # of the final checkpoint
+    ("train_loss", pa.float64()),  # mean loss over the train split, eval mode
+    ("train_accuracy", pa.float64()),
+    ("test_loss", pa.float64()),
+    ("test_accuracy", pa.float64()),
+    ("generalization_gap", pa.float64()),  # test_loss - train_loss (nats)
+    ("lambda_max", pa.float64()),  # top Hessian eigenvalue of the probe-set loss (Lanczos, hessian.tol)
+    ("lambda_min", pa.float64()),  # most negative eigenvalue
+    ("trace_hutchinson", pa.float64()),  # Hessian trace, Hutchinson with hessian.trace_hvps products
+    ("trace_hutchinson_stderr", pa.float64()),
+    ("hvps", pa.int64()),  # Hessian-vector products spent on the measures
+    ("seconds", pa.float64()),  # wall-clock time of the measures (training excluded)
+])
+
+
 def write_table(rows: list[Mapping[str, Any]] | pd.DataFrame, path: str | Path, schema: pa.Schema,
                 metadata: Mapping[str, Any] | None = None) -> None:
     """Write ``rows`` as Parquet with exactly ``schema`` (missing columns are an error), atomically.

@@ -6,6 +6,7 @@ The CIFAR-10 and MNIST tests write tiny files in the real on-disk formats, so no
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import struct
 import subprocess
@@ -286,3 +287,46 @@ def test_fingerprint_same_in_fresh_process(digits, fresh_process):
     out, err = fresh_process.communicate(timeout=120)
     assert fresh_process.returncode == 0, err
     assert out.strip() == digits.fingerprint()
+
+
+def test_a_crafted_cifar_batch_cannot_run_code(tmp_path):
+    """CIFAR-10's batches are pickles: read by the restricted unpickler, a file whose pickle calls a function (here
+    os.system) fails with one line naming the file, and the function never runs."""
+    write_cifar(tmp_path)
+    marker = tmp_path / "PWNED"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "wb") as f:
+        pickle.dump({"data": Exploit(), "labels": []}, f, protocol=2)
+    with pytest.raises(DataError) as err:
+        prepare_dataset(DataConfig(dataset="cifar10", root=str(tmp_path), probe_size=5))
+    assert not marker.exists()
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(str(tmp_path / "cifar-10-batches-py" / "data_batch_1"))
+    assert "refused global posix.system" in message or "refused global os.system" in message
+
+
+def test_cifar_checksums_are_torchvisions_and_a_full_batch_must_match(tmp_path, monkeypatch):
+    from torchvision import datasets
+
+    from pipeline import data as data_module
+
+    official = dict(datasets.CIFAR10.train_list + datasets.CIFAR10.test_list)
+    official["batches.meta"] = datasets.CIFAR10.meta["md5"]
+    assert data_module._CIFAR_MD5 == official
+    write_cifar(tmp_path)
+    monkeypatch.setattr(data_module, "_CIFAR_BATCH_IMAGES", 3)  # the tiny batches stand in for full ones
+    with pytest.raises(DataError, match=r"data_batch_1: md5 differs from the official CIFAR-10 batch"):
+        prepare_dataset(DataConfig(dataset="cifar10", root=str(tmp_path), probe_size=5))
+
+
+def test_a_cifar_batch_of_the_wrong_shape_is_one_line(tmp_path):
+    write_cifar(tmp_path)
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        Py2Pickler(f, protocol=2).dump({b"data": np.zeros((4, 100), dtype=np.uint8), b"labels": [0, 1, 2, 3]})
+    with pytest.raises(DataError, match=r"test_batch: 'data' must be a uint8 array of shape \[N, 3072\], found uint8 "
+                                        r"\(4, 100\)"):
+        prepare_dataset(DataConfig(dataset="cifar10", root=str(tmp_path), probe_size=5))

@@ -91,7 +91,7 @@ def test_a_signal_stops_the_stage_within_seconds_with_its_children(project, sign
     sent = time.monotonic()
     stage.send_signal(signum)
     rest = stage.communicate(timeout=30)[0]
-    assert time.monotonic() - sent < 5.0
+    assert time.monotonic() - sent < 8.0  # typically 1 s; the watchdog ends it after STOP_GRACE_SECONDS regardless
     assert stage.returncode == 128 + signum
     assert f"error: stopped by {signal.Signals(signum).name}; finished work is kept" in rest
     assert "Traceback" not in rest and "Crash detected" not in rest

@@ -24,7 +24,8 @@ from ruamel.yaml import YAML
 from chromium import chromium_binary, dump_dom, screenshot
 from conftest import REPO
 from pipeline.cli import start_prefect_server, stop_process
-from pipeline.config import LandscapeConfig
+from pipeline.config import HessianConfig, LandscapeConfig
+from pipeline.training import write_manifest
 
 BIN = Path(sys.executable).parent
 
@@ -32,7 +33,9 @@ SMALL_PARAMS = {
     "data": {"dataset": "synthetic", "synthetic_samples": 200, "probe_size": 16},
     "model": {"mlp_depth": 1},
     "train": {"epochs": 2, "batch_size": 32, "checkpoint_every": 1},
-    "hessian": {"top_k": 2, "max_hvps": 60, "trace_hvps": 6, "density_runs": 1, "density_steps": 8,
+    # whole sections where a stage lists single keys: DVC wants every key a stage lists under `params` in the file
+    "hessian": {**{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(HessianConfig()).items()},
+                "top_k": 2, "max_hvps": 60, "trace_hvps": 6, "density_runs": 1, "density_steps": 8,
                 "density_points": 50, "operators": ["hessian", "ggn"]},
     # the whole section: DVC wants every key a stage lists under `params` to be in the file
     "landscape": {**{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(LandscapeConfig()).items()},
@@ -40,10 +43,12 @@ SMALL_PARAMS = {
                   "curvature_map": 3},
     "runs": {"mlp": {"model": "mlp", "mlp_width": 16, "track_sharpness_every": 3, "track_sharpness_unit": "steps"},
              "resnet20": {"model": "resnet20", "epochs": 1}},
+    "repro": {"pin": True, "threads": 2, "seeds": 3},  # seed 1 is the partner, seed 2 trained by the seeds stage
 }
 TRAIN = {"train@mlp", "train@resnet20"}
 HESSIAN = {"hessian@mlp", "hessian@resnet20"}
 PARTNER = {"partner@mlp", "partner@resnet20"}
+SEEDS = {"seeds@mlp", "seeds@resnet20"}
 INTERPOLATE = {"interpolate@mlp", "interpolate@resnet20"}
 SURFACE = {"surface@mlp", "surface@resnet20"}
 SCANS = {*INTERPOLATE, *SURFACE, "landscape_figures"}
@@ -103,9 +108,19 @@ def stages_run(output: str) -> set[str]:
 
 def test_repro_runs_everything_then_nothing_then_only_what_changed(repo, env):
     first = dvc(repo, env, "repro")
-    assert stages_run(first.stdout) == {"prepare", *TRAIN, *HESSIAN, *PARTNER, *SCANS, *SUMMARY}
+    assert stages_run(first.stdout) == {"prepare", *TRAIN, *HESSIAN, *PARTNER, *SEEDS, *SCANS, *SUMMARY}
     metrics = json.loads((repo / "reports/metrics.json").read_text())
-    assert set(metrics) == {"mlp", "resnet20"}
+    assert set(metrics) == {"mlp", "resnet20", "comparisons"}
+    for run in ("mlp", "resnet20"):  # three seeds, measured alike; seed 0 is the run, seed 1 its partner
+        seeds = pd.read_parquet(repo / f"reports/tables/{run}/seeds.parquet")
+        assert seeds.seed_index.tolist() == [0, 1, 2] and seeds.source.tolist() == ["train", "partner", "seeds"]
+        assert seeds.test_accuracy.iloc[0] == metrics[run]["train"]["test_accuracy"]
+        assert seeds.test_accuracy.iloc[1] == metrics[run]["partner"]["test_accuracy"]
+        assert (seeds.lambda_max > 0).all() and metrics[run]["seeds"]["lambda_max"]["n"] == 3
+        interval = metrics[run]["seeds"]["lambda_max"]
+        assert interval["low"] < interval["mean"] < interval["high"]
+    assert set(metrics["comparisons"]["resnet20 vs mlp"]) == {"lambda_max", "trace_hutchinson", "test_accuracy",
+                                                               "generalization_gap"}
     assert metrics["mlp"]["train"]["status"] == "completed" and metrics["mlp"]["train"]["epochs"] == 2
     hessian = metrics["resnet20"]["hessian"]
     assert hessian["epoch"] == 1 and hessian["lambda_max"] > 0 and hessian["lambda_min"] <= hessian["lambda_max"]
@@ -152,6 +167,7 @@ def test_repro_runs_everything_then_nothing_then_only_what_changed(repo, env):
         "epoch_0000.pt", "epoch_0001.pt", "epoch_0002.pt"]
     page = (repo / "reports/index.html").read_text()  # the report: both runs, their numbers, seven figures
     assert page.count("<img src='data:image/png;base64,") == 7 and "<td>resnet20</td>" in page
+    assert "<h2>Across seeds</h2>" in page and "<table id='comparisons'>" in page
     assert f"{metrics['mlp']['hessian']['lambda_max']:.4g}" in page
     readme = (repo / "reports/README.md").read_text()
     for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", readme):
@@ -170,18 +186,18 @@ def test_repro_runs_everything_then_nothing_then_only_what_changed(repo, env):
     changed["runs"]["mlp"]["mlp_width"] = 8  # one run's override: that run's chain only, never prepare
     _write_params(repo, changed)
     fourth = dvc(repo, env, "repro")
-    assert stages_run(fourth.stdout) == {"train@mlp", "hessian@mlp", "partner@mlp", "interpolate@mlp", "surface@mlp",
-                                         "landscape_figures", *SUMMARY}
+    assert stages_run(fourth.stdout) == {"train@mlp", "hessian@mlp", "partner@mlp", "seeds@mlp", "interpolate@mlp",
+                                         "surface@mlp", "landscape_figures", *SUMMARY}
 
     changed["hessian"]["top_k"] = 3  # an analysis setting never retrains; the scans read the new eigenvectors
     _write_params(repo, changed)
     fifth = dvc(repo, env, "repro")
-    assert stages_run(fifth.stdout) == {*HESSIAN, *SCANS, *SUMMARY}
+    assert stages_run(fifth.stdout) == {*HESSIAN, *SCANS, *SUMMARY}  # the seeds measure top_k = 1 whatever it says
     assert len(json.loads((repo / "reports/metrics.json").read_text())["mlp"]["hessian"]["eigenvalues"]) == 3
 
     changed["hessian"]["trace_hvps"] = 8  # the eigenvectors come out bit for bit the same: no scan reruns
     _write_params(repo, changed)  # (the two summary stages read the whole tables folder: they rerun, in seconds)
-    assert stages_run(dvc(repo, env, "repro").stdout) == {*HESSIAN, "landscape_figures", *SUMMARY}
+    assert stages_run(dvc(repo, env, "repro").stdout) == {*HESSIAN, *SEEDS, "landscape_figures", *SUMMARY}
 
     changed["landscape"]["surface_range"] = 0.5  # a scan setting reruns only the scans that read it
     _write_params(repo, changed)
@@ -222,7 +238,7 @@ def test_the_prefect_api_records_every_stage_with_its_task_runs_and_artifacts(re
     recorded = json.loads(result.stdout)
     runs = recorded["runs"]
     expected = {"prepare-synthetic", "metrics", "landscape-figures", "report",
-                *{f"{stage}-{run}" for stage in ("train", "hessian", "partner", "interpolate", "surface")
+                *{f"{stage}-{run}" for stage in ("train", "hessian", "partner", "seeds", "interpolate", "surface")
                   for run in ("mlp", "resnet20")}}
     assert expected <= set(runs)
     for name in expected:
@@ -374,6 +390,7 @@ def test_a_diverged_run_is_recorded_by_the_scans_not_a_failure(repo, env, tmp_pa
                         for k, v in payload["model"].items()}
     payload["status"] = "diverged"
     torch.save(payload, last)
+    write_manifest(checkpoints)  # as the trainer records a diverged run: the manifest vouches for the file's bytes
     out = {"--tables": tmp_path / "t", "--figures": tmp_path / "f", "--work": tmp_path / "w" / "tiles"}
     result = _stage(repo, env, "stages/surface.py", "--run", "mlp", "--checkpoints", str(checkpoints),
                     *[str(a) for kv in out.items() for a in kv])

@@ -10,6 +10,7 @@ from prefect import flow, get_run_logger
 from pipeline.config import Params
 from pipeline.flows.common import table_artifact, unit_of_work
 from pipeline.io import write_json
+from pipeline.seeds import comparisons
 
 
 @unit_of_work
@@ -30,8 +31,11 @@ def metrics_flow(params: Params, tables_dir: Path, out_path: Path) -> dict:
     missing = [run.name for run in params.runs if run.name not in collected]
     if missing:
         get_run_logger().warning("no metrics yet for runs: %s", ", ".join(missing))
-    write_json(out_path, metrics)
+    seeded = {name: m["seeds"] for name, m in metrics.items() if "seeds" in m}
     rows = [{"run": name, **m["train"], **{f"hessian.{k}": v for k, v in m.get("hessian", {}).items()
                                            if not isinstance(v, list)}} for name, m in metrics.items()]
+    if len(seeded) >= 2:  # every pair of runs: ratio of means, and whether their intervals over seeds separate
+        metrics["comparisons"] = comparisons(seeded)
+    write_json(out_path, metrics)
     table_artifact(rows, key="metrics", description="Headline numbers of all runs")
     return metrics

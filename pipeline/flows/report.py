@@ -19,7 +19,8 @@ from pipeline.provenance import git_revision
 from pipeline.report import (Report, fill_from_config, library_versions, load_runs, plot_dynamics_overview,
                              plot_sharpness_overview,
                              plot_spectra_overview, plot_training_curves, provenance_rows, recorded_settings,
-                             render_html, render_markdown, summary_markdown, summary_rows, write_plot_exports,
+                             render_html, render_markdown, seed_rows, comparison_rows, summary_markdown, summary_rows,
+                             write_plot_exports,
                              write_text)
 
 # Figures of the landscape_figures stage shown in the report: (file in the figures folder, title, caption).
@@ -94,7 +95,7 @@ def report_flow(params: Params, metrics_path: Path, tables_dir: Path, figures_di
     exports = make_exports(runs, plots_dir)
     report = Report(summary=summary, figures=figures, provenance=provenance_rows(runs),
                     settings=recorded_settings(runs), revision=git_revision(), libraries=library_versions(),
-                    exports=exports)
+                    exports=exports, seeds=seed_rows(metrics, names), comparisons=comparison_rows(metrics))
     index, readme = write_documents(report, Path(out_dir))
 
     markdown = summary_markdown(summary)

@@ -89,5 +89,5 @@ def test_a_bad_repro_section_is_one_line(tmp_path):
 
     with pytest.raises(ConfigError, match=r"^repro.threads: must be >= 0, got -1$"):
         repro.apply_section({"threads": -1})
-    with pytest.raises(ConfigError, match=r"^repro.pinn: unknown key; allowed: pin, threads$"):
+    with pytest.raises(ConfigError, match=r"^repro.pinn: unknown key; allowed: pin, threads, seeds$"):
         repro.apply_section({"pinn": True})

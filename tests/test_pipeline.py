@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -25,6 +24,7 @@ from chromium import chromium_binary, dump_dom, screenshot
 from conftest import REPO
 from pipeline.cli import start_prefect_server, stop_process
 from pipeline.config import HessianConfig, LandscapeConfig
+from pipeline.flows.runtime import free_port
 from pipeline.training import write_manifest
 
 BIN = Path(sys.executable).parent
@@ -55,12 +55,6 @@ SCANS = {*INTERPOLATE, *SURFACE, "landscape_figures"}
 SUMMARY = {"metrics", "report"}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _write_params(repo: Path, params: dict) -> None:
     YAML(typ="safe", pure=True).dump(params, repo / "params.yaml")
 
@@ -84,7 +78,7 @@ def repo(tmp_path_factory):
 @pytest.fixture(scope="module")
 def env(repo):
     """Environment of a user with the venv on PATH and a Prefect server of their own running."""
-    port = _free_port()
+    port = free_port()
     previous = Path.cwd()
     os.chdir(repo)  # the server takes its home (.prefect/) from the repo's prefect.toml
     try:
@@ -431,7 +425,7 @@ def test_landscape_check_accepts_the_repository_params():
 
 
 def test_a_stage_without_a_reachable_server_warns_once_and_runs_ephemeral(repo, env, tmp_path):
-    unreachable = {**env, "PREFECT_API_URL": f"http://127.0.0.1:{_free_port()}/api"}
+    unreachable = {**env, "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api"}
     result = _stage(repo, unreachable, "stages/prepare.py", "--out", str(tmp_path / "data"))
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: no Prefect server")]

@@ -22,11 +22,11 @@ repro.apply_from_params(REPO / "params.yaml")
 
 import torch  # noqa: E402
 
-from pipeline.stage import tune_malloc  # noqa: E402
 from pipeline.config import DataConfig, ModelConfig  # noqa: E402
 from pipeline.data import load_prepared, prepare_dataset  # noqa: E402
-from pipeline.models import build_model  # noqa: E402
-from pipeline.training import list_checkpoints, load_checkpoint  # noqa: E402
+from pipeline.stage import tune_malloc  # noqa: E402
+from pipeline.training.checkpoints import list_checkpoints, load_checkpoint  # noqa: E402
+from pipeline.training.models import build_model  # noqa: E402
 
 tune_malloc()  # like with like: every process gets the same malloc thresholds (see README, "Benchmarks")
 

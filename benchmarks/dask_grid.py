@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 import pandas as pd
+from common import REPO, markdown_table
 from ruamel.yaml import YAML
 
-from common import REPO, markdown_table
 from pipeline.cli import start_prefect_server, stop_process
 from pipeline.flows.runtime import api_reachable
 
@@ -41,9 +41,26 @@ def run_stage(run: str, params: dict, folder: Path, env: dict) -> tuple[float, d
     folder.mkdir(parents=True)
     YAML(typ="safe", pure=True).dump(params, folder / "params.yaml")
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "stages/surface.py", "--params", str(folder / "params.yaml"), "--run",
-                             run, "--tables", str(folder / "tables"), "--work", str(folder / "tiles"), "--figures",
-                             str(folder / "figures")], cwd=REPO, env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "stages/surface.py",
+            "--params",
+            str(folder / "params.yaml"),
+            "--run",
+            run,
+            "--tables",
+            str(folder / "tables"),
+            "--work",
+            str(folder / "tiles"),
+            "--figures",
+            str(folder / "figures"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - start
     if result.returncode != 0:
         raise SystemExit(f"surface@{run} failed:\n{result.stderr[-3000:]}")
@@ -78,24 +95,58 @@ def main(argv=None) -> None:
                 results = {}
                 for executor in ("local", "dask"):
                     params = json.loads(json.dumps(base))
-                    params["landscape"].update({"surface_points": args.points, "tile_size": args.tile_size,
-                                                "executor": executor, "workers": args.workers, "scheduler": ""})
+                    params["landscape"].update(
+                        {
+                            "surface_points": args.points,
+                            "tile_size": args.tile_size,
+                            "executor": executor,
+                            "workers": args.workers,
+                            "scheduler": "",
+                        }
+                    )
                     results[executor] = run_stage(run, params, Path(tmp) / f"{run}-{executor}", env)
-                    print(f"{run} {executor}: {results[executor][1]['points_per_second']:.1f} points/s, "
-                          f"stage {results[executor][0]:.1f} s", flush=True)
+                    print(
+                        f"{run} {executor}: {results[executor][1]['points_per_second']:.1f} points/s, "
+                        f"stage {results[executor][0]:.1f} s",
+                        flush=True,
+                    )
                 (wall_l, m_l, t_l), (wall_d, m_d, t_d) = results["local"], results["dask"]
                 difference = float(((t_d.loss - t_l.loss).abs() / t_l.loss.abs()).max())
-                rows.append([run, f"{args.points}x{args.points}", m_l["chunk"], f"{m_l['points_per_second']:.1f}",
-                             f"{m_d['points_per_second']:.1f}",
-                             f"{m_d['points_per_second'] / m_l['points_per_second']:.2f}x", f"{wall_l:.1f}",
-                             f"{wall_d:.1f}", f"{wall_l / wall_d:.2f}x", f"{difference:.1e}"])
+                rows.append(
+                    [
+                        run,
+                        f"{args.points}x{args.points}",
+                        m_l["chunk"],
+                        f"{m_l['points_per_second']:.1f}",
+                        f"{m_d['points_per_second']:.1f}",
+                        f"{m_d['points_per_second'] / m_l['points_per_second']:.2f}x",
+                        f"{wall_l:.1f}",
+                        f"{wall_d:.1f}",
+                        f"{wall_l / wall_d:.2f}x",
+                        f"{difference:.1e}",
+                    ]
+                )
     finally:
         if server is not None:
             stop_process(server)
     print()
-    print(markdown_table(["model", "grid", "chunk", "one process points/s", f"Dask x{args.workers} points/s",
-                          "throughput ratio", "one process stage s", "Dask stage s", "stage speed-up",
-                          "max rel. difference"], rows))
+    print(
+        markdown_table(
+            [
+                "model",
+                "grid",
+                "chunk",
+                "one process points/s",
+                f"Dask x{args.workers} points/s",
+                "throughput ratio",
+                "one process stage s",
+                "Dask stage s",
+                "stage speed-up",
+                "max rel. difference",
+            ],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@
 
 A ``points`` x ``points`` grid over [-1, 1]^2 spanned by two filter-normalised random directions, evaluated on the
 probe set (512 digits samples) around the trained weights of each run: the engine
-(:func:`pipeline.landscape.evaluate.evaluate_points`, chunk size and layout chosen by its measured rule) against
-:func:`pipeline.landscape.evaluate.sequential_shift_loop` (shift the weights in place, evaluate, shift back), timed
+(:func:`pipeline.landscape.engine.evaluate_points`, chunk size and layout chosen by its measured rule) against
+:func:`pipeline.landscape.engine.sequential_shift_loop` (shift the weights in place, evaluate, shift back), timed
 round-robin in the same process. Both results are checked to agree first.
 """
 
@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import argparse
 
-from common import interleaved, load_data, load_model, markdown_table  # first: pins the kernels before torch is imported
 import torch
+from common import (  # first: pins the kernels before torch is imported
+    interleaved,
+    load_data,
+    load_model,
+    markdown_table,
+)
 
 from pipeline.landscape.directions import random_direction
-from pipeline.landscape.evaluate import choose_chunk, choose_layout, evaluate_points, sequential_shift_loop
-from pipeline.landscape.scan import grid_coords
+from pipeline.landscape.engine import choose_chunk, choose_layout, evaluate_points, sequential_shift_loop
+from pipeline.landscape.tiles import grid_coords
 
 RUNS = {"mlp": "mlp", "resnet20": "resnet20"}
 
@@ -41,8 +46,17 @@ def main(argv=None) -> None:
         directions = [random_direction(params, seed=s) for s in (1, 2)]
         chunk = choose_chunk(model, params, buffers, x)
         layout = choose_layout(model, params, buffers, x)
-        engine = lambda: evaluate_points(model, params, buffers, directions, coords, x, y, chunk=chunk,  # noqa: E731
-                                         channels_last=layout)
+        engine = lambda: evaluate_points(
+            model,
+            params,
+            buffers,
+            directions,
+            coords,
+            x,
+            y,
+            chunk=chunk,  # noqa: E731
+            channels_last=layout,
+        )
         baseline = lambda: sequential_shift_loop(model, directions, coords, x, y)  # noqa: E731
         got, want = engine()[0], baseline()[0]
         error = float(((got - want).abs() / want.abs()).max())
@@ -50,12 +64,35 @@ def main(argv=None) -> None:
             raise SystemExit(f"{run}: engine and loop disagree (max relative loss error {error:.1e})")
         timed = interleaved({"engine": engine, "loop": baseline}, rounds=args.rounds, warmup=0)
         n = len(coords)
-        rows.append([run, n, chunk, "yes" if layout else "no", f"{n / timed['engine']:.0f}", f"{n / timed['loop']:.0f}",
-                     f"{timed['loop'] / timed['engine']:.2f}x", f"{error:.1e}"])
+        rows.append(
+            [
+                run,
+                n,
+                chunk,
+                "yes" if layout else "no",
+                f"{n / timed['engine']:.0f}",
+                f"{n / timed['loop']:.0f}",
+                f"{timed['loop'] / timed['engine']:.2f}x",
+                f"{error:.1e}",
+            ]
+        )
         print(f"{run}: weights from {origin}", flush=True)
     print()
-    print(markdown_table(["model", "points", "chunk", "channels-last", "engine points/s", "loop points/s",
-                          "speed-up", "max rel. difference"], rows))
+    print(
+        markdown_table(
+            [
+                "model",
+                "points",
+                "chunk",
+                "channels-last",
+                "engine points/s",
+                "loop points/s",
+                "speed-up",
+                "max rel. difference",
+            ],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

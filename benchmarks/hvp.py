@@ -13,8 +13,13 @@ from __future__ import annotations
 
 import argparse
 
-from common import interleaved, load_data, load_model, markdown_table  # first: pins the kernels before torch is imported
 import torch
+from common import (  # first: pins the kernels before torch is imported
+    interleaved,
+    load_data,
+    load_model,
+    markdown_table,
+)
 
 from pipeline.curvature.operators import HVP_IMPLEMENTATIONS, HessianOperator, ProbeSet, relative_difference
 
@@ -27,8 +32,9 @@ def curvlinops_product(model, probe: ProbeSet):
     except ImportError:
         return None
     params = [p for p in model.parameters() if p.requires_grad]
-    op = HessianLinearOperator(model, torch.nn.CrossEntropyLoss(), params, list(probe.batches),
-                               check_deterministic=False)
+    op = HessianLinearOperator(
+        model, torch.nn.CrossEntropyLoss(), params, list(probe.batches), check_deterministic=False
+    )
     return lambda v: op @ v.to(torch.float32)
 
 
@@ -57,11 +63,21 @@ def main(argv=None) -> None:
             if error > 1e-3:
                 raise SystemExit(f"{impl} disagrees with reverse_over_reverse on {run}: relative error {error:.2e}")
         timed = interleaved({"gradient": base.gradient, **products}, rounds=args.rounds)
-        print(f"{run}: {base.dim} parameters, probe {probe.size} samples, weights from {origin}; "
-              f"gradient {timed['gradient'] * 1e3:.1f} ms", flush=True)
+        print(
+            f"{run}: {base.dim} parameters, probe {probe.size} samples, weights from {origin}; "
+            f"gradient {timed['gradient'] * 1e3:.1f} ms",
+            flush=True,
+        )
         for impl in products:
-            rows.append([run, impl, f"{timed[impl] * 1e3:.1f}", f"{timed['gradient'] * 1e3:.1f}",
-                         f"{timed[impl] / timed['gradient']:.2f}"])
+            rows.append(
+                [
+                    run,
+                    impl,
+                    f"{timed[impl] * 1e3:.1f}",
+                    f"{timed['gradient'] * 1e3:.1f}",
+                    f"{timed[impl] / timed['gradient']:.2f}",
+                ]
+            )
     print()
     print(markdown_table(["model", "HVP implementation", "HVP ms", "gradient ms", "HVP / gradient"], rows))
     if not any(r[1] == "curvlinops" for r in rows):

@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {"native": {"pin": False, "threads": 0}, "pinned": {"pin": True, "threads": 2}}
 
-CHILD = r'''
+CHILD = r"""
 import json, sys, time
 from pipeline import repro
 repro.apply_section(json.loads(sys.argv[1]))
@@ -32,8 +32,8 @@ from pipeline.config import DataConfig, ModelConfig
 from pipeline.curvature.operators import HessianOperator, ProbeSet
 from pipeline.data import prepare_dataset
 from pipeline.landscape.directions import random_direction
-from pipeline.landscape.evaluate import evaluate_points
-from pipeline.models import build_model
+from pipeline.landscape.engine import evaluate_points
+from pipeline.training.models import build_model
 
 data = prepare_dataset(DataConfig())
 x, y = data.train_tensors()
@@ -67,7 +67,7 @@ for name in ("mlp", "resnet20"):
     evaluate_points(model, params, buffers, dirs, coords, px, py, chunk=9)
     out[f"{name}_grid_points_per_s"] = len(coords) / (time.perf_counter() - t)
 print(json.dumps(out))
-'''
+"""
 
 
 def main(argv=None) -> None:
@@ -77,14 +77,19 @@ def main(argv=None) -> None:
     results: dict[str, list[dict]] = {name: [] for name in SETTINGS}
     for _ in range(args.rounds):
         for name, setting in SETTINGS.items():
-            done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(setting)], cwd=REPO, check=True,
-                                  capture_output=True, text=True)
+            done = subprocess.run(
+                [sys.executable, "-c", CHILD, json.dumps(setting)], cwd=REPO, check=True, capture_output=True, text=True
+            )
             results[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
-    median = {name: {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "kernel_level"}
-              for name, rows in results.items()}
+    median = {
+        name: {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "kernel_level"}
+        for name, rows in results.items()
+    }
     levels = {name: rows[0]["kernel_level"] for name, rows in results.items()}
-    print(f"native: {levels['native']} kernels, {median['native']['threads']:.0f} threads; "
-          f"pinned: {levels['pinned']}, {median['pinned']['threads']:.0f} threads; median of {args.rounds} rounds")
+    print(
+        f"native: {levels['native']} kernels, {median['native']['threads']:.0f} threads; "
+        f"pinned: {levels['pinned']}, {median['pinned']['threads']:.0f} threads; median of {args.rounds} rounds"
+    )
     print("| measure | native | pinned | pinned / native (time) |")
     print("|---|---:|---:|---:|")
     for key in [k for k in median["native"] if k != "threads"]:

@@ -15,9 +15,17 @@ from pathlib import Path
 from typing import Sequence
 
 from pipeline.config import ConfigError, load_params
+from pipeline.flows.runtime import (
+    DEFAULT_PORT,
+    api_reachable,
+    free_port,
+    port_free,
+    project_server,
+    start_prefect_server,
+    stop_process,
+    unregister,
+)
 from pipeline.stage import EXIT_BAD_INPUT, stage_entry, tune_malloc  # noqa: F401 - re-exported for callers
-from pipeline.flows.runtime import (DEFAULT_PORT, api_reachable, free_port, port_free, project_server,
-                                    start_prefect_server, stop_process, unregister)
 
 # ------------------------------------------------------------------------------------------------ commands
 
@@ -37,7 +45,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """``dvc repro sweeps/dvc.yaml`` (the flatness sweep, a pipeline of its own) with a Prefect server."""
-    from pipeline.sweep_run import load_sweep_params
+    from pipeline.sweep.grid import load_sweep_params
 
     params = load_sweep_params("sweeps/params.yaml")  # the file sweeps/dvc.yaml reads; fail before anything starts
     print(f"sweeps/params.yaml: OK; {params.grid.size} grid points", flush=True)
@@ -78,8 +86,11 @@ def repro_with_prefect(port: int, dvc_args: Sequence[str]) -> int:
     url, server = _project_server_or_start(port)
     print(f"Prefect UI: {url.removesuffix('/api')}  (flow runs of this pipeline appear there)", flush=True)
     # Stages call `python`: make it this environment's interpreter even when the venv is not activated.
-    env = {**os.environ, "PREFECT_API_URL": url,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": url,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     try:
         return _run_forwarding_signals(["dvc", "repro", *dvc_args], env)
     finally:
@@ -98,8 +109,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
         print(f"error: 127.0.0.1:{args.port} is taken by another program; choose another with --port", file=sys.stderr)
         return 1
     server = start_prefect_server(args.port, register=True)
-    print(f"Prefect UI: http://127.0.0.1:{args.port}  (Ctrl-C to stop; stages run meanwhile report here)",
-          flush=True)
+    print(f"Prefect UI: http://127.0.0.1:{args.port}  (Ctrl-C to stop; stages run meanwhile report here)", flush=True)
     try:
         return server.wait()
     except KeyboardInterrupt:
@@ -110,7 +120,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from pipeline import compare
+    from pipeline.report import compare
 
     labels = (args.rev_a, args.rev_b if args.rev_b is not None else "workspace")
     if args.table is None and args.plot is None:
@@ -120,16 +130,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return 0
     name = args.table or "train_history"
     run = args.run or load_params(args.repo / "params.yaml").runs[0].name
-    tables = {label: compare.read_table(run, name, rev, args.repo) for label, rev in zip(labels, (args.rev_a, args.rev_b))}
+    tables = {
+        label: compare.read_table(run, name, rev, args.repo) for label, rev in zip(labels, (args.rev_a, args.rev_b))
+    }
     if args.table is not None:
         merged = compare.compare_tables(*tables.values())
         differ = compare.differing_rows(merged, timing=args.timing)
-        print(f"reports/tables/{run}/{name}.parquet: {labels[0]} -> {labels[1]}: {len(differ)} of {len(merged)} rows differ")
+        print(
+            f"reports/tables/{run}/{name}.parquet: {labels[0]} -> {labels[1]}: {len(differ)} of {len(merged)} rows differ"  # noqa: E501
+        )
         if not differ.empty:
             with pd_options():
                 print(differ.to_string(index=False, max_rows=60))
     if args.plot is not None:
-        from pipeline.compare import plot_overlay
+        from pipeline.report.compare import plot_overlay
 
         print(f"wrote {plot_overlay(tables, name, args.plot)}")
     return 0
@@ -163,8 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--run", help="the run of --table (default: the first run in params.yaml)")
     compare.add_argument("--plot", type=Path, help="write an overlay figure of --table (default train_history)")
     compare.add_argument("--all", action="store_true", help="list unchanged numbers too")
-    compare.add_argument("--timing", action="store_true",
-                         help="count wall-clock numbers (seconds, tracking_seconds, ...) as changes too")
+    compare.add_argument(
+        "--timing", action="store_true", help="count wall-clock numbers (seconds, tracking_seconds, ...) as changes too"
+    )
     compare.add_argument("--repo", type=Path, default=Path("."))
     compare.set_defaults(func=cmd_compare)
     ui = sub.add_parser("ui", help="start the Prefect server and UI on 127.0.0.1")

@@ -1,7 +1,8 @@
 """Typed, validated configuration: one frozen dataclass per ``params.yaml`` section.
 
-Every field declares its type, its allowed range or names, and its unit (``unit`` in the field metadata, mirrored
-by the comment beside it in ``params.yaml``). Loading fails before any compute with a :class:`ConfigError` whose
+Every field declares its type, its allowed range or names, its unit and what it means (``unit`` and ``doc`` in the
+field metadata, mirrored by the comment beside it in ``params.yaml``; ``docs/params.md`` is generated from them by
+:mod:`pipeline.docs`). Loading fails before any compute with a :class:`ConfigError` whose
 message names the dotted key and what is allowed, e.g. ``train.lr: must be > 0, got -0.1``.
 """
 
@@ -46,7 +47,9 @@ MAX_SAMPLES = 10_000_000  # samples: far above every supported train split (MNIS
 MAX_BATCH = 1_000_000  # samples per step or per forward; the stages check train batch sizes against the split
 MAX_STEPS = 10**9  # optimisation steps (intervals counted in steps)
 MAX_HVPS = 1_000_000  # Hessian-vector products of one solve (a ResNet20 product takes ~10 ms on a CPU: ~3 hours)
-MAX_EIGENPAIRS = 1000  # the Krylov basis holds ~2k + 10 float64 vectors of the parameter count (ResNet20: 4.4 GB at 1000)
+MAX_EIGENPAIRS = (
+    1000  # the Krylov basis holds ~2k + 10 float64 vectors of the parameter count (ResNet20: 4.4 GB at 1000)
+)
 MAX_LINE_POINTS = 100_001  # one forward pass over the probe set per point and split
 MAX_SURFACE_POINTS = 2001  # per axis: 2001^2 = 4.0M points, ~1 GiB of coordinates and tables, hours of forwards
 SURFACE_BYTES_PER_POINT = 256  # coordinates (float64 x 2), loss/accuracy, tile files and the table (pandas + Arrow)
@@ -67,8 +70,10 @@ def _bytes(n: float) -> str:
 def surface_estimate(points: int) -> str:
     """What a ``points`` x ``points`` grid costs, for the error message of ``landscape.surface_points``."""
     total = points * points
-    return (f"a {points} x {points} grid is {total:.3g} points, about {_bytes(total * SURFACE_BYTES_PER_POINT)} of "
-            f"coordinates and tables at {SURFACE_BYTES_PER_POINT} bytes per point")
+    return (
+        f"a {points} x {points} grid is {total:.3g} points, about {_bytes(total * SURFACE_BYTES_PER_POINT)} of "
+        f"coordinates and tables at {SURFACE_BYTES_PER_POINT} bytes per point"
+    )
 
 
 def _printable(text: str) -> str:
@@ -89,13 +94,26 @@ class ConfigError(ValueError):
         super().__init__(f"{key}: {message}" if key else message)
 
 
-def spec(default: Any, *, unit: str = "", ge=None, gt=None, le=None, lt=None, choices=None, pattern=None,
-         estimate=None):
-    """A dataclass field with its validation rules and unit kept in the metadata.
+def spec(
+    default: Any,
+    *,
+    unit: str = "",
+    ge=None,
+    gt=None,
+    le=None,
+    lt=None,
+    choices=None,
+    pattern=None,
+    estimate=None,
+    doc: str = "",
+):
+    """A dataclass field with its validation rules, unit and explanation kept in the metadata.
 
     ``estimate``: ``value -> str``, the cost of a value, added to the message when an upper bound fails.
+    ``doc``: what the key means, for the generated reference ``docs/params.md`` (:mod:`pipeline.docs`); it plays no
+    part in validation, ``dataclasses.asdict`` or any fingerprint.
     """
-    meta = dict(unit=unit, ge=ge, gt=gt, le=le, lt=lt, choices=choices, pattern=pattern, estimate=estimate)
+    meta = dict(unit=unit, ge=ge, gt=gt, le=le, lt=lt, choices=choices, pattern=pattern, estimate=estimate, doc=doc)
     if isinstance(default, (list, dict)):
         raise TypeError("use tuples for sequence defaults so that configs stay frozen")
     return field(default=default, metadata=meta)
@@ -110,27 +128,33 @@ def spec(default: Any, *, unit: str = "", ge=None, gt=None, le=None, lt=None, ch
 class DataConfig:
     """``data`` section: which dataset, how it is split, and the fixed probe subset."""
 
-    dataset: str = spec("digits", choices=DATASETS)  # name
-    root: str = spec("data/raw")  # folder holding torchvision datasets (cifar10, mnist, fashion_mnist)
-    download: bool = spec(False)  # allow torchvision to download into `root` (needs internet)
-    test_fraction: float = spec(0.25, gt=0.0, lt=1.0, unit="fraction of samples")  # digits/synthetic only
-    train_samples: int = spec(0, ge=0, le=MAX_SAMPLES, unit="samples")  # keep a stratified subset of the train split; 0 = all
-    probe_size: int = spec(512, ge=1, le=MAX_SAMPLES, unit="samples")  # fixed probe subset of the train split (curvature, scans)
-    seed: int = spec(0, ge=0, le=MAX_SEED)  # split, subset and probe selection
-    synthetic_samples: int = spec(600, ge=4, le=MAX_SAMPLES, unit="samples")  # synthetic only: train + test
-    synthetic_classes: int = spec(3, ge=2, le=1000, unit="classes")  # synthetic only
-    synthetic_size: int = spec(8, ge=1, le=1024, unit="pixels per side")  # synthetic only
-    synthetic_channels: int = spec(1, ge=1, le=64, unit="channels")  # synthetic only
+    dataset: str = spec("digits", choices=DATASETS, doc="name")
+    root: str = spec("data/raw", doc="folder holding torchvision datasets (cifar10, mnist, fashion_mnist)")
+    download: bool = spec(False, doc="allow torchvision to download into `root` (needs internet)")
+    test_fraction: float = spec(0.25, gt=0.0, lt=1.0, unit="fraction of samples", doc="digits/synthetic only")
+    train_samples: int = spec(
+        0, ge=0, le=MAX_SAMPLES, unit="samples", doc="keep a stratified subset of the train split; 0 = all"
+    )
+    probe_size: int = spec(
+        512, ge=1, le=MAX_SAMPLES, unit="samples", doc="fixed probe subset of the train split (curvature, scans)"
+    )
+    seed: int = spec(0, ge=0, le=MAX_SEED, doc="split, subset and probe selection")
+    synthetic_samples: int = spec(600, ge=4, le=MAX_SAMPLES, unit="samples", doc="synthetic only: train + test")
+    synthetic_classes: int = spec(3, ge=2, le=1000, unit="classes", doc="synthetic only")
+    synthetic_size: int = spec(8, ge=1, le=1024, unit="pixels per side", doc="synthetic only")
+    synthetic_channels: int = spec(1, ge=1, le=64, unit="channels", doc="synthetic only")
 
     def __post_init__(self):
         if self.dataset == "synthetic":  # generated in memory: estimate the inputs before generating them
-            need = self.synthetic_samples * self.synthetic_channels * self.synthetic_size ** 2 * 4
+            need = self.synthetic_samples * self.synthetic_channels * self.synthetic_size**2 * 4
             if need > MAX_SYNTHETIC_BYTES:
-                raise ConfigError("data.synthetic_samples",
-                                  f"{self.synthetic_samples} samples of {self.synthetic_channels} x "
-                                  f"{self.synthetic_size} x {self.synthetic_size} float32 are about {_bytes(need)} of "
-                                  f"inputs; allowed up to {_bytes(MAX_SYNTHETIC_BYTES)} (fewer samples, a smaller "
-                                  f"synthetic_size or fewer synthetic_channels)")
+                raise ConfigError(
+                    "data.synthetic_samples",
+                    f"{self.synthetic_samples} samples of {self.synthetic_channels} x "
+                    f"{self.synthetic_size} x {self.synthetic_size} float32 are about {_bytes(need)} of "
+                    f"inputs; allowed up to {_bytes(MAX_SYNTHETIC_BYTES)} (fewer samples, a smaller "
+                    f"synthetic_size or fewer synthetic_channels)",
+                )
 
 
 @dataclass(frozen=True)
@@ -139,17 +163,20 @@ class ModelConfig:
 
     mlp_depth: int = spec(2, ge=0, le=1000, unit="hidden layers")
     mlp_width: int = spec(128, ge=1, le=65536, unit="units per hidden layer")
-    mlp_activation: str = spec("relu", choices=ACTIVATIONS)  # name
+    mlp_activation: str = spec("relu", choices=ACTIVATIONS, doc="name")
 
     def __post_init__(self):
         # Hidden-to-hidden weights alone (the input and output layers depend on the dataset); every analysis also
         # keeps gradients, optimiser state and float64 Krylov vectors of this size.
         hidden = max(self.mlp_depth - 1, 0) * self.mlp_width * (self.mlp_width + 1)
         if hidden > MAX_MLP_HIDDEN_PARAMETERS:
-            raise ConfigError("model.mlp_width", f"{self.mlp_depth} hidden layers of {self.mlp_width} units hold "
-                                                 f"{hidden:.3g} parameters (about {_bytes(4 * hidden)} in float32) "
-                                                 f"between hidden layers; allowed up to {MAX_MLP_HIDDEN_PARAMETERS:.3g} "
-                                                 f"(a smaller mlp_width or mlp_depth)")
+            raise ConfigError(
+                "model.mlp_width",
+                f"{self.mlp_depth} hidden layers of {self.mlp_width} units hold "
+                f"{hidden:.3g} parameters (about {_bytes(4 * hidden)} in float32) "
+                f"between hidden layers; allowed up to {MAX_MLP_HIDDEN_PARAMETERS:.3g} "
+                f"(a smaller mlp_width or mlp_depth)",
+            )
 
 
 @dataclass(frozen=True)
@@ -157,46 +184,64 @@ class TrainConfig:
     """``train`` section: optimiser, schedule, checkpointing and logging (a run may override any key)."""
 
     epochs: int = spec(30, ge=1, le=MAX_EPOCHS, unit="epochs")
-    batch_size: int | str = spec(64, ge=1, le=MAX_BATCH, unit="samples per step")  # or `full`: full-batch gradient descent
-    loss: str = spec("cross_entropy", choices=LOSSES)  # cross_entropy | mse (squared error to the one-hot target)
-    optimizer: str = spec("sgd", choices=OPTIMIZERS)  # name
+    batch_size: int | str = spec(
+        64, ge=1, le=MAX_BATCH, unit="samples per step", doc="or `full`: full-batch gradient descent"
+    )
+    loss: str = spec("cross_entropy", choices=LOSSES, doc="cross_entropy | mse (squared error to the one-hot target)")
+    optimizer: str = spec("sgd", choices=OPTIMIZERS, doc="name")
     lr: float = spec(0.05, gt=0.0, unit="learning rate per step (peak of the schedule)")
     momentum: float = spec(0.9, ge=0.0, lt=1.0, unit="SGD heavy-ball coefficient")
-    nesterov: bool = spec(False)  # SGD only; needs momentum > 0
+    nesterov: bool = spec(False, doc="SGD only; needs momentum > 0")
     weight_decay: float = spec(5e-4, ge=0.0, unit="L2 coefficient added to the gradient")
-    adam_beta1: float = spec(0.9, ge=0.0, lt=1.0)  # Adam only
-    adam_beta2: float = spec(0.999, ge=0.0, lt=1.0)  # Adam only
-    schedule: str = spec("cosine", choices=SCHEDULES)  # name
-    milestones: tuple[int, ...] = spec((), le=MAX_EPOCHS, unit="epochs")  # step schedule: epochs at which lr *= gamma
-    gamma: float = spec(0.1, gt=0.0, le=1.0, unit="factor per milestone")  # step schedule
-    checkpoint_every: int = spec(5, ge=1, le=MAX_EPOCHS, unit="epochs")  # plus the init and final checkpoints
-    log_every: int = spec(0, ge=0, le=MAX_STEPS, unit="steps")  # extra per-step history rows; 0 = per-epoch rows only
-    eval_batch_size: int = spec(1024, ge=1, le=MAX_BATCH, unit="samples per forward")  # evaluation only; results do not change
-    track_sharpness_every: int = spec(5, ge=0, le=MAX_STEPS, unit="steps or epochs (track_sharpness_unit)")  # 0 = off
-    track_sharpness_unit: str = spec("epochs", choices=TRACK_UNITS)  # unit of track_sharpness_every
-    track_tol: float = spec(1e-3, gt=0.0, lt=1.0, unit="Ritz residual / lambda_max")  # tracked lambda_max (Lanczos)
+    adam_beta1: float = spec(0.9, ge=0.0, lt=1.0, doc="Adam only")
+    adam_beta2: float = spec(0.999, ge=0.0, lt=1.0, doc="Adam only")
+    schedule: str = spec("cosine", choices=SCHEDULES, doc="name")
+    milestones: tuple[int, ...] = spec(
+        (), le=MAX_EPOCHS, unit="epochs", doc="step schedule: epochs at which lr *= gamma"
+    )
+    gamma: float = spec(0.1, gt=0.0, le=1.0, unit="factor per milestone", doc="step schedule")
+    checkpoint_every: int = spec(5, ge=1, le=MAX_EPOCHS, unit="epochs", doc="plus the init and final checkpoints")
+    log_every: int = spec(
+        0, ge=0, le=MAX_STEPS, unit="steps", doc="extra per-step history rows; 0 = per-epoch rows only"
+    )
+    eval_batch_size: int = spec(
+        1024, ge=1, le=MAX_BATCH, unit="samples per forward", doc="evaluation only; results do not change"
+    )
+    track_sharpness_every: int = spec(
+        5, ge=0, le=MAX_STEPS, unit="steps or epochs (track_sharpness_unit)", doc="0 = off"
+    )
+    track_sharpness_unit: str = spec("epochs", choices=TRACK_UNITS, doc="unit of track_sharpness_every")
+    track_tol: float = spec(1e-3, gt=0.0, lt=1.0, unit="Ritz residual / lambda_max", doc="tracked lambda_max (Lanczos)")
     track_max_hvps: int = spec(200, ge=10, le=MAX_HVPS, unit="Hessian-vector products per tracked lambda_max")
-    seed: int = spec(0, ge=0, le=MAX_SEED)  # initialisation and batch order
-    device: str = spec("auto", pattern=_DEVICE_PATTERN)  # auto (CUDA when present, else CPU), cpu, cuda, cuda:N
+    seed: int = spec(0, ge=0, le=MAX_SEED, doc="initialisation and batch order")
+    device: str = spec("auto", pattern=_DEVICE_PATTERN, doc="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
 
     def __post_init__(self):
         if isinstance(self.batch_size, str) and self.batch_size != FULL_BATCH:
-            raise ConfigError("train.batch_size", f"expected an integer >= 1 or 'full' (full-batch gradient descent), "
-                                                  f"got {self.batch_size!r}")
+            raise ConfigError(
+                "train.batch_size",
+                f"expected an integer >= 1 or 'full' (full-batch gradient descent), got {self.batch_size!r}",
+            )
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0.0):
             raise ConfigError("train.nesterov", "needs optimizer: sgd and momentum > 0")
         if list(self.milestones) != sorted(set(self.milestones)) or any(m < 1 for m in self.milestones):
-            raise ConfigError("train.milestones", f"must be strictly increasing epochs >= 1, got {list(self.milestones)}")
+            raise ConfigError(
+                "train.milestones", f"must be strictly increasing epochs >= 1, got {list(self.milestones)}"
+            )
         if self.schedule == "step" and not self.milestones:
             raise ConfigError("train.milestones", "schedule: step needs at least one milestone (epochs)")
         if self.schedule == "step" and self.milestones[-1] >= self.epochs:  # epochs count from 0: it would never apply
-            raise ConfigError("train.milestones", f"must be < epochs ({self.epochs}) to take effect, got "
-                                                  f"{list(self.milestones)}")
+            raise ConfigError(
+                "train.milestones", f"must be < epochs ({self.epochs}) to take effect, got {list(self.milestones)}"
+            )
 
 
 def _check_checkpoint_selection(key: str, value) -> None:
     if isinstance(value, str) and value not in ("final", "all"):
-        raise ConfigError(key, f"unknown selection {value!r}; allowed: final, all, or an integer k >= 1 (every k-th checkpoint plus the final one)")
+        raise ConfigError(
+            key,
+            f"unknown selection {value!r}; allowed: final, all, or an integer k >= 1 (every k-th checkpoint plus the final one)",  # noqa: E501
+        )
     if isinstance(value, int) and value < 1:
         raise ConfigError(key, f"must be final, all, or an integer >= 1, got {value!r}")
 
@@ -209,41 +254,60 @@ class HessianConfig:
     Gauss-Newton operator, per-group spectra) at those of ``details``.
     """
 
-    checkpoints: str | int = spec("all")  # final | all | k: every k-th checkpoint (by epoch order) plus the final one
-    details: str | int = spec("final")  # same choices: where trace, density, GGN and per-group spectra are computed
-    method: str = spec("lanczos", choices=EIGEN_METHODS)  # eigen-solver (power = PyHessian's deflated power iteration)
-    top_k: int = spec(5, ge=1, le=MAX_EIGENPAIRS, unit="eigenvalues")  # largest eigenvalues, with eigenvectors
-    lambda_min: bool = spec(True)  # also the most negative (smallest algebraic) eigenvalue
-    tol: float = spec(1e-3, gt=0.0, lt=1.0, unit="Ritz residual / |lambda_max|")  # lanczos/arpack; power: relative change
+    checkpoints: str | int = spec(
+        "all", doc="final | all | k: every k-th checkpoint (by epoch order) plus the final one"
+    )
+    details: str | int = spec("final", doc="same choices: where trace, density, GGN and per-group spectra are computed")
+    method: str = spec(
+        "lanczos", choices=EIGEN_METHODS, doc="eigen-solver (power = PyHessian's deflated power iteration)"
+    )
+    top_k: int = spec(5, ge=1, le=MAX_EIGENPAIRS, unit="eigenvalues", doc="largest eigenvalues, with eigenvectors")
+    lambda_min: bool = spec(True, doc="also the most negative (smallest algebraic) eigenvalue")
+    tol: float = spec(
+        1e-3, gt=0.0, lt=1.0, unit="Ritz residual / |lambda_max|", doc="lanczos/arpack; power: relative change"
+    )
     max_hvps: int = spec(600, ge=10, le=MAX_HVPS, unit="Hessian-vector products per eigen-solve")
-    power_iters: int = spec(100, ge=1, le=MAX_HVPS, unit="products per eigenvalue")  # power only (PyHessian's maxIter)
-    trace: tuple[str, ...] = spec(("hutchinson", "hutchpp"))  # trace estimators (hutchinson, hutchpp); [] = none
+    power_iters: int = spec(
+        100, ge=1, le=MAX_HVPS, unit="products per eigenvalue", doc="power only (PyHessian's maxIter)"
+    )
+    trace: tuple[str, ...] = spec(("hutchinson", "hutchpp"), doc="trace estimators (hutchinson, hutchpp); [] = none")
     trace_hvps: int = spec(60, ge=4, le=MAX_HVPS, unit="Hessian-vector products per estimator")
-    density_runs: int = spec(2, ge=0, le=1000, unit="random start vectors")  # stochastic Lanczos quadrature; 0 = no density
+    density_runs: int = spec(
+        2, ge=0, le=1000, unit="random start vectors", doc="stochastic Lanczos quadrature; 0 = no density"
+    )
     density_steps: int = spec(64, ge=2, le=10_000, unit="Lanczos steps per run")
-    density_sigma: float = spec(0.01, gt=0.0, unit="fraction of the spectrum's range")  # Gaussian smoothing width
+    density_sigma: float = spec(0.01, gt=0.0, unit="fraction of the spectrum's range", doc="Gaussian smoothing width")
     density_points: int = spec(500, ge=10, le=1_000_000, unit="grid points")
-    operators: tuple[str, ...] = spec(("hessian",))  # hessian (always at `checkpoints`), ggn (at `details`)
-    groups: str = spec("block", choices=GROUP_LEVELS)  # per-group top eigenvalue at `details`: block | module | none
+    operators: tuple[str, ...] = spec(("hessian",), doc="hessian (always at `checkpoints`), ggn (at `details`)")
+    groups: str = spec(
+        "block", choices=GROUP_LEVELS, doc="per-group top eigenvalue at `details`: block | module | none"
+    )
     group_top_k: int = spec(1, ge=1, le=MAX_EIGENPAIRS, unit="eigenvalues per group")
-    noise: bool = spec(True)  # at `checkpoints`: gradient noise scale (per-sample gradients) and g'Hg/|g|^2
-    flatness: tuple[str, ...] = spec(("epsilon", "pac_bayes"))  # at `details`: epsilon, pac_bayes; [] = none
-    flatness_radius: float = spec(0.5, gt=0.0, unit="L2 norm of the weight perturbation")  # epsilon-ball (absolute)
-    flatness_box: float = spec(1e-3, gt=0.0, unit="fraction of |w_i| + 1")  # Keskar et al.'s box (relative)
-    flatness_steps: int = spec(20, ge=1, le=MAX_HVPS, unit="ascent steps per start")  # projected gradient ascent
-    pac_bayes_bound: float = spec(0.1, gt=0.0, unit="nats of expected loss increase")  # the largest sigma within it
-    pac_bayes_draws: int = spec(10, ge=1, le=100_000, unit="noise draws")  # the same draws for every sigma of the bisection
-    hvp: str = spec("reverse_over_reverse", choices=HVP_METHODS)  # chosen by benchmarks/hvp.py; see README
-    batch_size: int = spec(512, ge=1, le=MAX_BATCH, unit="samples per forward")  # splits the probe set; does not change results
-    dtype: str = spec("float32", choices=DTYPES)  # network precision for the products (solvers run in float64)
-    device: str = spec("auto", pattern=_DEVICE_PATTERN)  # auto | cpu | cuda | cuda:N
-    seed: int = spec(0, ge=0, le=MAX_SEED)  # start vectors and trace probes
+    noise: bool = spec(True, doc="at `checkpoints`: gradient noise scale (per-sample gradients) and g'Hg/|g|^2")
+    flatness: tuple[str, ...] = spec(("epsilon", "pac_bayes"), doc="at `details`: epsilon, pac_bayes; [] = none")
+    flatness_radius: float = spec(0.5, gt=0.0, unit="L2 norm of the weight perturbation", doc="epsilon-ball (absolute)")
+    flatness_box: float = spec(1e-3, gt=0.0, unit="fraction of |w_i| + 1", doc="Keskar et al.'s box (relative)")
+    flatness_steps: int = spec(20, ge=1, le=MAX_HVPS, unit="ascent steps per start", doc="projected gradient ascent")
+    pac_bayes_bound: float = spec(0.1, gt=0.0, unit="nats of expected loss increase", doc="the largest sigma within it")
+    pac_bayes_draws: int = spec(
+        10, ge=1, le=100_000, unit="noise draws", doc="the same draws for every sigma of the bisection"
+    )
+    hvp: str = spec("reverse_over_reverse", choices=HVP_METHODS, doc="chosen by benchmarks/hvp.py; see README")
+    batch_size: int = spec(
+        512, ge=1, le=MAX_BATCH, unit="samples per forward", doc="splits the probe set; does not change results"
+    )
+    dtype: str = spec("float32", choices=DTYPES, doc="network precision for the products (solvers run in float64)")
+    device: str = spec("auto", pattern=_DEVICE_PATTERN, doc="auto | cpu | cuda | cuda:N")
+    seed: int = spec(0, ge=0, le=MAX_SEED, doc="start vectors and trace probes")
 
     def __post_init__(self):
         _check_checkpoint_selection("hessian.checkpoints", self.checkpoints)
         _check_checkpoint_selection("hessian.details", self.details)
-        for key, values, allowed in (("trace", self.trace, TRACE_METHODS), ("operators", self.operators, CURVATURE_OPERATORS),
-                                     ("flatness", self.flatness, FLATNESS_MEASURES)):
+        for key, values, allowed in (
+            ("trace", self.trace, TRACE_METHODS),
+            ("operators", self.operators, CURVATURE_OPERATORS),
+            ("flatness", self.flatness, FLATNESS_MEASURES),
+        ):
             for i, value in enumerate(values):
                 if value not in allowed:
                     raise ConfigError(f"hessian.{key}[{i}]", f"unknown name {value!r}; allowed: {', '.join(allowed)}")
@@ -251,8 +315,11 @@ class HessianConfig:
                 raise ConfigError(f"hessian.{key}", f"names must not repeat, got {list(values)}")
         needed = 2 * (max(self.top_k, self.group_top_k) + int(self.lambda_min)) + 10
         if self.max_hvps < needed:
-            raise ConfigError("hessian.max_hvps", f"must be >= {needed} for top_k {self.top_k} (a Krylov basis of twice "
-                                                  f"the wanted pairs plus the residual products), got {self.max_hvps}")
+            raise ConfigError(
+                "hessian.max_hvps",
+                f"must be >= {needed} for top_k {self.top_k} (a Krylov basis of twice "
+                f"the wanted pairs plus the residual products), got {self.max_hvps}",
+            )
         if "hessian" not in self.operators:
             raise ConfigError("hessian.operators", f"must include 'hessian', got {list(self.operators)}")
 
@@ -266,42 +333,69 @@ class LandscapeConfig:
     norm of the weights), so a coordinate means the same distance for random, PCA and eigenvector directions.
     """
 
-    norm: str = spec("filter", choices=DIRECTION_NORMS)  # random directions: filter (Li et al. 2018) | layer | none
-    ignore: str = spec("biasbn", choices=DIRECTION_IGNORES)  # biasbn: biases and BatchNorm parameters do not move
-    seed: int = spec(0, ge=0, le=MAX_SEED)  # random directions: x uses seed, y uses seed + 1 (1-D: seed)
-    line_points: int = spec(41, ge=3, le=MAX_LINE_POINTS, unit="points")  # final + alpha * d, alpha in [-line_range, line_range]
+    norm: str = spec("filter", choices=DIRECTION_NORMS, doc="random directions: filter (Li et al. 2018) | layer | none")
+    ignore: str = spec("biasbn", choices=DIRECTION_IGNORES, doc="biasbn: biases and BatchNorm parameters do not move")
+    seed: int = spec(0, ge=0, le=MAX_SEED, doc="random directions: x uses seed, y uses seed + 1 (1-D: seed)")
+    line_points: int = spec(
+        41, ge=3, le=MAX_LINE_POINTS, unit="points", doc="final + alpha * d, alpha in [-line_range, line_range]"
+    )
     line_range: float = spec(1.0, gt=0.0, unit="direction lengths")
-    path_points: int = spec(21, ge=3, le=MAX_LINE_POINTS, unit="points")  # on t in [0, 1]: init -> final, final -> partner
-    splits: tuple[str, ...] = spec(("train", "test"))  # 1-D scans evaluated on: train | test
-    partner_seed_offset: int = spec(1, ge=1, le=1_000_000)  # mode connectivity partner: the run retrained with train.seed + offset
-    plane: str = spec("random", choices=PLANES)  # 2-D plane: random | pca (of the trajectory) | eigen (top two)
-    surface_points: int = spec(41, ge=2, le=MAX_SURFACE_POINTS, unit="points per axis",
-                                estimate=surface_estimate)
-    surface_range: float = spec(1.0, gt=0.0, unit="direction lengths")  # grid over [-range, range]^2
-    curvature_map: int = spec(0, ge=0, le=MAX_CURVATURE_MAP, unit="points per axis")  # |lambda_min/lambda_max| on a coarse sub-grid; 0 = off
-    curvature_tol: float = spec(1e-2, gt=0.0, lt=1.0, unit="Ritz residual / |lambda_max|")  # curvature map solves
-    tile_size: int = spec(256, ge=1, le=MAX_SURFACE_POINTS ** 2, unit="points per tile")  # one Prefect task per tile; finished tiles are kept
-    chunk: int = spec(0, ge=0, le=65536, unit="points per forward")  # 0 = measured once per model and device
-    batch_size: int = spec(512, ge=1, le=MAX_BATCH, unit="samples per forward")  # does not change results
-    executor: str = spec("local", choices=EXECUTORS)  # local (this process) | dask (prefect-dask)
-    scheduler: str = spec("")  # dask: scheduler address, e.g. tcp://10.0.0.5:8786; "" = LocalCluster on 127.0.0.1
-    workers: int = spec(2, ge=1, le=1024, unit="processes")  # dask LocalCluster only
-    device: str = spec("auto", pattern=_DEVICE_PATTERN)  # auto | cpu | cuda | cuda:N
+    path_points: int = spec(
+        21, ge=3, le=MAX_LINE_POINTS, unit="points", doc="on t in [0, 1]: init -> final, final -> partner"
+    )
+    splits: tuple[str, ...] = spec(("train", "test"), doc="1-D scans evaluated on: train | test")
+    partner_seed_offset: int = spec(
+        1, ge=1, le=1_000_000, doc="mode connectivity partner: the run retrained with train.seed + offset"
+    )
+    plane: str = spec("random", choices=PLANES, doc="2-D plane: random | pca (of the trajectory) | eigen (top two)")
+    surface_points: int = spec(41, ge=2, le=MAX_SURFACE_POINTS, unit="points per axis", estimate=surface_estimate)
+    surface_range: float = spec(1.0, gt=0.0, unit="direction lengths", doc="grid over [-range, range]^2")
+    curvature_map: int = spec(
+        0,
+        ge=0,
+        le=MAX_CURVATURE_MAP,
+        unit="points per axis",
+        doc="|lambda_min/lambda_max| on a coarse sub-grid; 0 = off",
+    )
+    curvature_tol: float = spec(1e-2, gt=0.0, lt=1.0, unit="Ritz residual / |lambda_max|", doc="curvature map solves")
+    tile_size: int = spec(
+        256,
+        ge=1,
+        le=MAX_SURFACE_POINTS**2,
+        unit="points per tile",
+        doc="one Prefect task per tile; finished tiles are kept",
+    )
+    chunk: int = spec(0, ge=0, le=65536, unit="points per forward", doc="0 = measured once per model and device")
+    batch_size: int = spec(512, ge=1, le=MAX_BATCH, unit="samples per forward", doc="does not change results")
+    executor: str = spec("local", choices=EXECUTORS, doc="local (this process) | dask (prefect-dask)")
+    scheduler: str = spec("", doc='dask: scheduler address, e.g. tcp://10.0.0.5:8786; "" = LocalCluster on 127.0.0.1')
+    workers: int = spec(2, ge=1, le=1024, unit="processes", doc="dask LocalCluster only")
+    device: str = spec("auto", pattern=_DEVICE_PATTERN, doc="auto | cpu | cuda | cuda:N")
 
     def __post_init__(self):
         for i, value in enumerate(self.splits):
             if value not in LINE_SPLITS:
-                raise ConfigError(f"landscape.splits[{i}]", f"unknown split {value!r}; allowed: {', '.join(LINE_SPLITS)}")
+                raise ConfigError(
+                    f"landscape.splits[{i}]", f"unknown split {value!r}; allowed: {', '.join(LINE_SPLITS)}"
+                )
         if not self.splits or len(set(self.splits)) != len(self.splits):
-            raise ConfigError("landscape.splits", f"need one or both of train, test without repeats, got {list(self.splits)}")
+            raise ConfigError(
+                "landscape.splits", f"need one or both of train, test without repeats, got {list(self.splits)}"
+            )
         for key in ("line_points", "surface_points"):
             if getattr(self, key) % 2 == 0:
-                raise ConfigError(f"landscape.{key}", f"must be odd, so that the trained model (0) is a grid point; "
-                                                      f"got {getattr(self, key)}")
+                raise ConfigError(
+                    f"landscape.{key}",
+                    f"must be odd, so that the trained model (0) is a grid point; got {getattr(self, key)}",
+                )
         if self.scheduler and self.executor != "dask":
-            raise ConfigError("landscape.scheduler", "is read only with executor: dask; set executor: dask or leave it empty")
+            raise ConfigError(
+                "landscape.scheduler", "is read only with executor: dask; set executor: dask or leave it empty"
+            )
         if self.scheduler and not re.fullmatch(r"(tcp|tls|ucx|inproc)://\S+", self.scheduler):
-            raise ConfigError("landscape.scheduler", f"expected a Dask address like tcp://HOST:PORT, got {self.scheduler!r}")
+            raise ConfigError(
+                "landscape.scheduler", f"expected a Dask address like tcp://HOST:PORT, got {self.scheduler!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -313,12 +407,26 @@ class ReproConfig:
     differences. ``pin`` caps all three at AVX2, which every x86-64 machine of the last decade has, and ``threads``
     fixes the intra-op thread count; both are set before torch is imported in every stage process (see
     :mod:`pipeline.repro`) and recorded in every table's provenance. ``seeds`` is how many training seeds each run
-    has (:mod:`pipeline.seeds`): one run proves nothing when the noise of its seed is as large as the effect.
+    has (:mod:`pipeline.sweep.seeds`): one run proves nothing when the noise of its seed is as large as the effect.
     """
 
-    pin: bool = spec(True)  # CPU kernels at AVX2 (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_CBWR); false = native
-    threads: int = spec(2, ge=0, le=1024, unit="intra-op threads")  # fixed, so bits do not depend on the core count; 0 = torch's default
-    seeds: int = spec(3, ge=1, le=100, unit="training seeds per run")  # the `seeds` stage: headline numbers as mean and 95% interval
+    pin: bool = spec(
+        True, doc="CPU kernels at AVX2 (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_CBWR); false = native"
+    )
+    threads: int = spec(
+        2,
+        ge=0,
+        le=1024,
+        unit="intra-op threads",
+        doc="fixed, so bits do not depend on the core count; 0 = torch's default",
+    )
+    seeds: int = spec(
+        3,
+        ge=1,
+        le=100,
+        unit="training seeds per run",
+        doc="the `seeds` stage: headline numbers as mean and 95% interval",
+    )
 
 
 @dataclass(frozen=True)
@@ -331,8 +439,12 @@ class RunConfig:
     train: TrainConfig
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "model_name": self.model_name,
-                "model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
+        return {
+            "name": self.name,
+            "model_name": self.model_name,
+            "model": dataclasses.asdict(self.model),
+            "train": dataclasses.asdict(self.train),
+        }
 
 
 @dataclass(frozen=True)
@@ -354,8 +466,14 @@ class Params:
         raise ConfigError("runs", f"no run named {name!r}; defined: {', '.join(r.name for r in self.runs)}")
 
 
-SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
-                             "hessian": HessianConfig, "landscape": LandscapeConfig, "repro": ReproConfig}
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "hessian": HessianConfig,
+    "landscape": LandscapeConfig,
+    "repro": ReproConfig,
+}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -381,7 +499,9 @@ def _check_value(key: str, tp, value: Any, meta: Mapping[str, Any]) -> Any:
             return None
         matching = [a for a in arms if type(value) is a or (a is float and type(value) is int)]
         if not matching and len(arms) > 1:
-            raise ConfigError(key, f"expected {' or '.join(_type_name(a) for a in arms)}, got {value!r} ({type(value).__name__})")
+            raise ConfigError(
+                key, f"expected {' or '.join(_type_name(a) for a in arms)}, got {value!r} ({type(value).__name__})"
+            )
         tp = matching[0] if matching else arms[0]
     # bool is a subclass of int: never accept it where a number is expected, nor a number where a bool is.
     if tp is bool:
@@ -406,8 +526,12 @@ def _check_value(key: str, tp, value: Any, meta: Mapping[str, Any]) -> Any:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if value != value or value in (float("inf"), float("-inf")):
             raise ConfigError(key, f"must be finite, got {value!r}")
-        for bound, op, text in (("ge", lambda a, b: a >= b, ">="), ("gt", lambda a, b: a > b, ">"),
-                                ("le", lambda a, b: a <= b, "<="), ("lt", lambda a, b: a < b, "<")):
+        for bound, op, text in (
+            ("ge", lambda a, b: a >= b, ">="),
+            ("gt", lambda a, b: a > b, ">"),
+            ("le", lambda a, b: a <= b, "<="),
+            ("lt", lambda a, b: a < b, "<"),
+        ):
             limit = meta.get(bound)
             if limit is not None and not op(value, limit):
                 cost = meta.get("estimate") if bound in ("le", "lt") else None
@@ -492,7 +616,9 @@ def read_yaml(path: str | Path) -> Any:
 def parse_params(raw: Any) -> Params:
     """Validate a parsed ``params.yaml`` mapping and return the typed :class:`Params`."""
     if not isinstance(raw, Mapping):
-        raise ConfigError("", f"params: expected a mapping of sections ({', '.join([*SECTIONS, 'runs'])}), got {type(raw).__name__}")
+        raise ConfigError(
+            "", f"params: expected a mapping of sections ({', '.join([*SECTIONS, 'runs'])}), got {type(raw).__name__}"
+        )
     allowed = [*SECTIONS, "runs"]
     for key in raw:
         if key not in allowed:
@@ -521,8 +647,11 @@ def check_batch_size(key: str, batch_size: int | str, n_train: int, dataset: str
         the split size and what is allowed.
     """
     if isinstance(batch_size, int) and batch_size > n_train:
-        raise ConfigError(key, f"must be <= {n_train}, the train split of {dataset} (or 'full' for full-batch "
-                               f"gradient descent), got {batch_size}")
+        raise ConfigError(
+            key,
+            f"must be <= {n_train}, the train split of {dataset} (or 'full' for full-batch "
+            f"gradient descent), got {batch_size}",
+        )
 
 
 def check_run_batch_size(params: Params, run_name: str, n_train: int, dataset: str = "the dataset") -> None:

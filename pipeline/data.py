@@ -25,7 +25,12 @@ from pipeline.config import DataConfig
 from pipeline.errors import DataError  # noqa: F401 - re-exported: pipeline.data.DataError is the public name
 from pipeline.io import save_torch, write_json
 
-_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+_MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
 _CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
 
 
@@ -89,11 +94,14 @@ def _stratified_split(x: Tensor, y: Tensor, cfg: DataConfig) -> tuple[Tensor, Te
     from sklearn.model_selection import train_test_split
 
     try:
-        train_idx, test_idx = train_test_split(np.arange(len(y)), test_size=cfg.test_fraction,
-                                               stratify=y.numpy(), random_state=cfg.seed)
+        train_idx, test_idx = train_test_split(
+            np.arange(len(y)), test_size=cfg.test_fraction, stratify=y.numpy(), random_state=cfg.seed
+        )
     except ValueError as err:  # e.g. fewer test samples than classes
-        raise DataError(f"data.test_fraction: cannot split {len(y)} samples stratified with test_fraction "
-                        f"{cfg.test_fraction}: {str(err).splitlines()[0]}") from None
+        raise DataError(
+            f"data.test_fraction: cannot split {len(y)} samples stratified with test_fraction "
+            f"{cfg.test_fraction}: {str(err).splitlines()[0]}"
+        ) from None
     train_idx, test_idx = torch.from_numpy(np.sort(train_idx)), torch.from_numpy(np.sort(test_idx))
     return x[train_idx], y[train_idx], x[test_idx], y[test_idx]
 
@@ -119,9 +127,12 @@ def _make_synthetic(cfg: DataConfig):
 # md5 of the files of cifar-10-python.tar.gz (as torchvision lists them): a full batch (10,000 images) that does not
 # match is refused; a smaller one (a subset, a test fixture) is read with one warning that it is not the official file.
 _CIFAR_MD5 = {
-    "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
-    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
-    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e",
+    "data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "test_batch": "40351d587109b95175f43aff81a1287e",
     "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
 }
 _CIFAR_BATCH_IMAGES = 10_000
@@ -134,8 +145,13 @@ class _CifarUnpickler(pickle.Unpickler):
     command); here any other global is refused.
     """
 
-    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self._ALLOWED:
@@ -181,14 +197,19 @@ def _cifar_split(folder: str, names: tuple[str, ...]) -> tuple[Tensor, Tensor]:
         if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
             found = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
             raise DataError(f"{path}: 'data' must be a uint8 array of shape [N, 3072], found {found}")
-        if not isinstance(labels, list) or len(labels) != len(data) or not all(
-                isinstance(v, int) and 0 <= v < 10 for v in labels):
+        if (
+            not isinstance(labels, list)
+            or len(labels) != len(data)
+            or not all(isinstance(v, int) and 0 <= v < 10 for v in labels)
+        ):
             raise DataError(f"{path}: 'labels' must be {len(data)} integers in [0, 10)")
         if not official and len(data) == _CIFAR_BATCH_IMAGES:
             raise DataError(f"{path}: md5 differs from the official CIFAR-10 batch; re-extract cifar-10-python.tar.gz")
         if not official:
-            _warn_once(f"warning: {folder}: batches differ from the official CIFAR-10 release (a subset or another "
-                       "copy); read with the restricted unpickler")
+            _warn_once(
+                f"warning: {folder}: batches differ from the official CIFAR-10 release (a subset or another "
+                "copy); read with the restricted unpickler"
+            )
         xs.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))
         ys.append(torch.tensor(labels, dtype=torch.int64))
     return torch.cat(xs), torch.cat(ys)
@@ -265,9 +286,9 @@ def _moments(x: Tensor, per_pixel: bool, chunk: int = 4096) -> tuple[Tensor, Ten
     """Mean and population std over the samples (and pixels unless per_pixel), in float64 chunks -> float32."""
     dims = (0,) if per_pixel else (0, 2, 3)
     count = x.shape[0] * (1 if per_pixel else x.shape[2] * x.shape[3])
-    total = sum(x[i:i + chunk].double().sum(dims, keepdim=True) for i in range(0, len(x), chunk))
+    total = sum(x[i : i + chunk].double().sum(dims, keepdim=True) for i in range(0, len(x), chunk))
     mean = total / count  # [1, C, H, W] or [1, C, 1, 1]
-    sq = sum(((x[i:i + chunk].double() - mean) ** 2).sum(dims, keepdim=True) for i in range(0, len(x), chunk))
+    sq = sum(((x[i : i + chunk].double() - mean) ** 2).sum(dims, keepdim=True) for i in range(0, len(x), chunk))
     std = (sq / count).sqrt()
     std[std == 0] = 1.0  # constant pixels (digits borders) pass through unscaled
     return mean[0].float(), std[0].float()
@@ -287,18 +308,32 @@ def prepare_dataset(cfg: DataConfig) -> PreparedData:
     x_train, y_train, x_test, y_test, num_classes, per_pixel = loader(cfg)
     if cfg.train_samples > 0:
         if cfg.train_samples > len(y_train):
-            raise DataError(f"data.train_samples: {cfg.train_samples} requested but the train split of "
-                            f"{cfg.dataset} has only {len(y_train)} samples; use <= {len(y_train)} or 0 for all")
+            raise DataError(
+                f"data.train_samples: {cfg.train_samples} requested but the train split of "
+                f"{cfg.dataset} has only {len(y_train)} samples; use <= {len(y_train)} or 0 for all"
+            )
         keep = _stratified_subset(y_train, cfg.train_samples, cfg.seed)
         x_train, y_train = x_train[keep], y_train[keep]
     if cfg.probe_size > len(y_train):
-        raise DataError(f"data.probe_size: {cfg.probe_size} requested but the train split of {cfg.dataset} has "
-                        f"only {len(y_train)} samples; use <= {len(y_train)}")
+        raise DataError(
+            f"data.probe_size: {cfg.probe_size} requested but the train split of {cfg.dataset} has "
+            f"only {len(y_train)} samples; use <= {len(y_train)}"
+        )
     mean, std = _moments(x_train, per_pixel)
     g = torch.Generator().manual_seed(cfg.seed)
     probe_index = torch.randperm(len(y_train), generator=g)[: cfg.probe_size].sort().values
-    return PreparedData(cfg.dataset, x_train.contiguous(), y_train, x_test.contiguous(), y_test, mean, std,
-                        probe_index, int(num_classes), cfg)
+    return PreparedData(
+        cfg.dataset,
+        x_train.contiguous(),
+        y_train,
+        x_test.contiguous(),
+        y_test,
+        mean,
+        std,
+        probe_index,
+        int(num_classes),
+        cfg,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -316,12 +351,23 @@ def save_prepared(data: PreparedData, folder: str | Path) -> None:
     config = dataclasses.asdict(data.config) if data.config is not None else None
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    payload = {"name": data.name, "num_classes": data.num_classes, "config": config,  # plain types: weights_only
-               **{name: getattr(data, name) for name in _TENSOR_FIELDS}}
+    payload = {
+        "name": data.name,
+        "num_classes": data.num_classes,
+        "config": config,  # plain types: weights_only
+        **{name: getattr(data, name) for name in _TENSOR_FIELDS},
+    }
     save_torch(folder / "data.pt", payload)
-    meta = {"name": data.name, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
-            "n_train": len(data.y_train), "n_test": len(data.y_test), "probe_size": len(data.probe_index),
-            "fingerprint": data.fingerprint(), "config": config}
+    meta = {
+        "name": data.name,
+        "num_classes": data.num_classes,
+        "input_shape": list(data.input_shape),
+        "n_train": len(data.y_train),
+        "n_test": len(data.y_test),
+        "probe_size": len(data.probe_index),
+        "fingerprint": data.fingerprint(),
+        "config": config,
+    }
     write_json(folder / "meta.json", meta)
 
 

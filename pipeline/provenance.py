@@ -16,32 +16,54 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 def git_revision() -> str:
     """``<sha>`` of HEAD, with ``-dirty`` when tracked files differ; ``unknown`` outside a git checkout."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=PACKAGE_DIR).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True, cwd=PACKAGE_DIR).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=PACKAGE_DIR
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=PACKAGE_DIR,
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
-# The modules whose code decides the trained weights. Config semantics are covered by the run config itself,
-# so adding a config section for a later stage does not invalidate persisted checkpoints.
-TRAINING_MODULES = ("data.py", "models.py", "training.py", "tracking.py", "repro.py")  # tracking: the sharpness rows
+# The sources whose code decides the trained weights: the training wing, the data it trains on, the kernel pinning.
+# Config semantics are covered by the run config itself, so adding a config section for a later stage does not
+# invalidate persisted checkpoints. (The tracking rows come from the wing too: ``training/tracking.py``.)
+TRAINING_SOURCES = ("training", "data.py", "repro.py")
+
+
+def _sources(names) -> list[Path]:
+    """The ``*.py`` files of ``names`` (package-relative files, or folders read recursively), in a fixed order."""
+    files = []
+    for name in names:
+        path = PACKAGE_DIR / name
+        files += sorted(path.rglob("*.py")) if path.is_dir() else [path]
+    return files
+
+
+def source_fingerprint(names) -> str:
+    """sha256 over the sources of ``names`` (see :func:`_sources`), each keyed by its package-relative path."""
+    digest = hashlib.sha256()
+    for path in _sources(names):
+        digest.update(path.relative_to(PACKAGE_DIR).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 @lru_cache(maxsize=1)
 def code_fingerprint() -> str:
-    """sha256 over the sources that decide the trained weights (:data:`TRAINING_MODULES`).
+    """sha256 over the sources that decide the trained weights (:data:`TRAINING_SOURCES`: the training wing,
+    ``data.py``, ``repro.py``).
 
     A persisted checkpoint is resumed only when this matches, so a change to training code never mixes into a
     resumed run.
     """
-    digest = hashlib.sha256()
-    for name in TRAINING_MODULES:
-        digest.update(name.encode())
-        digest.update((PACKAGE_DIR / name).read_bytes())
-    return digest.hexdigest()
+    return source_fingerprint(TRAINING_SOURCES)
 
 
 def provenance() -> dict[str, str]:

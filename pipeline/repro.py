@@ -58,7 +58,9 @@ def cpu_has_avx2() -> bool:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     try:
-        return any(line.startswith("flags") and " avx2" in line for line in Path("/proc/cpuinfo").read_text().splitlines())
+        return any(
+            line.startswith("flags") and " avx2" in line for line in Path("/proc/cpuinfo").read_text().splitlines()
+        )
     except OSError:
         return False
 
@@ -84,14 +86,17 @@ def apply(pin: bool = True, threads: int = 2) -> dict[str, str]:
     if "torch" in sys.modules:
         wrong = {k: v for k, v in env.items() if os.environ.get(k) != v}
         if wrong:
-            raise RuntimeError(f"pipeline.repro.apply: torch was imported before the kernel settings "
-                               f"{', '.join(f'{k}={v}' for k, v in wrong.items())}; import it after apply()")
+            raise RuntimeError(
+                f"pipeline.repro.apply: torch was imported before the kernel settings "
+                f"{', '.join(f'{k}={v}' for k, v in wrong.items())}; import it after apply()"
+            )
     os.environ.update(env)
     return env
 
 
 def apply_section(raw: Any) -> dict[str, str]:
-    """:func:`apply` for the raw ``repro`` mapping of a params file (validated as :class:`~pipeline.config.ReproConfig`).
+    """:func:`apply` for the raw ``repro`` mapping of a params file (validated as
+    :class:`~pipeline.config.ReproConfig`).
 
     Raises:
         ConfigError: naming the ``repro.<key>`` that is wrong.
@@ -119,7 +124,7 @@ def kernel_record() -> dict[str, str]:
 
     With pinned kernels the CPU model does not decide the bits, and recording it would make the tables of two
     machines differ in bytes (and in their DVC hashes) where their numbers agree; it is then recorded as
-    ``any x86-64 with AVX2`` (stage logs name the actual model).
+    ``any x86-64 with AVX2`` (the actual model is then not recorded: it does not decide the numbers).
     """
     import torch
 
@@ -138,8 +143,11 @@ def kernel_record() -> dict[str, str]:
         "cpu_model": "any x86-64 with AVX2 (kernels pinned)" if pinned and cpu_has_avx2() else cpu_model(),
         "machine": platform.machine(),
         "cpu_guarantee": guarantee,
-        "cuda_guarantee": ("deterministic algorithms; bitwise on the same GPU model, driver and CUDA/cuDNN versions "
-                           "only" if torch.cuda.is_available() else "no CUDA device"),
+        "cuda_guarantee": (
+            "deterministic algorithms; bitwise on the same GPU model, driver and CUDA/cuDNN versions only"
+            if torch.cuda.is_available()
+            else "no CUDA device"
+        ),
     }
 
 

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Sequence
 
 from pipeline.config import ConfigError
@@ -20,7 +21,6 @@ from pipeline.flows.runtime import STOPPING, debug_enabled
 
 EXIT_BAD_INPUT = 2
 STOP_GRACE_SECONDS = 3.0  # after SIGINT/SIGTERM: finally-blocks get this long, then the process ends regardless
-_STOP_SIGNAL: list[int | None] = [None]  # the signal that is stopping this process
 
 
 def tune_malloc() -> None:
@@ -84,9 +84,8 @@ def _on_stop_signal(signum: int, frame) -> None:
         time.sleep(STOP_GRACE_SECONDS)
         _stopped(signum)
 
-    if _STOP_SIGNAL[0] is None:  # the first signal unwinds; a second one just waits for the watchdog
-        _STOP_SIGNAL[0] = signum
-        STOPPING.append(True)
+    if not STOPPING:  # the first signal unwinds; a second one just waits for the watchdog
+        STOPPING.append(signum)
         threading.Thread(target=force_exit, daemon=True).start()
         raise KeyboardInterrupt
 
@@ -96,8 +95,9 @@ def _stopped(signum: int) -> None:
     may wait on a server that is gone)."""
     name = signal.Signals(signum).name
     kill_children()
-    print(f"error: stopped by {name}; finished work is kept (atomic writes), a rerun resumes", file=sys.stderr,
-          flush=True)
+    print(
+        f"error: stopped by {name}; finished work is kept (atomic writes), a rerun resumes", file=sys.stderr, flush=True
+    )
     os._exit(128 + signum)
 
 
@@ -116,8 +116,9 @@ def user_error(err: BaseException) -> bool:
     return isinstance(err, (ConfigError, DataError))
 
 
-def stage_entry(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None, *,
-                params: str = "params.yaml") -> None:
+def stage_entry(
+    main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None, *, params: str = "params.yaml"
+) -> None:
     """Run a stage's ``main`` as every ``stages/*.py`` does.
 
     - The ``repro`` section of ``--params`` (default ``params``) pins the CPU kernels and threads before torch is
@@ -136,15 +137,77 @@ def stage_entry(main: Callable[[Sequence[str] | None], object], argv: Sequence[s
         repro.apply_from_params(_params_path(argv, params))
         main(argv)
     except KeyboardInterrupt:
-        _stopped(_STOP_SIGNAL[0] or signal.SIGINT)
+        _stopped(STOPPING[0] if STOPPING else signal.SIGINT)
     except Exception as err:  # noqa: BLE001 - user errors become one line; anything else is a bug: traceback
         if not debug_enabled() and _server_went_away(err):
             url = os.environ.get("PREFECT_API_URL", "the Prefect API")
-            print(f"error: the Prefect server at {url} went away mid-stage; finished work is kept (checkpoints, "
-                  "tiles, points), a rerun resumes", file=sys.stderr, flush=True)
+            print(
+                f"error: the Prefect server at {url} went away mid-stage; finished work is kept (checkpoints, "
+                "tiles, points), a rerun resumes",
+                file=sys.stderr,
+                flush=True,
+            )
             kill_children()
             os._exit(1)  # not sys.exit: Prefect's shutdown would retry the lost server for minutes
         if not user_error(err) or debug_enabled():
             raise
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(EXIT_BAD_INPUT)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The shared stage arguments
+# --------------------------------------------------------------------------------------------------------------
+
+# Where the stages read and write, by argument name: dvc.yaml passes every path explicitly; these defaults are the
+# same layout, so a stage run by hand finds the same files. ``{run}`` is the ``--run`` value.
+STAGE_PATHS: dict[str, tuple[str, str]] = {
+    "data": ("artifacts/data", "prepared data (the prepare stage)"),
+    "checkpoints": ("artifacts/checkpoints/{run}", "the run's checkpoints (train@<run>)"),
+    "partner": ("artifacts/partners/{run}", "the partner's checkpoints (partner@<run>)"),
+    "seeds": ("artifacts/seeds/{run}", "checkpoints of the other seeds (kept across runs)"),
+    "vectors": ("artifacts/hessian/{run}", "top Hessian eigenvectors of the final checkpoint (hessian@<run>)"),
+    "tables": ("reports/tables/{run}", "the run's tables and *_metrics.json"),
+    "figures": ("reports/figures/{run}", "the run's figures"),
+    "metrics": ("reports/metrics.json", "every run's headline numbers (the metrics stage)"),
+}
+
+
+def stage_arguments(
+    doc: str | None,
+    argv: Sequence[str] | None,
+    *paths: str,
+    run: bool = True,
+    params: str = "params.yaml",
+    load: Callable[[str], object] | None = None,
+    **defaults: str | tuple[str, str],
+) -> tuple[argparse.Namespace, object]:
+    """Parse a stage's command line: ``--params``, ``--run`` (when ``run``) and one ``Path`` option per name of
+    ``paths`` (defaults and help from :data:`STAGE_PATHS`, or ``defaults[name]``: a template or ``(template,
+    help)``); then load the params (``load``, default :func:`pipeline.config.load_params`).
+
+    The params are read before unknown arguments are refused: a run name split by the shell then ends with the
+    project's one line about the params, not argparse's. Returns ``(args, params)``, every path filled in.
+    """
+    from pipeline.config import load_params
+
+    parser = argparse.ArgumentParser(description=doc)
+    parser.add_argument("--params", default=params, help="validated before any work")
+    if run:
+        parser.add_argument("--run", required=True, help="a key of `runs` in params.yaml")
+    spec = {}
+    for name in (*paths, *(n for n in defaults if n not in paths)):
+        given = defaults.get(name, STAGE_PATHS.get(name))
+        if given is None:
+            raise KeyError(f"stage argument {name!r}: not in STAGE_PATHS; give its default")
+        template, help_text = given if isinstance(given, tuple) else (given, STAGE_PATHS.get(name, ("", ""))[1])
+        spec[name] = template
+        parser.add_argument(f"--{name}", type=Path, help=f"{help_text}; default: {template}".lstrip("; "))
+    args, extra = parser.parse_known_args(argv)
+    loaded = (load or load_params)(args.params)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    for name, template in spec.items():
+        if getattr(args, name) is None:
+            setattr(args, name, Path(template.format(run=getattr(args, "run", ""))))
+    return args, loaded

@@ -1,23 +1,18 @@
 """DVC stage ``metrics``: gather every run's headline numbers into ``reports/metrics.json``."""
 
-import argparse
-from pathlib import Path
-
-from pipeline.stage import stage_entry
-from pipeline.config import load_params
+from pipeline.stage import STAGE_PATHS, stage_arguments, stage_entry
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml", help="validated before any work")
-    parser.add_argument("--tables", type=Path, default=Path("reports/tables"))
-    parser.add_argument("--out", type=Path, default=Path("reports/metrics.json"))
-    args = parser.parse_args(argv)
-    params = load_params(args.params)
+    args, params = stage_arguments(
+        __doc__, argv, run=False, tables=("reports/tables", "one folder per run"), out=STAGE_PATHS["metrics"]
+    )
 
     from pipeline.flows.runtime import configure_prefect
+
     configure_prefect()
     from pipeline.flows.metrics import metrics_flow
+
     metrics_flow(params, args.tables, args.out)
 
 

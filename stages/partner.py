@@ -1,37 +1,29 @@
 """DVC stage ``partner@<run>``: the run retrained from seed ``train.seed + landscape.partner_seed_offset``, the second
 model of the linear mode-connectivity path scanned by ``interpolate@<run>``."""
 
-import argparse
-from pathlib import Path
-
-from pipeline.stage import stage_entry
-from pipeline.config import check_run_batch_size, load_params, read_prepared_meta, resolve_device
+from pipeline.config import check_run_batch_size, read_prepared_meta, resolve_device
+from pipeline.stage import STAGE_PATHS, stage_arguments, stage_entry
 
 
 def main(argv=None):
+    args, params = stage_arguments(__doc__, argv, "data", "checkpoints", "tables", checkpoints=STAGE_PATHS["partner"])
+    # torch-using modules after the params: a bad command line or params file ends in a fraction of a second
     from pipeline.data import require_prepared
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml", help="validated before any work")
-    parser.add_argument("--run", required=True, help="a key of `runs` in params.yaml")
-    parser.add_argument("--data", type=Path, default=Path("artifacts/data"))
-    parser.add_argument("--checkpoints", type=Path, help="default: artifacts/partners/<run>")
-    parser.add_argument("--tables", type=Path, help="default: reports/tables/<run>")
-    args, extra = parser.parse_known_args(argv)
-    params = load_params(args.params)  # first: a bad run name split by the shell ends here, with the project's line
-    if extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+
     resolve_device(params.run(args.run).train.device)
     require_prepared(args.data)
     meta = read_prepared_meta(args.data)  # the split size, without loading data.pt: a too-large batch fails here
     check_run_batch_size(params, args.run, meta["n_train"], meta.get("name", "the prepared data"))
-    checkpoints = args.checkpoints or Path("artifacts/partners") / args.run
-    tables = args.tables or Path("reports/tables") / args.run
+    checkpoints, tables = args.checkpoints, args.tables
 
     from pipeline.flows.runtime import configure_prefect
+
     configure_prefect()
-    from pipeline.flows.stages import partner_flow
-    partner_flow(params, args.run, args.data, checkpoints, tables / "partner_history.parquet",
-                 tables / "partner_metrics.json")
+    from pipeline.flows.train import partner_flow
+
+    partner_flow(
+        params, args.run, args.data, checkpoints, tables / "partner_history.parquet", tables / "partner_metrics.json"
+    )
 
 
 if __name__ == "__main__":

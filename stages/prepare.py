@@ -1,22 +1,16 @@
 """DVC stage ``prepare``: dataset -> split, standardisation statistics and probe subset under ``--out``."""
 
-import argparse
-from pathlib import Path
-
-from pipeline.stage import stage_entry
-from pipeline.config import load_params
+from pipeline.stage import STAGE_PATHS, stage_arguments, stage_entry
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml", help="validated before any work")
-    parser.add_argument("--out", type=Path, default=Path("artifacts/data"))
-    args = parser.parse_args(argv)
-    params = load_params(args.params)
+    args, params = stage_arguments(__doc__, argv, run=False, out=STAGE_PATHS["data"])
 
     from pipeline.flows.runtime import configure_prefect
+
     configure_prefect()
     from pipeline.flows.prepare import prepare_flow
+
     prepare_flow(params, args.out)
 
 

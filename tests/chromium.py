@@ -90,8 +90,7 @@ def _run(args: list[str], url: str, wait_ms: int, timeout_s: float) -> str:
                 pass
             proc.communicate()
             raise ChromiumError(
-                f"chromium did not finish within {timeout_s:.0f} s loading {url} "
-                f"(virtual time budget {wait_ms} ms)"
+                f"chromium did not finish within {timeout_s:.0f} s loading {url} (virtual time budget {wait_ms} ms)"
             ) from None
         if proc.returncode != 0:
             tail = "\n".join(err.strip().splitlines()[-15:])
@@ -100,15 +99,23 @@ def _run(args: list[str], url: str, wait_ms: int, timeout_s: float) -> str:
 
 
 def dump_dom(
-    url: str | os.PathLike[str], *, wait_ms: int = 5000, timeout_s: float = TIMEOUT_S, width: int = 1400,
+    url: str | os.PathLike[str],
+    *,
+    wait_ms: int = 5000,
+    timeout_s: float = TIMEOUT_S,
+    width: int = 1400,
     height: int = 2000,
 ) -> str:
     """Serialized DOM of the page after ``wait_ms`` of (virtual) time, in a ``width`` x ``height`` window
     (virtual scrollers render only the rows that fit)."""
     # Without running every compositor stage, a single-page app (the Prefect UI) is often dumped before its list
     # rows render, however long the budget.
-    return _run(["--dump-dom", "--run-all-compositor-stages-before-draw", f"--window-size={int(width)},{int(height)}"],
-                to_url(url), wait_ms, timeout_s)
+    return _run(
+        ["--dump-dom", "--run-all-compositor-stages-before-draw", f"--window-size={int(width)},{int(height)}"],
+        to_url(url),
+        wait_ms,
+        timeout_s,
+    )
 
 
 def screenshot(

@@ -20,8 +20,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 def make_params(runs=None, data=None, train=None, model=None):
     """A validated Params from small overrides of the defaults."""
-    raw = {"data": data or {}, "train": train or {}, "model": model or {},
-           "runs": runs or {"mlp": {"model": "mlp"}}}
+    raw = {"data": data or {}, "train": train or {}, "model": model or {}, "runs": runs or {"mlp": {"model": "mlp"}}}
     return parse_params(raw)
 
 
@@ -49,3 +48,23 @@ def problem():
     x = torch.randn(11, 4, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (11,), generator=g)
     return tiny_mlp(), x, y
+
+
+# The files whose tests run stage processes, longest first. With pytest-xdist (``-n auto --dist loadfile`` in
+# pyproject.toml: one file per worker at a time, so a module's fixtures, e.g. the one pipeline run that
+# test_pipeline.py shares, are built once) they start first, and the short files fill the other worker around them.
+LONG_FILES = (
+    "test_pipeline.py",
+    "test_faults.py",
+    "test_repro.py",
+    "test_compare.py",
+    "test_training.py",
+    "test_bounds.py",
+    "test_sweep_run.py",
+    "test_offline_plots.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: order within a file is kept

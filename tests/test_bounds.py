@@ -15,13 +15,22 @@ import pytest
 import torch
 from ruamel.yaml import YAML
 
-from pipeline.config import (SECTIONS, ConfigError, DataConfig, HessianConfig, ModelConfig, check_batch_size,
-                             check_run_batch_size, parse_params, read_prepared_meta)
+from pipeline.config import (
+    SECTIONS,
+    ConfigError,
+    DataConfig,
+    HessianConfig,
+    ModelConfig,
+    check_batch_size,
+    check_run_batch_size,
+    parse_params,
+    read_prepared_meta,
+)
 from pipeline.curvature.analysis import analyse, check_dimensions, eigen_solve
 from pipeline.curvature.operators import HessianOperator, ProbeSet
 from pipeline.data import DataError, prepare_dataset, save_prepared
-from pipeline.models import build_model
-from pipeline.sweep_run import SweepGrid, check_grid_batch_sizes, grid_points, parse_sweep_params, run_point
+from pipeline.sweep.grid import SweepGrid, check_grid_batch_sizes, grid_points, parse_sweep_params, run_point
+from pipeline.training.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -54,6 +63,7 @@ def config_error(raw: dict) -> ConfigError:
 def _int_fields():
     """Every integer key of every section (and of the sweep grid), with its bound."""
     from pipeline.config import ReproConfig  # noqa: F401 - part of SECTIONS; imported to fail loudly if renamed
+
     for section, cls in SECTIONS.items():
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
@@ -89,20 +99,32 @@ def test_surface_points_bound_names_the_key_and_the_memory_estimate():
     err = config_error({"landscape": {"surface_points": 100001}})
     text = one_line(err, "landscape.surface_points", "must be <= 2001", "got 100001", "1e+10 points", "TiB")
     assert text.endswith("at 256 bytes per point)")
-    assert parse_params({"runs": {"a": {"model": "mlp"}}, "landscape": {"surface_points": 2001}}).landscape.surface_points == 2001
+    assert (
+        parse_params({"runs": {"a": {"model": "mlp"}}, "landscape": {"surface_points": 2001}}).landscape.surface_points
+        == 2001
+    )
 
 
 def test_absurd_epochs_are_refused_before_training():
-    one_line(config_error({"train": {"epochs": 99999999999999999999999}}), "train.epochs", "must be <= 100000",
-             "got 99999999999999999999999")
+    one_line(
+        config_error({"train": {"epochs": 99999999999999999999999}}),
+        "train.epochs",
+        "must be <= 100000",
+        "got 99999999999999999999999",
+    )
     with pytest.raises(ConfigError) as info:
         parse_params({"runs": {"a": {"model": "mlp", "epochs": 10**6}}})
     one_line(info.value, "runs.a.epochs", "must be <= 100000")
 
 
 def test_mlp_size_is_checked_by_a_parameter_estimate():
-    one_line(config_error({"model": {"mlp_width": 65536}}), "model.mlp_width", "4.3e+09 parameters", "16 GiB",
-             "allowed up to")
+    one_line(
+        config_error({"model": {"mlp_width": 65536}}),
+        "model.mlp_width",
+        "4.3e+09 parameters",
+        "16 GiB",
+        "allowed up to",
+    )
     with pytest.raises(ConfigError) as info:
         parse_params({"runs": {"a": {"model": "mlp", "mlp_width": 30000, "mlp_depth": 3}}})
     one_line(info.value, "runs.a.mlp_width", "3 hidden layers of 30000 units")
@@ -117,9 +139,15 @@ def test_synthetic_data_size_is_checked_by_a_memory_estimate():
 
 
 def test_a_milestone_that_never_applies_is_an_error():
-    one_line(config_error({"train": {"schedule": "step", "epochs": 10, "milestones": [5, 10]}}), "train.milestones",
-             "must be < epochs (10)", "[5, 10]")
-    assert parse_params({"runs": {"a": {"model": "mlp"}}, "train": {"schedule": "step", "epochs": 10, "milestones": [9]}})
+    one_line(
+        config_error({"train": {"schedule": "step", "epochs": 10, "milestones": [5, 10]}}),
+        "train.milestones",
+        "must be < epochs (10)",
+        "[5, 10]",
+    )
+    assert parse_params(
+        {"runs": {"a": {"model": "mlp"}}, "train": {"schedule": "step", "epochs": 10, "milestones": [9]}}
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -128,8 +156,9 @@ def test_a_milestone_that_never_applies_is_an_error():
 
 
 def test_batch_size_above_the_split_is_an_error_naming_the_key():
-    params = parse_params({"train": {"batch_size": 64},
-                           "runs": {"a": {"model": "mlp"}, "b": {"model": "mlp", "batch_size": 500}}})
+    params = parse_params(
+        {"train": {"batch_size": 64}, "runs": {"a": {"model": "mlp"}, "b": {"model": "mlp", "batch_size": 500}}}
+    )
     check_run_batch_size(params, "a", 64, "synthetic")  # equal to the split: one full batch, as asked
     with pytest.raises(ConfigError) as info:
         check_run_batch_size(params, "a", 60, "synthetic")
@@ -151,10 +180,14 @@ def test_read_prepared_meta_fails_in_one_line(tmp_path):
 
 
 def test_sweep_grid_batch_size_above_the_split_fails_before_training(synthetic_data, tmp_path):
-    params = parse_sweep_params({"data": {"dataset": "synthetic", "synthetic_samples": 240, "probe_size": 32},
-                                 "train": {"epochs": 1},
-                                 "hessian": {"checkpoints": "final", "details": "final", "top_k": 1},
-                                 "grid": {"batch_size": [32, 1000]}})
+    params = parse_sweep_params(
+        {
+            "data": {"dataset": "synthetic", "synthetic_samples": 240, "probe_size": 32},
+            "train": {"epochs": 1},
+            "hessian": {"checkpoints": "final", "details": "final", "top_k": 1},
+            "grid": {"batch_size": [32, 1000]},
+        }
+    )
     n_train = len(synthetic_data.y_train)
     with pytest.raises(ConfigError) as info:
         check_grid_batch_sizes(params.grid, n_train, "synthetic")
@@ -176,8 +209,9 @@ def _tiny():
     torch.manual_seed(0)
     model = build_model("mlp", ModelConfig(mlp_depth=0), (1, 2, 2), 2).double().eval()
     g = torch.Generator().manual_seed(1)
-    probe = ProbeSet.from_tensors(torch.randn(9, 1, 2, 2, generator=g, dtype=torch.float64),
-                                  torch.randint(0, 2, (9,), generator=g), 9)
+    probe = ProbeSet.from_tensors(
+        torch.randn(9, 1, 2, 2, generator=g, dtype=torch.float64), torch.randint(0, 2, (9,), generator=g), 9
+    )
     return model, probe
 
 
@@ -187,8 +221,9 @@ def test_top_k_above_the_dimension_is_an_error_not_a_clip():
     assert check_dimensions(model, HessianConfig(top_k=9, **small)) == 10  # 9 + lambda_min = 10: fits
     with pytest.raises(ConfigError) as info:
         check_dimensions(model, HessianConfig(top_k=10, **small), "run a (mlp)")
-    one_line(info.value, "hessian.top_k", "must be <= 9 (the 10 parameters of run a (mlp) less one for lambda_min)",
-             "got 10")
+    one_line(
+        info.value, "hessian.top_k", "must be <= 9 (the 10 parameters of run a (mlp) less one for lambda_min)", "got 10"
+    )
     with pytest.raises(ConfigError) as info:
         check_dimensions(model, HessianConfig(top_k=11, lambda_min=False, **small))
     one_line(info.value, "hessian.top_k", "must be <= 10", "got 11")
@@ -236,9 +271,12 @@ def _write(path: Path, raw: dict) -> Path:
 
 
 def _params(**sections) -> dict:
-    raw = {"data": dict(SYNTHETIC), "train": {"epochs": 1, "device": "cpu"},
-           "hessian": {"device": "cpu", "groups": "none", "density_runs": 0},
-           "runs": {"mlp": {"model": "mlp"}}}
+    raw = {
+        "data": dict(SYNTHETIC),
+        "train": {"epochs": 1, "device": "cpu"},
+        "hessian": {"device": "cpu", "groups": "none", "density_runs": 0},
+        "runs": {"mlp": {"model": "mlp"}},
+    }
     for name, values in sections.items():
         raw[name] = {**raw.get(name, {}), **values} if name != "runs" else values
     return raw
@@ -246,8 +284,14 @@ def _params(**sections) -> dict:
 
 def _stage(stage_dir: Path, script: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"}  # nothing may reach Prefect
-    return subprocess.run([PYTHON, str(REPO / "stages" / script), *args], cwd=stage_dir, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [PYTHON, str(REPO / "stages" / script), *args],
+        cwd=stage_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def assert_one_line_exit_2(result: subprocess.CompletedProcess, prefix: str) -> str:
@@ -261,8 +305,18 @@ def assert_one_line_exit_2(result: subprocess.CompletedProcess, prefix: str) -> 
 @pytest.mark.parametrize("script, out", [("train.py", "checkpoints"), ("partner.py", "partners")])
 def test_train_and_partner_stages_refuse_a_batch_above_the_split(stage_dir, tmp_path, script, out):
     params = _write(tmp_path / "p.yaml", _params(train={"epochs": 1, "device": "cpu", "batch_size": 64}))
-    args = ["--params", str(params), "--run", "mlp", "--data", str(stage_dir / "data"),
-            "--checkpoints", str(tmp_path / out), "--tables", str(tmp_path / "tables")]
+    args = [
+        "--params",
+        str(params),
+        "--run",
+        "mlp",
+        "--data",
+        str(stage_dir / "data"),
+        "--checkpoints",
+        str(tmp_path / out),
+        "--tables",
+        str(tmp_path / "tables"),
+    ]
     line = assert_one_line_exit_2(_stage(stage_dir, script, *args), "train.batch_size: ")
     assert "must be <= 60, the train split of synthetic" in line and "got 64" in line
     override = _write(tmp_path / "q.yaml", _params(runs={"mlp": {"model": "mlp", "batch_size": 61}}))
@@ -273,11 +327,27 @@ def test_train_and_partner_stages_refuse_a_batch_above_the_split(stage_dir, tmp_
 
 def test_hessian_stage_refuses_top_k_above_the_parameter_count(stage_dir, tmp_path):
     # mlp_depth 0 on 1x8x8 synthetic inputs with 3 classes: 64 * 3 + 3 = 195 parameters
-    params = _write(tmp_path / "p.yaml", _params(model={"mlp_depth": 0},
-                                                 hessian={"device": "cpu", "groups": "none", "density_runs": 0,
-                                                          "top_k": 200, "max_hvps": 500}))
-    result = _stage(stage_dir, "hessian.py", "--params", str(params), "--run", "mlp", "--data",
-                    str(stage_dir / "data"), "--checkpoints", str(tmp_path / "none"), "--tables", str(tmp_path / "t"))
+    params = _write(
+        tmp_path / "p.yaml",
+        _params(
+            model={"mlp_depth": 0},
+            hessian={"device": "cpu", "groups": "none", "density_runs": 0, "top_k": 200, "max_hvps": 500},
+        ),
+    )
+    result = _stage(
+        stage_dir,
+        "hessian.py",
+        "--params",
+        str(params),
+        "--run",
+        "mlp",
+        "--data",
+        str(stage_dir / "data"),
+        "--checkpoints",
+        str(tmp_path / "none"),
+        "--tables",
+        str(tmp_path / "t"),
+    )
     line = assert_one_line_exit_2(result, "hessian.top_k: ")
     assert "must be <= 194 (the 195 parameters of run mlp (mlp) less one for lambda_min), got 200" in line
 
@@ -288,24 +358,60 @@ def test_a_run_name_split_by_the_shell_fails_with_the_projects_own_line(stage_di
     params = _write(tmp_path / "p.yaml", _params(runs={"my run": {"model": "mlp"}}))
     expected = "runs.my run: run names start with a letter and use letters, digits, '_' and '-'"
     for script in ("train.py", "partner.py", "hessian.py", "interpolate.py", "surface.py"):
-        result = _stage(stage_dir, script, "--params", str(params), "--run", "my", "run", "--data",
-                        str(stage_dir / "data"), "--checkpoints", str(tmp_path / "ck/my"), "run",
-                        "--tables", str(tmp_path / "t/my"), "run")
+        result = _stage(
+            stage_dir,
+            script,
+            "--params",
+            str(params),
+            "--run",
+            "my",
+            "run",
+            "--data",
+            str(stage_dir / "data"),
+            "--checkpoints",
+            str(tmp_path / "ck/my"),
+            "run",
+            "--tables",
+            str(tmp_path / "t/my"),
+            "run",
+        )
         assert assert_one_line_exit_2(result, "") == f"error: {expected}", script
-    check = subprocess.run([str(Path(PYTHON).parent / "landscape"), "check", "--params", str(params)],
-                           capture_output=True, text=True, timeout=60)
+    check = subprocess.run(
+        [str(Path(PYTHON).parent / "landscape"), "check", "--params", str(params)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert check.returncode == 2 and check.stderr == f"error: {expected}\n"
     assert not (tmp_path / "ck").exists() and not (tmp_path / "t").exists()
 
 
 def test_sweep_stage_refuses_a_grid_batch_above_the_split(tmp_path):
-    raw = {"data": dict(SYNTHETIC), "train": {"epochs": 1, "device": "cpu"},
-           "hessian": {"checkpoints": "final", "details": "final", "top_k": 1, "lambda_min": False,
-                       "density_runs": 0, "groups": "none", "device": "cpu"},
-           "grid": {"model": ["mlp"], "batch_size": [32, 64]}}
+    raw = {
+        "data": dict(SYNTHETIC),
+        "train": {"epochs": 1, "device": "cpu"},
+        "hessian": {
+            "checkpoints": "final",
+            "details": "final",
+            "top_k": 1,
+            "lambda_min": False,
+            "density_runs": 0,
+            "groups": "none",
+            "device": "cpu",
+        },
+        "grid": {"model": ["mlp"], "batch_size": [32, 64]},
+    }
     params = _write(tmp_path / "s.yaml", raw)
-    result = _stage(tmp_path, "sweep.py", "--params", str(params), "--points", str(tmp_path / "points"),
-                    "--out", str(tmp_path / "out"))
+    result = _stage(
+        tmp_path,
+        "sweep.py",
+        "--params",
+        str(params),
+        "--points",
+        str(tmp_path / "points"),
+        "--out",
+        str(tmp_path / "out"),
+    )
     line = assert_one_line_exit_2(result, "grid.batch_size[1]: ")
     assert "must be <= 60, the train split of synthetic" in line
     assert not (tmp_path / "points").exists() and not (tmp_path / "out").exists()

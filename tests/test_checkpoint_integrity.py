@@ -5,13 +5,21 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import make_params
-from pipeline.checkpoints import (expected_fingerprint, load_verified, partner_config, require_checkpoints,
-                                  verified_checkpoints)
+
 from pipeline.data import DataError
-from pipeline.landscape.scan import TileStore, grid_coords, scan, scan_fingerprint
-from pipeline.training import MANIFEST, Trainer, file_sha256, load_checkpoint, train
+from pipeline.landscape.tiles import TileStore, grid_coords, scan, scan_fingerprint
+from pipeline.training.checkpoints import (
+    MANIFEST,
+    expected_fingerprint,
+    file_sha256,
+    load_checkpoint,
+    load_verified,
+    partner_config,
+    require_checkpoints,
+    verified_checkpoints,
+)
+from pipeline.training.trainer import Trainer, train
 
 FILES = ["epoch_0000.pt", "epoch_0002.pt", "epoch_0004.pt", "epoch_0006.pt"]
 
@@ -58,7 +66,11 @@ def test_the_manifest_lists_each_checkpoints_sha256_and_the_run_fingerprint(fold
     rows = json.loads((folder / MANIFEST).read_text())["checkpoints"]
     assert [r["file"] for r in rows] == FILES
     assert [(r["epoch"], r["tag"], r["status"]) for r in rows] == [
-        (0, "init", "running"), (2, "periodic", "running"), (4, "periodic", "running"), (6, "final", "completed")]
+        (0, "init", "running"),
+        (2, "periodic", "running"),
+        (4, "periodic", "running"),
+        (6, "final", "completed"),
+    ]
     assert all(r["sha256"] == file_sha256(folder / r["file"]) for r in rows)
     assert all(r["fingerprint"] == trainer.fingerprint for r in rows)
     assert expected_fingerprint(_params(), "mlp", synthetic_data.fingerprint()) == trainer.fingerprint
@@ -67,8 +79,9 @@ def test_the_manifest_lists_each_checkpoints_sha256_and_the_run_fingerprint(fold
 # ------------------------------------------------------------------ training repairs, never deletes good ones
 
 
-def test_a_torn_and_a_foreign_checkpoint_are_repaired_from_the_newest_good_one_before_them(folder, trained,
-                                                                                          synthetic_data):
+def test_a_torn_and_a_foreign_checkpoint_are_repaired_from_the_newest_good_one_before_them(
+    folder, trained, synthetic_data
+):
     _tear(folder / "epoch_0004.pt")
     shutil.copy(trained / "other" / "epoch_0006.pt", folder / "epoch_0006.pt")  # another config's, copied in
     kept = _bytes(folder, FILES[:2])
@@ -120,8 +133,9 @@ def test_a_deleted_manifest_is_rewritten_on_start_without_retraining(folder, syn
     (folder / MANIFEST).unlink()
     trainer = Trainer(_params().run("mlp"), synthetic_data, folder)
     message = trainer.start()
-    assert message == ("resumed from epoch_0006.pt (epoch 6/6, status completed); "
-                       "repaired: rewrote missing manifest.json")
+    assert message == (
+        "resumed from epoch_0006.pt (epoch 6/6, status completed); repaired: rewrote missing manifest.json"
+    )
     assert trainer.done
     assert (folder / MANIFEST).read_text() == original
 
@@ -135,8 +149,10 @@ def test_a_listed_checkpoint_that_is_gone_is_retrained(folder, synthetic_data):
 
 
 def test_an_intact_folder_resumes_without_a_repair_note(folder, synthetic_data):
-    assert Trainer(_params().run("mlp"), synthetic_data, folder).start() == \
-        "resumed from epoch_0006.pt (epoch 6/6, status completed)"
+    assert (
+        Trainer(_params().run("mlp"), synthetic_data, folder).start()
+        == "resumed from epoch_0006.pt (epoch 6/6, status completed)"
+    )
 
 
 def test_a_changed_config_replaces_only_the_files_of_the_other_fingerprint(folder, synthetic_data):
@@ -160,8 +176,9 @@ def test_a_torn_checkpoint_is_a_one_line_error_naming_it(folder):
     _tear(folder / "epoch_0004.pt")
     with pytest.raises(DataError) as error:
         require_checkpoints(folder, "mlp")
-    assert _one_line(error) == (f"{folder}/epoch_0004.pt: sha256 does not match manifest.json (torn or replaced); "
-                                "rerun `dvc repro train@mlp`")
+    assert _one_line(error) == (
+        f"{folder}/epoch_0004.pt: sha256 does not match manifest.json (torn or replaced); rerun `dvc repro train@mlp`"
+    )
 
 
 def test_a_replaced_checkpoint_is_a_one_line_error_naming_it(folder, trained):
@@ -175,14 +192,17 @@ def test_an_unlisted_checkpoint_is_a_one_line_error_naming_it(folder, trained):
     shutil.copy(trained / "other" / "epoch_0006.pt", folder / "epoch_0008.pt")
     with pytest.raises(DataError) as error:
         require_checkpoints(folder, "mlp")
-    assert _one_line(error) == (f"{folder}/epoch_0008.pt: not listed in manifest.json (copied in or left over); "
-                                "rerun `dvc repro train@mlp`")
+    assert _one_line(error) == (
+        f"{folder}/epoch_0008.pt: not listed in manifest.json (copied in or left over); rerun `dvc repro train@mlp`"
+    )
 
 
 def test_checkpoints_of_another_config_are_a_one_line_error_for_analyses(trained, synthetic_data):
     fingerprint = expected_fingerprint(_params(), "mlp", synthetic_data.fingerprint())
-    pattern = (r"/other/epoch_0000.pt: made by another config/data/code \(fingerprint [0-9a-f]{12}, "
-               r"expected [0-9a-f]{12}\); rerun `dvc repro train@mlp`$")
+    pattern = (
+        r"/other/epoch_0000.pt: made by another config/data/code \(fingerprint [0-9a-f]{12}, "
+        r"expected [0-9a-f]{12}\); rerun `dvc repro train@mlp`$"
+    )
     with pytest.raises(DataError, match=pattern) as error:
         require_checkpoints(trained / "other", "mlp", expected_fingerprint=fingerprint)
     _one_line(error)
@@ -211,22 +231,24 @@ def test_a_checkpoint_torn_after_listing_is_caught_when_loaded(folder):
 
 
 def test_the_partner_config_is_the_one_the_partner_stage_trains():
-    from pipeline.flows.stages import partner_run
+    from pipeline.flows.train import partner_run
 
     params = make_params(train={"epochs": 3, "track_sharpness_every": 2})
     assert partner_config(params, "mlp") == partner_run(params, "mlp")
     assert partner_config(params, "mlp").train.seed != params.run("mlp").train.seed
 
 
-def test_scan_flows_read_the_partner_with_its_own_fingerprint_and_refuse_a_foreign_one(trained, tmp_path,
-                                                                                       synthetic_data):
+def test_scan_flows_read_the_partner_with_its_own_fingerprint_and_refuse_a_foreign_one(
+    trained, tmp_path, synthetic_data
+):
     from pipeline.flows.landscape import _final_model
 
     params = _params()
     fingerprint = synthetic_data.fingerprint()
     train(partner_config(params, "mlp"), synthetic_data, tmp_path / "partner")
-    entries, payload, _ = _final_model(tmp_path / "partner", params, "mlp", synthetic_data, fingerprint,
-                                       stage="partner")
+    entries, payload, _ = _final_model(
+        tmp_path / "partner", params, "mlp", synthetic_data, fingerprint, stage="partner"
+    )
     assert entries[-1]["file"] == "epoch_0006.pt" and payload["config"]["train"]["seed"] != 0
     with pytest.raises(DataError, match=r"made by another config/data/code .*; rerun `dvc repro partner@mlp`$"):
         _final_model(trained / "good", params, "mlp", synthetic_data, fingerprint, stage="partner")

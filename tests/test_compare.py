@@ -14,11 +14,11 @@ import matplotlib.image as mpimg
 import pandas as pd
 import pytest
 
-from pipeline.compare import compare_tables, flatten, format_metrics, compare_metrics
+from pipeline.report.compare import compare_metrics, compare_tables, flatten, format_metrics
 
 BIN = Path(sys.executable).parent
 
-MAKE = textwrap.dedent('''
+MAKE = textwrap.dedent("""
     import json, pathlib
     import pandas as pd
     from ruamel.yaml import YAML
@@ -30,9 +30,9 @@ MAKE = textwrap.dedent('''
                   "test_accuracy": [0.5 + lr * e / 10 for e in epochs]}).to_parquet(out / "train_history.parquet")
     json.dump({"mlp": {"train": {"lr": lr, "test_accuracy": 0.5 + lr * 0.3, "status": "completed"}}},
               open("reports/metrics.json", "w"))
-''')
+""")
 
-DVC_YAML = textwrap.dedent('''
+DVC_YAML = textwrap.dedent("""
     stages:
       make:
         cmd: python make.py
@@ -40,12 +40,19 @@ DVC_YAML = textwrap.dedent('''
         params: [train]
         outs: [reports/tables/mlp/train_history.parquet]
         metrics: [reports/metrics.json]
-''')
+""")
 
 
 def run(repo, *args, check=True):
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     result = subprocess.run(list(args), cwd=repo, env=env, capture_output=True, text=True)
     if check:
         assert result.returncode == 0, result.stdout + result.stderr
@@ -101,8 +108,9 @@ def test_headline_numbers_of_two_commits_with_deltas(repo):
 
 
 def test_one_table_row_by_row_and_an_overlay_plot(repo, tmp_path):
-    result = landscape(repo, "HEAD~1", "HEAD", "--table", "train_history", "--run", "mlp", "--plot",
-                       str(tmp_path / "overlay.png"))
+    result = landscape(
+        repo, "HEAD~1", "HEAD", "--table", "train_history", "--run", "mlp", "--plot", str(tmp_path / "overlay.png")
+    )
     assert result.returncode == 0, result.stderr
     assert "reports/tables/mlp/train_history.parquet: HEAD~1 -> HEAD: 3 of 4 rows differ" in result.stdout
     assert mpimg.imread(tmp_path / "overlay.png").shape[0] > 100
@@ -137,7 +145,7 @@ def test_a_queued_sweep_runs_every_grid_point_and_each_is_a_revision(repo):
         shown = json.loads(run(repo, dvc, "exp", "show", "--json").stdout)
         exps = {}  # experiment name -> (lr, batch size, test accuracy)
         for commit in shown:
-            for exp in (commit.get("experiments") or []):
+            for exp in commit.get("experiments") or []:
                 for rev in exp["revs"]:
                     data = rev["data"]
                     train = data["params"]["params.yaml"]["data"]["train"]
@@ -157,8 +165,9 @@ def test_a_queued_sweep_runs_every_grid_point_and_each_is_a_revision(repo):
 def test_unknown_revision_and_missing_table_are_one_line_errors(repo):
     result = landscape(repo, "no-such-rev", "HEAD")
     assert result.returncode == 1 and result.stdout == ""
-    assert result.stderr == ("error: no-such-rev: unknown revision (not a commit, branch, tag or `dvc exp` "
-                             "experiment of .)\n")
+    assert result.stderr == (
+        "error: no-such-rev: unknown revision (not a commit, branch, tag or `dvc exp` experiment of .)\n"
+    )
     result = landscape(repo, "HEAD~1", "HEAD", "--table", "hessian_spectrum", "--run", "mlp")
     assert result.returncode == 1 and "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
     assert result.stderr.startswith("error: reports/tables/mlp/hessian_spectrum.parquet: not found at revision HEAD~1")
@@ -179,12 +188,14 @@ def test_flatten_and_compare_tables():
 
 
 def test_wall_clock_numbers_are_not_counted_as_changes(monkeypatch, tmp_path):
-    from pipeline import compare
+    from pipeline.report import compare
 
     assert all(compare.is_timing(k) for k in ("mlp.train.seconds", "tracking_seconds", "seconds", "wall_s"))
     assert not any(compare.is_timing(k) for k in ("mlp.train.train_loss", "lambda_max", "timestep", "epochs"))
-    runs = [{"mlp": {"train": {"seconds": 12.5, "tracking_seconds": 3.0, "test_loss": 0.1}}},
-            {"mlp": {"train": {"seconds": 13.0, "tracking_seconds": 2.5, "test_loss": 0.1}}}]
+    runs = [
+        {"mlp": {"train": {"seconds": 12.5, "tracking_seconds": 3.0, "test_loss": 0.1}}},
+        {"mlp": {"train": {"seconds": 13.0, "tracking_seconds": 2.5, "test_loss": 0.1}}},
+    ]
     monkeypatch.setattr(compare, "read_bytes", lambda path, rev, repo: json.dumps(runs[int(rev)]).encode())
     assert int(compare.compare_metrics("0", "1", tmp_path).changed.sum()) == 0  # identical results: nothing differs
     assert int(compare.compare_metrics("0", "1", tmp_path, timing=True).changed.sum()) == 2

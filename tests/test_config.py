@@ -22,11 +22,11 @@ from pipeline.config import (
     SCHEDULES,
     ConfigError,
     DataConfig,
+    HessianConfig,
     ModelConfig,
     Params,
     RunConfig,
     TrainConfig,
-    HessianConfig,
     load_params,
     parse_params,
 )
@@ -112,7 +112,7 @@ BAD = [
     ("eval_batch_size-zero", params_with(train={"eval_batch_size": 0}), "train.eval_batch_size", (">= 1",)),
     ("mlp_depth-negative", params_with(model={"mlp_depth": -1}), "model.mlp_depth", (">= 0",)),
     ("mlp_width-zero", params_with(model={"mlp_width": 0}), "model.mlp_width", (">= 1",)),
-    ("lr-int-too-large-for-float", params_with(train={"lr": 10 ** 400}), "train.lr", ("finite",)),
+    ("lr-int-too-large-for-float", params_with(train={"lr": 10**400}), "train.lr", ("finite",)),
     # unknown names
     ("dataset-unknown", params_with(data={"dataset": "imagenet"}), "data.dataset", DATASETS),
     ("optimizer-unknown", params_with(train={"optimizer": "rmsprop"}), "train.optimizer", OPTIMIZERS),
@@ -146,47 +146,90 @@ BAD = [
     ("run-optimizer-unknown", run_with(optimizer="lbfgs"), "runs.a.optimizer", OPTIMIZERS),
     ("run-milestones-item", run_with(milestones=[1, None]), "runs.a.milestones[1]", ("an integer",)),
     # cross-field
-    ("nesterov-momentum-zero", params_with(train={"nesterov": True, "momentum": 0}), "train.nesterov",
-     ("sgd", "momentum > 0")),
-    ("nesterov-adam", params_with(train={"nesterov": True, "optimizer": "adam"}), "train.nesterov",
-     ("sgd", "momentum > 0")),
+    (
+        "nesterov-momentum-zero",
+        params_with(train={"nesterov": True, "momentum": 0}),
+        "train.nesterov",
+        ("sgd", "momentum > 0"),
+    ),
+    (
+        "nesterov-adam",
+        params_with(train={"nesterov": True, "optimizer": "adam"}),
+        "train.nesterov",
+        ("sgd", "momentum > 0"),
+    ),
     ("step-without-milestones", params_with(train={"schedule": "step"}), "train.milestones", ("step", "milestone")),
-    ("milestones-decreasing", params_with(train={"milestones": [10, 5]}), "train.milestones",
-     ("strictly increasing", ">= 1", "[10, 5]")),
-    ("milestones-repeated", params_with(train={"schedule": "step", "milestones": [5, 5]}), "train.milestones",
-     ("strictly increasing",)),
+    (
+        "milestones-decreasing",
+        params_with(train={"milestones": [10, 5]}),
+        "train.milestones",
+        ("strictly increasing", ">= 1", "[10, 5]"),
+    ),
+    (
+        "milestones-repeated",
+        params_with(train={"schedule": "step", "milestones": [5, 5]}),
+        "train.milestones",
+        ("strictly increasing",),
+    ),
     ("milestones-zero", params_with(train={"milestones": [0, 5]}), "train.milestones", (">= 1",)),
-    ("run-nesterov-adam", params_with(train={"nesterov": True}, runs={"a": {"model": "mlp", "optimizer": "adam"}}),
-     "runs.a.nesterov", ("sgd", "momentum > 0")),
+    (
+        "run-nesterov-adam",
+        params_with(train={"nesterov": True}, runs={"a": {"model": "mlp", "optimizer": "adam"}}),
+        "runs.a.nesterov",
+        ("sgd", "momentum > 0"),
+    ),
     ("run-step-without-milestones", run_with(schedule="step"), "runs.a.milestones", ("step",)),
     ("run-milestones-decreasing", run_with(milestones=[3, 2]), "runs.a.milestones", ("strictly increasing",)),
     # hessian
     ("hessian-unknown-key", params_with(hessian={"topk": 3}), "hessian.topk", ("top_k", "method")),
     ("hessian-method", params_with(hessian={"method": "eigsh"}), "hessian.method", ("lanczos", "power", "arpack")),
-    ("hessian-checkpoints-name", params_with(hessian={"checkpoints": "last"}), "hessian.checkpoints",
-     ("final", "all", "integer")),
+    (
+        "hessian-checkpoints-name",
+        params_with(hessian={"checkpoints": "last"}),
+        "hessian.checkpoints",
+        ("final", "all", "integer"),
+    ),
     ("hessian-checkpoints-zero", params_with(hessian={"checkpoints": 0}), "hessian.checkpoints", (">= 1",)),
-    ("hessian-checkpoints-bool", params_with(hessian={"checkpoints": True}), "hessian.checkpoints",
-     ("a string or an integer",)),
+    (
+        "hessian-checkpoints-bool",
+        params_with(hessian={"checkpoints": True}),
+        "hessian.checkpoints",
+        ("a string or an integer",),
+    ),
     ("hessian-details-float", params_with(hessian={"details": 2.5}), "hessian.details", ("a string or an integer",)),
     ("hessian-top-k-zero", params_with(hessian={"top_k": 0}), "hessian.top_k", (">= 1",)),
     ("hessian-tol-one", params_with(hessian={"tol": 1.0}), "hessian.tol", ("< 1",)),
     ("hessian-tol-nan", params_with(hessian={"tol": float("nan")}), "hessian.tol", ("finite",)),
-    ("hessian-trace-name", params_with(hessian={"trace": ["hutchinson", "xtrace"]}), "hessian.trace[1]",
-     ("hutchinson", "hutchpp")),
+    (
+        "hessian-trace-name",
+        params_with(hessian={"trace": ["hutchinson", "xtrace"]}),
+        "hessian.trace[1]",
+        ("hutchinson", "hutchpp"),
+    ),
     ("hessian-trace-scalar", params_with(hessian={"trace": "hutchpp"}), "hessian.trace", ("list",)),
-    ("hessian-trace-repeated", params_with(hessian={"trace": ["hutchpp", "hutchpp"]}), "hessian.trace",
-     ("repeat",)),
-    ("hessian-operators-without-hessian", params_with(hessian={"operators": ["ggn"]}), "hessian.operators",
-     ("must include 'hessian'",)),
-    ("hessian-operator-name", params_with(hessian={"operators": ["hessian", "fisher"]}), "hessian.operators[1]",
-     ("ggn",)),
+    ("hessian-trace-repeated", params_with(hessian={"trace": ["hutchpp", "hutchpp"]}), "hessian.trace", ("repeat",)),
+    (
+        "hessian-operators-without-hessian",
+        params_with(hessian={"operators": ["ggn"]}),
+        "hessian.operators",
+        ("must include 'hessian'",),
+    ),
+    (
+        "hessian-operator-name",
+        params_with(hessian={"operators": ["hessian", "fisher"]}),
+        "hessian.operators[1]",
+        ("ggn",),
+    ),
     ("hessian-groups", params_with(hessian={"groups": "layer"}), "hessian.groups", ("block", "module", "none")),
     ("hessian-hvp", params_with(hessian={"hvp": "finite_difference"}), "hessian.hvp", ("reverse_over_reverse",)),
     ("hessian-dtype", params_with(hessian={"dtype": "float16"}), "hessian.dtype", ("float32", "float64")),
     ("hessian-trace-hvps", params_with(hessian={"trace_hvps": 3}), "hessian.trace_hvps", (">= 4",)),
-    ("hessian-max-hvps-too-small", params_with(hessian={"top_k": 20, "max_hvps": 40}), "hessian.max_hvps",
-     (">= 52", "top_k 20")),
+    (
+        "hessian-max-hvps-too-small",
+        params_with(hessian={"top_k": 20, "max_hvps": 40}),
+        "hessian.max_hvps",
+        (">= 52", "top_k 20"),
+    ),
     ("hessian-device", params_with(hessian={"device": "gpu"}), "hessian.device", ("cuda",)),
 ]
 
@@ -242,13 +285,16 @@ def test_directory_is_not_a_file(tmp_path):
     assert_one_line_error(info.value, "", "file not found")
 
 
-@pytest.mark.parametrize("text, needles", [
-    pytest.param("data: [\n", ("line 2",), id="unclosed-flow"),
-    pytest.param("train:\n\tlr: 0.1\n", ("line 2", "column 1"), id="tab-indent"),
-    pytest.param("runs:\n  a: {model: mlp}\n  a: {model: mlp}\n", ("duplicate key",), id="duplicate-key"),
-    pytest.param("data: {dataset: 'digits}\n", (), id="unterminated-quote"),
-    pytest.param("x: !!python/object:os.system {}\n", ("line 1",), id="python-tag-unsafe"),
-])
+@pytest.mark.parametrize(
+    "text, needles",
+    [
+        pytest.param("data: [\n", ("line 2",), id="unclosed-flow"),
+        pytest.param("train:\n\tlr: 0.1\n", ("line 2", "column 1"), id="tab-indent"),
+        pytest.param("runs:\n  a: {model: mlp}\n  a: {model: mlp}\n", ("duplicate key",), id="duplicate-key"),
+        pytest.param("data: {dataset: 'digits}\n", (), id="unterminated-quote"),
+        pytest.param("x: !!python/object:os.system {}\n", ("line 1",), id="python-tag-unsafe"),
+    ],
+)
 def test_invalid_yaml_syntax(tmp_path, text, needles):
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as info:
@@ -263,7 +309,9 @@ def test_empty_file_is_not_a_mapping(tmp_path):
 
 
 def test_yaml_1_2_exponent_without_dot_is_a_float(tmp_path):
-    params = load_params(write(tmp_path, "train:\n  lr: 5e-4\n  weight_decay: 1e-5\nruns:\n  a: {model: mlp, lr: 2e-3}\n"))
+    params = load_params(
+        write(tmp_path, "train:\n  lr: 5e-4\n  weight_decay: 1e-5\nruns:\n  a: {model: mlp, lr: 2e-3}\n")
+    )
     assert params.train.lr == 5e-4 and isinstance(params.train.lr, float)
     assert params.train.weight_decay == 1e-5
     assert params.run("a").train.lr == 2e-3
@@ -302,12 +350,26 @@ def test_minimal_params_give_documented_defaults():
     params = parse_params(MINIMAL)
     assert (params.data, params.model, params.train) == (DataConfig(), ModelConfig(), TrainConfig())
     d, m, t = params.data, params.model, params.train
-    assert (d.dataset, d.root, d.download, d.test_fraction, d.train_samples, d.probe_size, d.seed) == \
-        ("digits", "data/raw", False, 0.25, 0, 512, 0)
+    assert (d.dataset, d.root, d.download, d.test_fraction, d.train_samples, d.probe_size, d.seed) == (
+        "digits",
+        "data/raw",
+        False,
+        0.25,
+        0,
+        512,
+        0,
+    )
     assert (d.synthetic_samples, d.synthetic_classes, d.synthetic_size, d.synthetic_channels) == (600, 3, 8, 1)
     assert (m.mlp_depth, m.mlp_width, m.mlp_activation) == (2, 128, "relu")
-    assert (t.epochs, t.batch_size, t.optimizer, t.lr, t.momentum, t.nesterov, t.weight_decay) == \
-        (30, 64, "sgd", 0.05, 0.9, False, 5e-4)
+    assert (t.epochs, t.batch_size, t.optimizer, t.lr, t.momentum, t.nesterov, t.weight_decay) == (
+        30,
+        64,
+        "sgd",
+        0.05,
+        0.9,
+        False,
+        5e-4,
+    )
     assert (t.adam_beta1, t.adam_beta2, t.schedule, t.milestones, t.gamma) == (0.9, 0.999, "cosine", (), 0.1)
     assert (t.checkpoint_every, t.log_every, t.eval_batch_size, t.seed, t.device) == (5, 0, 1024, 0, "auto")
     (run,) = params.runs
@@ -315,8 +377,11 @@ def test_minimal_params_give_documented_defaults():
 
 
 def test_run_overrides_merge_over_sections():
-    raw = {"model": {"mlp_depth": 3}, "train": {"epochs": 7, "optimizer": "adam"},
-           "runs": {"a": {"model": "mlp", "lr": 0.2, "mlp_width": 8}, "b": {"model": "resnet20"}}}
+    raw = {
+        "model": {"mlp_depth": 3},
+        "train": {"epochs": 7, "optimizer": "adam"},
+        "runs": {"a": {"model": "mlp", "lr": 0.2, "mlp_width": 8}, "b": {"model": "resnet20"}},
+    }
     params = parse_params(raw)
     a, b = params.run("a"), params.run("b")
     assert [r.name for r in params.runs] == ["a", "b"]
@@ -329,22 +394,27 @@ def test_run_overrides_merge_over_sections():
 
 
 def test_run_override_can_fix_a_cross_field_combination():
-    raw = {"train": {"schedule": "step", "milestones": [10]},
-           "runs": {"a": {"model": "mlp", "schedule": "cosine", "milestones": []}}}
+    raw = {
+        "train": {"schedule": "step", "milestones": [10]},
+        "runs": {"a": {"model": "mlp", "schedule": "cosine", "milestones": []}},
+    }
     params = parse_params(raw)
     assert params.run("a").train.schedule == "cosine" and params.run("a").train.milestones == ()
 
 
-@pytest.mark.parametrize("section, values", [
-    pytest.param("train", {"lr": 1}, id="int-lr-coerced"),
-    pytest.param("train", {"device": "cuda:3"}, id="device-cuda-n"),
-    pytest.param("train", {"device": "mps"}, id="device-mps"),
-    pytest.param("train", {"schedule": "step", "milestones": [10, 20], "gamma": 1.0}, id="step-schedule"),
-    pytest.param("train", {"nesterov": True, "momentum": 0.5}, id="nesterov-sgd"),
-    pytest.param("train", {"optimizer": "adam", "momentum": 0.0}, id="adam-momentum-0"),
-    pytest.param("model", {"mlp_depth": 0, "mlp_activation": "gelu"}, id="mlp-depth-0"),
-    pytest.param("data", {"dataset": "synthetic", "test_fraction": 0.5, "probe_size": 1}, id="synthetic"),
-])
+@pytest.mark.parametrize(
+    "section, values",
+    [
+        pytest.param("train", {"lr": 1}, id="int-lr-coerced"),
+        pytest.param("train", {"device": "cuda:3"}, id="device-cuda-n"),
+        pytest.param("train", {"device": "mps"}, id="device-mps"),
+        pytest.param("train", {"schedule": "step", "milestones": [10, 20], "gamma": 1.0}, id="step-schedule"),
+        pytest.param("train", {"nesterov": True, "momentum": 0.5}, id="nesterov-sgd"),
+        pytest.param("train", {"optimizer": "adam", "momentum": 0.0}, id="adam-momentum-0"),
+        pytest.param("model", {"mlp_depth": 0, "mlp_activation": "gelu"}, id="mlp-depth-0"),
+        pytest.param("data", {"dataset": "synthetic", "test_fraction": 0.5, "probe_size": 1}, id="synthetic"),
+    ],
+)
 def test_valid_edge_values_are_accepted(section, values):
     params = parse_params(params_with(**{section: values}))
     cfg = getattr(params, section)
@@ -357,9 +427,14 @@ def test_valid_edge_values_are_accepted(section, values):
 def test_configs_are_frozen():
     params = parse_params(params_with(train={"milestones": [5]}))
     run = params.run("mlp")
-    for obj, name, value in [(params.data, "dataset", "mnist"), (params.model, "mlp_width", 1),
-                             (params.train, "lr", 1.0), (run, "name", "x"), (run.train, "epochs", 1),
-                             (params, "runs", ())]:
+    for obj, name, value in [
+        (params.data, "dataset", "mnist"),
+        (params.model, "mlp_width", 1),
+        (params.train, "lr", 1.0),
+        (run, "name", "x"),
+        (run.train, "epochs", 1),
+        (params, "runs", ()),
+    ]:
         with pytest.raises(dataclasses.FrozenInstanceError):
             setattr(obj, name, value)
     assert isinstance(params.train.milestones, tuple) and isinstance(params.runs, tuple)
@@ -383,6 +458,7 @@ def test_run_to_dict_round_trips_through_parse():
 
 def test_spec_rejects_mutable_defaults():
     from pipeline.config import spec
+
     with pytest.raises(TypeError):
         spec([])
 

@@ -5,8 +5,16 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from pipeline.curvature.operators import (HVP_IMPLEMENTATIONS, CurvatureError, GGNOperator, HessianOperator,
-                                          ProbeSet, dense_matrix, parameter_groups, relative_difference)
+from pipeline.curvature._checks import CurvatureError
+from pipeline.curvature.operators import (
+    HVP_IMPLEMENTATIONS,
+    GGNOperator,
+    HessianOperator,
+    ProbeSet,
+    dense_matrix,
+    parameter_groups,
+    relative_difference,
+)
 
 
 def flat_loss(model, x, y, loss="cross_entropy"):
@@ -21,6 +29,7 @@ def flat_loss(model, x, y, loss="cross_entropy"):
         if loss == "mse":
             return ((out - nn.functional.one_hot(y, out.shape[-1]).double()) ** 2).sum(-1).mean()
         return nn.functional.cross_entropy(out, y)
+
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     return f, theta
 
@@ -102,7 +111,8 @@ def test_block_operator_is_the_diagonal_block(problem):
 
 def test_parameter_groups_of_a_resnet():
     from pipeline.config import ModelConfig
-    from pipeline.models import build_model
+    from pipeline.training.models import build_model
+
     model = build_model("resnet20", ModelConfig(), (3, 32, 32), 10)
     blocks = parameter_groups(model, "block")
     assert list(blocks)[:3] == ["conv1", "bn1", "layer1.0"] and list(blocks)[-1] == "fc"
@@ -115,7 +125,9 @@ def test_parameter_groups_of_a_resnet():
 
 def conv_bn_net():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).double()
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)
+    ).double()
 
 
 def test_batchnorm_in_eval_mode_leaves_model_untouched():
@@ -179,5 +191,10 @@ def test_eval_batchnorm_hessian_matches_the_module_itself(hvp):
     assert isinstance(op.model[1], type(model[1])) is False and isinstance(model[1], nn.BatchNorm2d)
     f, theta = flat_loss(model, x, y)
     assert relative_difference(dense_matrix(op), torch.func.hessian(f)(theta)) <= 1e-10
-    assert relative_difference(dense_matrix(GGNOperator(model, ProbeSet.from_tensors(x, y, 4))),
-                               dense_matrix(GGNOperator(model, ProbeSet.from_tensors(x, y, 9)))) <= 1e-12
+    assert (
+        relative_difference(
+            dense_matrix(GGNOperator(model, ProbeSet.from_tensors(x, y, 4))),
+            dense_matrix(GGNOperator(model, ProbeSet.from_tensors(x, y, 9))),
+        )
+        <= 1e-12
+    )

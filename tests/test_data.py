@@ -35,10 +35,13 @@ def assert_same(a: PreparedData, b: PreparedData) -> None:
 @pytest.fixture(scope="module", autouse=True)
 def fresh_process():
     """Fingerprint of the default config computed in a fresh interpreter, started first to overlap the imports."""
-    code = "from pipeline.config import DataConfig; from pipeline.data import prepare_dataset; " \
-           "print(prepare_dataset(DataConfig()).fingerprint())"
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    code = (
+        "from pipeline.config import DataConfig; from pipeline.data import prepare_dataset; "
+        "print(prepare_dataset(DataConfig()).fingerprint())"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     yield proc
     if proc.poll() is None:
         proc.kill()
@@ -144,8 +147,15 @@ def test_load_errors(digits, tmp_path):
 
 
 def test_synthetic():
-    cfg = DataConfig(dataset="synthetic", synthetic_samples=300, synthetic_classes=3, synthetic_size=4,
-                     synthetic_channels=2, probe_size=20, seed=3)
+    cfg = DataConfig(
+        dataset="synthetic",
+        synthetic_samples=300,
+        synthetic_classes=3,
+        synthetic_size=4,
+        synthetic_channels=2,
+        probe_size=20,
+        seed=3,
+    )
     d = prepare_dataset(cfg)
     assert d.x_train.dtype == torch.float32 and d.input_shape == (2, 4, 4) and d.num_classes == 3
     assert (len(d.y_train), len(d.y_test)) == (225, 75)
@@ -259,12 +269,17 @@ def test_mnist_likes_tiny(tmp_path, dataset, folder_name):
     assert abs(float(d.mean) - tr_x.astype(np.float64).mean()) < 1e-3
 
 
-@pytest.mark.parametrize("dataset, expected", [
-    ("cifar10", "cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}"),
-    ("mnist", "MNIST/raw/{train-images-idx3-ubyte,train-labels-idx1-ubyte,t10k-images-idx3-ubyte,"
-              "t10k-labels-idx1-ubyte}"),
-    ("fashion_mnist", "FashionMNIST/raw/{train-images-idx3-ubyte,"),
-])
+@pytest.mark.parametrize(
+    "dataset, expected",
+    [
+        ("cifar10", "cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}"),
+        (
+            "mnist",
+            "MNIST/raw/{train-images-idx3-ubyte,train-labels-idx1-ubyte,t10k-images-idx3-ubyte,t10k-labels-idx1-ubyte}",
+        ),
+        ("fashion_mnist", "FashionMNIST/raw/{train-images-idx3-ubyte,"),
+    ],
+)
 def test_missing_files_without_download(tmp_path, dataset, expected):
     root = tmp_path / "nowhere"
     with pytest.raises(DataError) as info:
@@ -327,6 +342,9 @@ def test_a_cifar_batch_of_the_wrong_shape_is_one_line(tmp_path):
     write_cifar(tmp_path)
     with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:
         Py2Pickler(f, protocol=2).dump({b"data": np.zeros((4, 100), dtype=np.uint8), b"labels": [0, 1, 2, 3]})
-    with pytest.raises(DataError, match=r"test_batch: 'data' must be a uint8 array of shape \[N, 3072\], found uint8 "
-                                        r"\(4, 100\)"):
+    with pytest.raises(
+        DataError,
+        match=r"test_batch: 'data' must be a uint8 array of shape \[N, 3072\], found uint8 "
+        r"\(4, 100\)",
+    ):
         prepare_dataset(DataConfig(dataset="cifar10", root=str(tmp_path), probe_size=5))

@@ -4,14 +4,20 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_mlp
 from torch import nn
 
-from conftest import tiny_mlp
 from pipeline.config import ModelConfig
-from pipeline.curvature.dynamics import (directional_sharpness, gradient_noise, gradient_sharpness,
-                                         per_sample_gradients, quadratic_step_model)
-from pipeline.curvature.operators import CurvatureError, HessianOperator, ProbeSet, dense_matrix, relative_difference
-from pipeline.models import build_model
+from pipeline.curvature._checks import CurvatureError
+from pipeline.curvature.dynamics import (
+    directional_sharpness,
+    gradient_noise,
+    gradient_sharpness,
+    per_sample_gradients,
+    quadratic_step_model,
+)
+from pipeline.curvature.operators import HessianOperator, ProbeSet, dense_matrix, relative_difference
+from pipeline.training.models import build_model
 
 
 @pytest.fixture
@@ -70,7 +76,7 @@ def test_noise_scale_of_linear_regression_in_closed_form(regression, chunk_size)
     g = G.mean(0)
     trace = ((G - g) ** 2).sum() / (13 - 1)
     assert noise.n == 13
-    assert noise.loss == pytest.approx(float((r ** 2).mean()), rel=1e-12)
+    assert noise.loss == pytest.approx(float((r**2).mean()), rel=1e-12)
     assert relative_difference(torch.cat([noise.gradient["weight"].reshape(-1), noise.gradient["bias"]]), g) <= 1e-12
     assert noise.grad_norm_sq == pytest.approx(float(g @ g), rel=1e-10)
     assert noise.trace_covariance == pytest.approx(float(trace), rel=1e-10)
@@ -108,7 +114,9 @@ def test_vmap_per_sample_gradients_match_a_loop_on_resnet20_with_batchnorm():
     grads = per_sample_gradients(model, x, y)
     params = [p for _, p in model.named_parameters()]
     for i in range(5):  # the unmodified module (nn.BatchNorm2d in eval mode), one sample at a time
-        loop = torch.autograd.grad(nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1], reduction="sum"), params)
+        loop = torch.autograd.grad(
+            nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1], reduction="sum"), params
+        )
         for (name, _), expected in zip(model.named_parameters(), loop):
             torch.testing.assert_close(grads[name][i], expected, rtol=1e-5, atol=1e-5, msg=name)
     noise = gradient_noise(model, ProbeSet.from_tensors(x, y, 3))
@@ -169,7 +177,7 @@ def test_quadratic_model_is_exact_for_a_quadratic_loss(regression):
         assert pred.step_norm == pytest.approx(float(delta.norm()), rel=1e-12)
     # the gradient step: -η‖g‖² + ½η² gᵀHg, cosine 1
     assert pred.first_order == pytest.approx(float(-eta * g @ g), rel=1e-12)
-    assert pred.second_order == pytest.approx(float(0.5 * eta ** 2 * g @ H @ g), rel=1e-12)
+    assert pred.second_order == pytest.approx(float(0.5 * eta**2 * g @ H @ g), rel=1e-12)
     assert pred.cosine == pytest.approx(1.0, rel=1e-12)
     assert pred.step_sharpness == pytest.approx(float(g @ H @ g / (g @ g)), rel=1e-12)
     assert_unchanged(model, before)
@@ -179,9 +187,11 @@ def test_quadratic_model_error_is_third_order_on_an_mlp(problem):
     """Cross-entropy is not quadratic: the remainder ΔL - ΔL_pred shrinks like η³ (×1/8 per halving)."""
     model, x, y = problem
     probe = ProbeSet.from_tensors(x, y, 7)
-    v = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
-         for n, p in model.named_parameters()}
-    etas = [0.02 / 2 ** k for k in range(5)]
+    v = {
+        n: torch.randn(p.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+        for n, p in model.named_parameters()
+    }
+    etas = [0.02 / 2**k for k in range(5)]
     preds = [quadratic_step_model(model, probe, {n: -eta * d for n, d in v.items()}) for eta in etas]
     errors = [abs(p.error) for p in preds]
     ratios = [a / b for a, b in zip(errors, errors[1:])]

@@ -39,8 +39,14 @@ def _env(**extra) -> dict[str, str]:
 
 
 def _stage(folder: Path, name: str, *args: str, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(STAGES / f"{name}.py"), "--params", "params.yaml", *args],
-                            cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, str(STAGES / f"{name}.py"), "--params", "params.yaml", *args],
+        cwd=folder,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +54,13 @@ def project(tmp_path_factory) -> Path:
     """A tiny project with its data prepared (the MLP trains for long enough to be interrupted)."""
     folder = tmp_path_factory.mktemp("faults")
     _params(folder)
-    done = subprocess.run([sys.executable, str(STAGES / "prepare.py"), "--params", "params.yaml", "--out",
-                           "artifacts/data"], cwd=folder, env=_env(), capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(STAGES / "prepare.py"), "--params", "params.yaml", "--out", "artifacts/data"],
+        cwd=folder,
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     return folder
 
@@ -65,21 +76,41 @@ def _wait_for(process: subprocess.Popen, text: str, timeout: float = 120.0) -> s
 
 
 def _train(project: Path, **popen) -> subprocess.Popen:
-    return _stage(project, "train", "--run", "mlp", "--checkpoints", "artifacts/checkpoints/mlp", "--tables",
-                  "reports/tables/mlp", **popen)
+    return _stage(
+        project,
+        "train",
+        "--run",
+        "mlp",
+        "--checkpoints",
+        "artifacts/checkpoints/mlp",
+        "--tables",
+        "reports/tables/mlp",
+        **popen,
+    )
 
 
 def test_an_error_raised_inside_a_flow_prints_one_line(tmp_path):
     _params(tmp_path, probe_size=99999)  # passes the params check; found by prepare_dataset, inside the flow
-    done = subprocess.run([sys.executable, str(STAGES / "prepare.py"), "--params", "params.yaml", "--out", "out"],
-                          cwd=tmp_path, env=_env(), capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(STAGES / "prepare.py"), "--params", "params.yaml", "--out", "out"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
     output = done.stdout + done.stderr
     assert done.returncode == 2 and "Traceback" not in output and "DataError" not in output
     assert [line for line in output.splitlines() if "error" in line.lower()] == [
-        "error: data.probe_size: 99999 requested but the train split of digits has only 1347 samples; use <= 1347"]
+        "error: data.probe_size: 99999 requested but the train split of digits has only 1347 samples; use <= 1347"
+    ]
     assert not (tmp_path / "out").exists()
-    debug = subprocess.run([sys.executable, str(STAGES / "prepare.py"), "--params", "params.yaml", "--out", "out"],
-                           cwd=tmp_path, env=_env(LANDSCAPE_DEBUG="1"), capture_output=True, text=True)
+    debug = subprocess.run(
+        [sys.executable, str(STAGES / "prepare.py"), "--params", "params.yaml", "--out", "out"],
+        cwd=tmp_path,
+        env=_env(LANDSCAPE_DEBUG="1"),
+        capture_output=True,
+        text=True,
+    )
     assert debug.returncode != 0 and "Traceback" in debug.stderr  # the debug switch shows where
 
 
@@ -102,13 +133,24 @@ def test_a_signal_stops_the_stage_within_seconds_with_its_children(project, sign
 
 def test_the_stage_ends_when_its_parent_does(project):
     """``dvc`` killed under its stage: the kernel's parent-death signal ends the stage too (no orphan)."""
-    parent = subprocess.Popen([sys.executable, "-c", (
-        "import subprocess, sys, time\n"
-        f"child = subprocess.Popen([sys.executable, {str(STAGES / 'train.py')!r}, '--params', 'params.yaml', "
-        "'--run', 'mlp', '--checkpoints', 'artifacts/checkpoints/mlp', '--tables', 'reports/tables/mlp'], "
-        "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
-        "print(child.pid, flush=True)\n"
-        "time.sleep(600)\n")], cwd=project, env=_env(), stdout=subprocess.PIPE, text=True)
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import subprocess, sys, time\n"
+                f"child = subprocess.Popen([sys.executable, {str(STAGES / 'train.py')!r}, '--params', 'params.yaml', "
+                "'--run', 'mlp', '--checkpoints', 'artifacts/checkpoints/mlp', '--tables', 'reports/tables/mlp'], "
+                "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+                "print(child.pid, flush=True)\n"
+                "time.sleep(600)\n"
+            ),
+        ],
+        cwd=project,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     stage = psutil.Process(int(parent.stdout.readline()))
     time.sleep(8.0)  # well into training
     parent.kill()
@@ -130,8 +172,10 @@ def test_losing_the_prefect_server_mid_stage_ends_in_seconds_with_one_line(proje
     assert stage.returncode == 1 and "Traceback" not in rest and "ConnectError(" not in rest
     problems = [line for line in rest.splitlines() if "error" in line.lower() or "warning" in line.lower()]
     url = f"http://127.0.0.1:{port}/api"
-    assert problems[-1] == (f"error: the Prefect server at {url} went away mid-stage; finished work is kept "
-                            "(checkpoints, tiles, points), a rerun resumes")
+    assert problems[-1] == (
+        f"error: the Prefect server at {url} went away mid-stage; finished work is kept "
+        "(checkpoints, tiles, points), a rerun resumes"
+    )
     assert len(problems) <= 2 and all(url in line for line in problems)
 
 
@@ -154,7 +198,7 @@ def test_stages_report_only_to_this_projects_server(tmp_path, monkeypatch):
         assert runtime.api_reachable(url)
         assert runtime.project_server() is None  # no registry: nothing is probed, ephemeral mode
         (tmp_path / ".prefect").mkdir()
-        (tmp_path / ".prefect" / "server.json").write_text(json.dumps({"url": url, "pid": 2 ** 22 + 12345}))
+        (tmp_path / ".prefect" / "server.json").write_text(json.dumps({"url": url, "pid": 2**22 + 12345}))
         assert runtime.project_server() is None  # the recorded server's process is gone: a stranger took the port
         (tmp_path / ".prefect" / "server.json").write_text(json.dumps({"url": url, "pid": os.getpid()}))
         assert runtime.project_server() == url  # this project's (live) server

@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.curvature._checks import CurvatureError
 from pipeline.curvature.flatness import epsilon_sharpness, noise_draws, pac_bayes_sigma
-from pipeline.curvature.operators import CurvatureError, HessianOperator, ProbeSet, dense_matrix
+from pipeline.curvature.operators import HessianOperator, ProbeSet, dense_matrix
 
 F64 = torch.float64
 EIGENVALUES = (4.0, 1.5, 1.0, 0.6, 0.3, 0.1)  # of the quadratic's Hessian A
@@ -53,7 +54,7 @@ def test_absolute_sharpness_at_a_minimum_is_half_lambda_max_epsilon_squared():
     model, probe, A, _ = quadratic()
     eps = 0.3
     res = epsilon_sharpness(model, probe, epsilon=eps, steps=40, loss="mse")
-    exact = 0.5 * max(EIGENVALUES) * eps ** 2
+    exact = 0.5 * max(EIGENVALUES) * eps**2
     assert res.loss < 1e-28
     assert abs(res.increase / exact - 1) <= 1e-6
     assert res.keskar == pytest.approx(100 * res.increase / (1 + res.loss), rel=1e-15)
@@ -65,8 +66,9 @@ def test_absolute_sharpness_at_a_minimum_is_half_lambda_max_epsilon_squared():
     assert res.starts in (1, 2) and res.steps <= res.starts * 40
     assert res.gradient_evaluations == 1 + res.starts + res.steps
     # Started on the top eigenvector, the ascent is at a fixed point at once: exact, no step spent on that start.
-    res_v = epsilon_sharpness(model, probe, epsilon=eps, steps=40, loss="mse", gradient_start=False,
-                              directions=[top_eigenvector(A)])
+    res_v = epsilon_sharpness(
+        model, probe, epsilon=eps, steps=40, loss="mse", gradient_start=False, directions=[top_eigenvector(A)]
+    )
     assert res_v.starts == res.starts + 1
     assert res_v.increase == pytest.approx(exact, rel=1e-12)
 
@@ -132,8 +134,8 @@ def test_pac_bayes_sigma_matches_the_closed_form_of_the_same_draws():
     assert abs(res.sigma / sigma_star - 1) <= rtol
     assert res.sigma <= sigma_star * (1 + 1e-12) < res.sigma_upper * (1 + 1e-12)
     assert res.sigma_upper / res.sigma <= 1 + rtol
-    assert res.increase <= bound and res.increase == pytest.approx(c * res.sigma ** 2, rel=1e-12)
-    assert res.flatness == pytest.approx(1 / res.sigma ** 2)
+    assert res.increase <= bound and res.increase == pytest.approx(c * res.sigma**2, rel=1e-12)
+    assert res.flatness == pytest.approx(1 / res.sigma**2)
     assert res.loss_evaluations == 1 + draws * (res.bracket_evaluations + res.iterations)
     assert res.draws == draws and not res.magnitude_aware and res.magnitude_epsilon == 0.0
 
@@ -152,9 +154,8 @@ def test_pac_bayes_sigma_approaches_the_expectation_with_many_draws():
 def test_magnitude_aware_sigma_matches_the_closed_form():
     """u_i = sigma sqrt(w_i^2 + eps_mag^2) z_i: c = 1/2 mean_k (s z_k)^T A (s z_k)."""
     model, probe, A, w_star = quadratic()
-    res = pac_bayes_sigma(model, probe, bound=0.05, magnitude_aware=True, magnitude_epsilon=0.5, rtol=1e-9,
-                          loss="mse")
-    sz = noise_draws(len(EIGENVALUES), 10, 0) * (w_star ** 2 + 0.25).sqrt()
+    res = pac_bayes_sigma(model, probe, bound=0.05, magnitude_aware=True, magnitude_epsilon=0.5, rtol=1e-9, loss="mse")
+    sz = noise_draws(len(EIGENVALUES), 10, 0) * (w_star**2 + 0.25).sqrt()
     c = 0.5 * float(torch.einsum("ki,ij,kj->k", sz, A, sz).mean())
     assert abs(res.sigma / math.sqrt(0.05 / c) - 1) <= 1e-9
     assert res.magnitude_aware and res.magnitude_epsilon == 0.5
@@ -192,8 +193,7 @@ def test_mlp_measures_are_finite_monotone_and_leave_the_model_untouched(mlp_prob
     model, probe = mlp_problem
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for neighbourhood, epsilons in (("absolute", (0.01, 0.05, 0.25)), ("relative", (1e-3, 1e-2, 1e-1))):
-        results = [epsilon_sharpness(model, probe, epsilon=e, neighbourhood=neighbourhood, steps=10)
-                   for e in epsilons]
+        results = [epsilon_sharpness(model, probe, epsilon=e, neighbourhood=neighbourhood, steps=10) for e in epsilons]
         assert all(math.isfinite(r.max_loss) and math.isfinite(r.keskar) for r in results)
         increases = [r.increase for r in results]
         assert 0 < increases[0] < increases[1] < increases[2], (neighbourhood, increases)
@@ -243,25 +243,33 @@ def test_training_mode_model_is_refused():
         pac_bayes_sigma(model, probe)
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda m, p: epsilon_sharpness(m, p, epsilon=0.0), r"^epsilon: must be a finite number > 0, got 0.0$"),
-    (lambda m, p: epsilon_sharpness(m, p, epsilon=-1), r"^epsilon: must be a finite number > 0"),
-    (lambda m, p: epsilon_sharpness(m, p, epsilon=math.nan), r"^epsilon: must be a finite number > 0"),
-    (lambda m, p: epsilon_sharpness(m, p, epsilon=0.1, neighbourhood="linf"), r"^neighbourhood: unknown name 'linf'"),
-    (lambda m, p: epsilon_sharpness(m, p, epsilon=0.1, steps=0), r"^steps: must be an int >= 1, got 0$"),
-    (lambda m, p: epsilon_sharpness(m, p, epsilon=0.1, step_size=0), r"^step_size: must be a finite number > 0"),
-    (lambda m, p: epsilon_sharpness(m, p, epsilon=0.1, wrt=["nope.weight"]), r"^wrt: unknown parameter names"),
-    (lambda m, p: epsilon_sharpness(m, p, epsilon=0.1, directions=[torch.ones(5)]), r"^directions\[0\]: expected"),
-    (lambda m, p: epsilon_sharpness(m, p, epsilon=0.1, loss="hinge"), r"^loss: unknown name 'hinge'"),
-    (lambda m, p: pac_bayes_sigma(m, p, bound=0.0), r"^bound: must be a finite number > 0, got 0.0$"),
-    (lambda m, p: pac_bayes_sigma(m, p, bound=-0.1), r"^bound: must be a finite number > 0"),
-    (lambda m, p: pac_bayes_sigma(m, p, draws=0), r"^draws: must be an int >= 1, got 0$"),
-    (lambda m, p: pac_bayes_sigma(m, p, rtol=0), r"^rtol: must be a finite number > 0"),
-    (lambda m, p: pac_bayes_sigma(m, p, magnitude_aware=True, magnitude_epsilon=-1e-3),
-     r"^magnitude_epsilon: must be a finite number >= 0"),
-    (lambda m, p: pac_bayes_sigma(m, p, seed=-1), r"^seed: must be an int >= 0"),
-    (lambda m, p: pac_bayes_sigma(m, p, wrt=["nope.weight"]), r"^wrt: unknown parameter names \['nope.weight'\]"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda m, p: epsilon_sharpness(m, p, epsilon=0.0), r"^epsilon: must be a finite number > 0, got 0.0$"),
+        (lambda m, p: epsilon_sharpness(m, p, epsilon=-1), r"^epsilon: must be a finite number > 0"),
+        (lambda m, p: epsilon_sharpness(m, p, epsilon=math.nan), r"^epsilon: must be a finite number > 0"),
+        (
+            lambda m, p: epsilon_sharpness(m, p, epsilon=0.1, neighbourhood="linf"),
+            r"^neighbourhood: unknown name 'linf'",
+        ),
+        (lambda m, p: epsilon_sharpness(m, p, epsilon=0.1, steps=0), r"^steps: must be an int >= 1, got 0$"),
+        (lambda m, p: epsilon_sharpness(m, p, epsilon=0.1, step_size=0), r"^step_size: must be a finite number > 0"),
+        (lambda m, p: epsilon_sharpness(m, p, epsilon=0.1, wrt=["nope.weight"]), r"^wrt: unknown parameter names"),
+        (lambda m, p: epsilon_sharpness(m, p, epsilon=0.1, directions=[torch.ones(5)]), r"^directions\[0\]: expected"),
+        (lambda m, p: epsilon_sharpness(m, p, epsilon=0.1, loss="hinge"), r"^loss: unknown name 'hinge'"),
+        (lambda m, p: pac_bayes_sigma(m, p, bound=0.0), r"^bound: must be a finite number > 0, got 0.0$"),
+        (lambda m, p: pac_bayes_sigma(m, p, bound=-0.1), r"^bound: must be a finite number > 0"),
+        (lambda m, p: pac_bayes_sigma(m, p, draws=0), r"^draws: must be an int >= 1, got 0$"),
+        (lambda m, p: pac_bayes_sigma(m, p, rtol=0), r"^rtol: must be a finite number > 0"),
+        (
+            lambda m, p: pac_bayes_sigma(m, p, magnitude_aware=True, magnitude_epsilon=-1e-3),
+            r"^magnitude_epsilon: must be a finite number >= 0",
+        ),
+        (lambda m, p: pac_bayes_sigma(m, p, seed=-1), r"^seed: must be an int >= 0"),
+        (lambda m, p: pac_bayes_sigma(m, p, wrt=["nope.weight"]), r"^wrt: unknown parameter names \['nope.weight'\]"),
+    ],
+)
 def test_bad_arguments_name_the_argument(mlp_problem, call, message):
     model, probe = mlp_problem
     with pytest.raises(CurvatureError, match=message) as info:

@@ -1,16 +1,15 @@
 """The curvature report (pipeline.curvature.analysis) against dense float64 ground truth, and checkpoint selection."""
 
-
 import pytest
 import torch
 from torch import nn
 
-from pipeline.checkpoints import select_checkpoints
 from pipeline.config import HessianConfig
 from pipeline.curvature.analysis import analyse
 from pipeline.curvature.dynamics import gradient_noise
 from pipeline.curvature.flatness import epsilon_sharpness, pac_bayes_sigma
 from pipeline.curvature.operators import GGNOperator, HessianOperator, ProbeSet, dense_matrix, parameter_groups
+from pipeline.training.checkpoints import select_checkpoints
 
 
 def tiny_problem():
@@ -24,13 +23,28 @@ def tiny_problem():
 
 
 def rows_of(report, quantity, operator="hessian", group="all", method=None):
-    return [r for r in report.rows if r["quantity"] == quantity and r["operator"] == operator and r["group"] == group
-            and (method is None or r["method"] == method)]
+    return [
+        r
+        for r in report.rows
+        if r["quantity"] == quantity
+        and r["operator"] == operator
+        and r["group"] == group
+        and (method is None or r["method"] == method)
+    ]
 
 
 def config(**overrides):
-    base = dict(top_k=5, tol=1e-10, max_hvps=400, trace_hvps=45, density_runs=3, density_steps=51,
-                operators=("hessian", "ggn"), groups="module", group_top_k=2)
+    base = dict(
+        top_k=5,
+        tol=1e-10,
+        max_hvps=400,
+        trace_hvps=45,
+        density_runs=3,
+        density_steps=51,
+        operators=("hessian", "ggn"),
+        groups="module",
+        group_top_k=2,
+    )
     return HessianConfig(**{**base, **overrides})
 
 
@@ -93,21 +107,26 @@ def test_details_trace_density_ggn_and_groups(truth):
     assert max(min(abs(node - float(e)) for e in exact) for node in heavy) <= 1e-6 * float(exact.abs().max())
 
     ggn_top = sorted(rows_of(report, "eigenvalue", "ggn"), key=lambda r: r["index"])
-    assert torch.allclose(torch.tensor([r["value"] for r in ggn_top], dtype=torch.float64),
-                          torch.linalg.eigvalsh(G).flip(0)[:5], rtol=1e-6, atol=0)
+    assert torch.allclose(
+        torch.tensor([r["value"] for r in ggn_top], dtype=torch.float64),
+        torch.linalg.eigvalsh(G).flip(0)[:5],
+        rtol=1e-6,
+        atol=0,
+    )
     ggn_trace = rows_of(report, "trace", "ggn", method="hutchpp")[0]
     assert abs(ggn_trace["value"] - float(torch.trace(G))) <= 3 * ggn_trace["stderr"] + 1e-9
 
     offset = 0
     for group, names in parameter_groups(model, "module").items():
         size = sum(dict(model.named_parameters())[n].numel() for n in names)
-        block = torch.linalg.eigvalsh(H[offset:offset + size, offset:offset + size])
+        block = torch.linalg.eigvalsh(H[offset : offset + size, offset : offset + size])
         offset += size
         got = sorted((r["value"] for r in rows_of(report, "eigenvalue", group=group)), reverse=True)
         assert got == pytest.approx(block.flip(0)[:2].tolist(), rel=1e-6)
     with torch.no_grad():
-        loss = nn.functional.cross_entropy(model(torch.cat([b[0] for b in probe.batches])),
-                                           torch.cat([b[1] for b in probe.batches]))
+        loss = nn.functional.cross_entropy(
+            model(torch.cat([b[0] for b in probe.batches])), torch.cat([b[1] for b in probe.batches])
+        )
     assert rows_of(report, "loss")[0]["value"] == pytest.approx(float(loss), rel=1e-12)
     solves = {(r["operator"], r["group"], r["method"]): r["hvps"] for r in report.rows if r["quantity"] == "eigenvalue"}
     others = sum(r["hvps"] for r in report.rows if r["quantity"] in ("trace", "density_mass", "grad_sharpness"))
@@ -138,18 +157,21 @@ def test_noise_and_flatness_rows_are_the_measures_at_the_point(truth):
     report = analyse(model, probe, cfg, details=True)
     v1 = HessianOperator(model, probe).flatten({n: v[0] for n, v in report.eigenvectors.items()})
     for neighbourhood, epsilon in (("absolute", cfg.flatness_radius), ("relative", cfg.flatness_box)):
-        direct = epsilon_sharpness(model, probe, epsilon=epsilon, neighbourhood=neighbourhood, steps=5,
-                                   directions=(v1,), seed=cfg.seed + 19)
+        direct = epsilon_sharpness(
+            model, probe, epsilon=epsilon, neighbourhood=neighbourhood, steps=5, directions=(v1,), seed=cfg.seed + 19
+        )
         assert rows_of(report, "epsilon_sharpness", method=neighbourhood)[0]["value"] == direct.increase > 0
         assert rows_of(report, "epsilon_sharpness_keskar", method=neighbourhood)[0]["value"] == direct.keskar
     for method, magnitude in (("isotropic", False), ("magnitude", True)):
-        direct = pac_bayes_sigma(model, probe, bound=cfg.pac_bayes_bound, magnitude_aware=magnitude, draws=3,
-                                 seed=cfg.seed + 23)
+        direct = pac_bayes_sigma(
+            model, probe, bound=cfg.pac_bayes_bound, magnitude_aware=magnitude, draws=3, seed=cfg.seed + 23
+        )
         assert rows_of(report, "pac_bayes_sigma", method=method)[0]["value"] == direct.sigma > 0
 
 
 def test_an_unknown_flatness_measure_is_a_config_error():
     from pipeline.config import ConfigError
+
     with pytest.raises(ConfigError, match=r"hessian.flatness\[1\]: unknown name 'sam'; allowed: epsilon, pac_bayes"):
         HessianConfig(flatness=("epsilon", "sam"))
 
@@ -159,11 +181,11 @@ def test_trace_of_a_larger_model_is_within_three_standard_errors():
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(20, 40), nn.ReLU(), nn.Linear(40, 4)).double().eval()
     g = torch.Generator().manual_seed(2)
-    probe = ProbeSet.from_tensors(torch.randn(50, 20, generator=g, dtype=torch.float64),
-                                  torch.randint(0, 4, (50,), generator=g), 32)
+    probe = ProbeSet.from_tensors(
+        torch.randn(50, 20, generator=g, dtype=torch.float64), torch.randint(0, 4, (50,), generator=g), 32
+    )
     exact = float(torch.trace(dense_matrix(HessianOperator(model, probe))))
-    report = analyse(model, probe, HessianConfig(groups="none", operators=("hessian",), density_runs=0),
-                     details=True)
+    report = analyse(model, probe, HessianConfig(groups="none", operators=("hessian",), density_runs=0), details=True)
     for row in rows_of(report, "trace"):
         assert abs(row["value"] - exact) <= 3 * row["stderr"], row
 

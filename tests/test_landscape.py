@@ -10,13 +10,26 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from pipeline.config import ModelConfig
-from pipeline.landscape import evaluate as evaluate_module
-from pipeline.landscape.directions import (difference_direction, direction_id, direction_norm,
-                                           eigenvector_directions, pca_directions, random_direction)
-from pipeline.landscape.evaluate import (choose_chunk, choose_layout, evaluate_points, evaluation_view, linear_chain,
-                                         sequential_shift_loop)
-from pipeline.landscape.scan import (TileStore, barrier, grid_coords, make_tiles, scan, scan_fingerprint)
-from pipeline.models import build_model
+from pipeline.landscape import engine as evaluate_module
+from pipeline.landscape.directions import (
+    difference_direction,
+    direction_id,
+    direction_norm,
+    eigenvector_directions,
+    pca_directions,
+    random_direction,
+)
+from pipeline.landscape.engine import (
+    choose_chunk,
+    choose_layout,
+    evaluate_points,
+    evaluation_view,
+    linear_chain,
+    sequential_shift_loop,
+)
+from pipeline.landscape.measures import barrier
+from pipeline.landscape.tiles import TileStore, grid_coords, make_tiles, scan, scan_fingerprint
+from pipeline.training.models import build_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -118,8 +131,11 @@ def test_direction_id_is_content_addressed():
 
 def test_pca_recovers_the_trajectory_plane():
     g = torch.Generator().manual_seed(11)
-    final = {"w1": torch.randn(6, 5, generator=g, dtype=torch.float64), "b1": torch.randn(6, generator=g,
-             dtype=torch.float64), "w2": torch.randn(3, 6, generator=g, dtype=torch.float64)}
+    final = {
+        "w1": torch.randn(6, 5, generator=g, dtype=torch.float64),
+        "b1": torch.randn(6, generator=g, dtype=torch.float64),
+        "w2": torch.randn(3, 6, generator=g, dtype=torch.float64),
+    }
     sizes = [final[n].numel() if final[n].dim() > 1 else 0 for n in final]
     basis, _ = torch.linalg.qr(torch.randn(sum(sizes), 2, generator=g, dtype=torch.float64))
 
@@ -127,15 +143,23 @@ def test_pca_recovers_the_trajectory_plane():
         out, start = {}, 0
         for n, t in final.items():
             k = t.numel() if t.dim() > 1 else 0
-            out[n] = v[start:start + k].view(t.shape) if k else torch.zeros_like(t)
+            out[n] = v[start : start + k].view(t.shape) if k else torch.zeros_like(t)
             start += k
         return out
+
     u, v = embed(basis[:, 0]), embed(basis[:, 1])
     trajectory = [dict(final)]  # the final point itself is skipped
     for i in range(16):
         t = 2 * math.pi * i / 16  # sum cos*sin = 0: u and v are the principal axes, variances 9:1
-        trajectory.append({n: final[n] + 3 * math.cos(t) * u[n] + math.sin(t) * v[n]
-                           + 1e-4 * torch.randn(final[n].shape, generator=g, dtype=torch.float64) for n in final})
+        trajectory.append(
+            {
+                n: final[n]
+                + 3 * math.cos(t) * u[n]
+                + math.sin(t) * v[n]
+                + 1e-4 * torch.randn(final[n].shape, generator=g, dtype=torch.float64)
+                for n in final
+            }
+        )
     dirs, ratios = pca_directions(trajectory, final, k=2)
     assert len(dirs) == 2 and sum(ratios) > 0.99 and ratios[0] > ratios[1]
     assert math.isclose(ratios[0], 0.9, rel_tol=1e-3)
@@ -182,7 +206,7 @@ def test_quadratic_model_scans_exactly(wrap):
     params = {k: p.detach() for k, p in model.named_parameters()}
     w = params[next(iter(params))].reshape(-1)
     residual = x @ w - t[:, 0]
-    loss0 = float((residual ** 2).mean())
+    loss0 = float((residual**2).mean())
     grad = 2 * x.T @ residual / n
     lam, vecs = torch.linalg.eigh(2 * x.T @ x / n)
     lam, vecs = lam.flip(0), vecs.flip(1)
@@ -190,16 +214,21 @@ def test_quadratic_model_scans_exactly(wrap):
     dirs = [{key: vecs[:, i].view(1, dim)} for i in range(2)]
     alphas = torch.linspace(-2, 2, 9, dtype=torch.float64)
     for chunk in (1, 4):  # batches of 5: 5+5+5+5+3 samples, weighted exactly
-        loss, acc = evaluate_points(model, params, {}, dirs[:1], alphas[:, None], x, t, batch_size=5, chunk=chunk,
-                                    loss="mse")
-        expected = loss0 + alphas * float(grad @ vecs[:, 0]) + 0.5 * float(lam[0]) * alphas ** 2
+        loss, acc = evaluate_points(
+            model, params, {}, dirs[:1], alphas[:, None], x, t, batch_size=5, chunk=chunk, loss="mse"
+        )
+        expected = loss0 + alphas * float(grad @ vecs[:, 0]) + 0.5 * float(lam[0]) * alphas**2
         torch.testing.assert_close(loss, expected, rtol=0, atol=1e-10)
         assert torch.isnan(acc).all()
     coords = grid_coords([alphas, torch.linspace(-1, 1, 5, dtype=torch.float64)])
     loss, _ = scan(model, params, {}, dirs, coords, x, t, None, tile_size=7, chunk=3, batch_size=5, loss="mse")
     a, b = coords[:, 0], coords[:, 1]
-    expected = (loss0 + a * float(grad @ vecs[:, 0]) + b * float(grad @ vecs[:, 1])
-                + 0.5 * (float(lam[0]) * a ** 2 + float(lam[1]) * b ** 2))
+    expected = (
+        loss0
+        + a * float(grad @ vecs[:, 0])
+        + b * float(grad @ vecs[:, 1])
+        + 0.5 * (float(lam[0]) * a**2 + float(lam[1]) * b**2)
+    )
     torch.testing.assert_close(loss, expected, rtol=0, atol=1e-10)
 
 
@@ -223,8 +252,9 @@ def test_batched_engine_matches_loop_and_baseline(name):
     coords = grid_coords([axis, axis])
     before = state_copy(model)
     model.train()  # evaluation is in eval mode whatever the module's flags, which stay as they are
-    ref_loss, ref_acc = evaluate_points(model, params, buffers, dirs, coords, x, y, chunk=1, batch_size=16,
-                                        channels_last=False)
+    ref_loss, ref_acc = evaluate_points(
+        model, params, buffers, dirs, coords, x, y, chunk=1, batch_size=16, channels_last=False
+    )
     assert model.training
     model.eval()
     assert (name == "mlp") == (linear_chain(evaluation_view(model)) is not None)
@@ -232,8 +262,19 @@ def test_batched_engine_matches_loop_and_baseline(name):
     if name == "resnet20":
         variants += [(1, "auto", True), (4, "auto", True), (3, "auto", False)]
     for chunk, engine, channels_last in variants:
-        loss, acc = evaluate_points(model, params, buffers, dirs, coords, x, y, chunk=chunk, batch_size=16,
-                                    engine=engine, channels_last=channels_last)
+        loss, acc = evaluate_points(
+            model,
+            params,
+            buffers,
+            dirs,
+            coords,
+            x,
+            y,
+            chunk=chunk,
+            batch_size=16,
+            engine=engine,
+            channels_last=channels_last,
+        )
         torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
         assert torch.equal(acc, ref_acc)
     assert_same_state(model, before)
@@ -252,15 +293,14 @@ def test_points_are_bitwise_identical_for_every_chunk_size():
     stacked = points.at(coords)
     assert stacked.keys() == params.keys()
     for i in range(5):
-        single = points.at(coords[i:i + 1])
+        single = points.at(coords[i : i + 1])
         assert all(torch.equal(stacked[n][i], single[n][0]) for n in params)
 
 
 def test_vmap_works_with_plain_eval_batchnorm():
     """vmap over functional_call of a model with eval-mode nn.BatchNorm2d works, and the engine agrees with it."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(256, 3))
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(256, 3))
     set_bn_statistics(model, seed=2)
     x, y = probe(10)
     y = y % 3
@@ -268,8 +308,9 @@ def test_vmap_works_with_plain_eval_batchnorm():
     buffers = {n: b.detach() for n, b in model.named_buffers()}
     stacked = {n: torch.stack([p, 1.1 * p]) for n, p in params.items()}
     out = vmap(lambda p: functional_call(model, {**p, **buffers}, (x,)))(stacked)
-    mine, _ = evaluate_points(model, params, buffers, [params], torch.tensor([[0.0], [0.1]], dtype=torch.float64),
-                              x, y, chunk=2)
+    mine, _ = evaluate_points(
+        model, params, buffers, [params], torch.tensor([[0.0], [0.1]], dtype=torch.float64), x, y, chunk=2
+    )
     expected = torch.stack([F.cross_entropy(o, y) for o in out]).double()
     torch.testing.assert_close(mine, expected, rtol=1e-5, atol=0)
 
@@ -295,8 +336,17 @@ def test_batchnorm_buffers_interpolate_between_models():
     loop, _ = evaluate_points(model_a, pa, ba, [d], coords, x, y, chunk=1, buffer_directions=[db])
     torch.testing.assert_close(loop, loss, rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="only floating-point buffers can move"):
-        evaluate_points(model_a, pa, ba, [d], coords, x, y, chunk=1,
-                        buffer_directions=[{"bn1.num_batches_tracked": torch.tensor(1)}])
+        evaluate_points(
+            model_a,
+            pa,
+            ba,
+            [d],
+            coords,
+            x,
+            y,
+            chunk=1,
+            buffer_directions=[{"bn1.num_batches_tracked": torch.tensor(1)}],
+        )
 
 
 def test_bad_arguments_raise_value_errors():
@@ -350,8 +400,18 @@ def test_scan_resumes_from_stored_tiles(tmp_path):
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        scan(model, params, buffers, dirs, coords, x, y, TileStore(tmp_path, fingerprint), on_tile=stop_after_two,
-             **kwargs)
+        scan(
+            model,
+            params,
+            buffers,
+            dirs,
+            coords,
+            x,
+            y,
+            TileStore(tmp_path, fingerprint),
+            on_tile=stop_after_two,
+            **kwargs,
+        )
     assert seen == [(0, 1, 5), (1, 2, 5)]
     store = TileStore(tmp_path, fingerprint)
     assert store.done() == {0, 1}
@@ -390,6 +450,7 @@ def test_choose_chunk_measures_once_and_caches(monkeypatch):
     def counting(*args):
         calls.append(args[5])
         return real(*args)
+
     monkeypatch.setattr(evaluate_module, "_time_chunk", counting)
     monkeypatch.setattr(evaluate_module, "CHUNK_CACHE", {})  # a fresh cache, restored after the test
     chunk = choose_chunk(model, params, buffers, x, candidates=(1, 2, 4), batch_size=32)
@@ -410,6 +471,7 @@ def test_choose_chunk_rule_stops_after_two_drops_in_a_row(monkeypatch):
     def fake(model, params, buffers, x, y, chunk, batch_size, engine):
         timed.append(chunk)
         return seconds[chunk]
+
     monkeypatch.setattr(evaluate_module, "_time_chunk", fake)
     monkeypatch.setattr(evaluate_module, "CHUNK_CACHE", {})
     assert choose_chunk(model, params, buffers, x, candidates=(32, 16, 8, 4, 2, 1), batch_size=8) == 4
@@ -431,5 +493,14 @@ def test_choose_layout_measures_conv_models_only(monkeypatch):
     decision = choose_layout(resnet, params, buffers, x)
     assert evaluate_module.LAYOUT_CACHE == {("ResNet", 269434, "cpu", "torch.float32", (1, 8, 8), 8): decision}
     with pytest.raises(ValueError, match="channels_last: needs 4-D inputs"):
-        evaluate_points(mlp, dict(mlp.named_parameters()), {}, [], torch.zeros(1, 0), x.flatten(1),
-                        torch.zeros(8, dtype=torch.long), chunk=1, channels_last=True)
+        evaluate_points(
+            mlp,
+            dict(mlp.named_parameters()),
+            {},
+            [],
+            torch.zeros(1, 0),
+            x.flatten(1),
+            torch.zeros(8, dtype=torch.long),
+            chunk=1,
+            channels_last=True,
+        )

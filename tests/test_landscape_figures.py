@@ -8,9 +8,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.landscape.figures import (INTERPOLATION_COLUMNS, SURFACE_COLUMNS, grid_minimum,
-                                        plot_interpolation, plot_interpolations_side_by_side, plot_surface,
-                                        plot_surfaces_side_by_side, shared_norm)
+from pipeline.landscape.figures import (
+    INTERPOLATION_COLUMNS,
+    SURFACE_COLUMNS,
+    grid_minimum,
+    plot_interpolation,
+    plot_interpolations_side_by_side,
+    plot_surface,
+    plot_surfaces_side_by_side,
+    shared_norm,
+)
 
 COORDS = np.linspace(-1.0, 1.0, 11)
 
@@ -21,8 +28,19 @@ def surface(run="mlp", scale=1.0, shift=(0.2, -0.4), plane="random"):
     for a in COORDS:
         for b in COORDS:
             loss = scale * (0.1 + (a - shift[0]) ** 2 + 2 * (b - shift[1]) ** 2)
-            rows.append({"run": run, "plane": plane, "direction_x": "dx", "direction_y": "dy", "alpha": a,
-                         "beta": b, "split": "probe", "loss": loss, "accuracy": float(np.exp(-loss))})
+            rows.append(
+                {
+                    "run": run,
+                    "plane": plane,
+                    "direction_x": "dx",
+                    "direction_y": "dy",
+                    "alpha": a,
+                    "beta": b,
+                    "split": "probe",
+                    "loss": loss,
+                    "accuracy": float(np.exp(-loss)),
+                }
+            )
     return pd.DataFrame(rows, columns=list(SURFACE_COLUMNS))
 
 
@@ -39,10 +57,19 @@ def interpolation(runs=("mlp",), kinds=("init_final", "random", "eigen", "partne
                     elif kind == "partner":
                         loss = 0.05 + 0.8 * x * (1 - x) + offset
                     else:
-                        loss = 0.05 + (1 + r) * x ** 2 + offset
-                    rows.append({"run": run, "path": kind, "direction": f"{kind}-0", "alpha": x,
-                                 "distance": 10 * x, "split": split, "loss": loss,
-                                 "accuracy": float(np.clip(1 - loss / 2.5, 0, 1))})
+                        loss = 0.05 + (1 + r) * x**2 + offset
+                    rows.append(
+                        {
+                            "run": run,
+                            "path": kind,
+                            "direction": f"{kind}-0",
+                            "alpha": x,
+                            "distance": 10 * x,
+                            "split": split,
+                            "loss": loss,
+                            "accuracy": float(np.clip(1 - loss / 2.5, 0, 1)),
+                        }
+                    )
     return pd.DataFrame(rows, columns=list(INTERPOLATION_COLUMNS))
 
 
@@ -61,8 +88,9 @@ def no_open_figures():
 
 
 def test_plot_interpolation_writes_png(tmp_path):
-    out = plot_interpolation(interpolation(), tmp_path / "sub" / "interp.png", run="mlp",
-                             barriers={"partner": 0.2, "init_final": 0.0})
+    out = plot_interpolation(
+        interpolation(), tmp_path / "sub" / "interp.png", run="mlp", barriers={"partner": 0.2, "init_final": 0.0}
+    )
     assert out == tmp_path / "sub" / "interp.png"
     assert_png(out)
 
@@ -117,8 +145,11 @@ def test_grid_minimum_is_the_argmin():
 
 
 def test_shared_norm_spans_all_runs():
-    tables = {"mlp": surface("mlp", scale=1.0), "resnet20": surface("resnet20", scale=0.1),
-              "resnet20_noshort": surface("resnet20_noshort", scale=5.0)}
+    tables = {
+        "mlp": surface("mlp", scale=1.0),
+        "resnet20": surface("resnet20", scale=0.1),
+        "resnet20_noshort": surface("resnet20_noshort", scale=5.0),
+    }
     tables["mlp"].loc[0, "loss"] = np.inf
     tables["resnet20"].loc[3, "loss"] = np.nan
     norm = shared_norm(tables)
@@ -129,8 +160,11 @@ def test_shared_norm_spans_all_runs():
 
 
 def test_plot_surfaces_side_by_side(tmp_path):
-    tables = {"mlp": surface("mlp"), "resnet20": surface("resnet20", scale=0.1, shift=(0.0, 0.0)),
-              "resnet20_noshort": surface("resnet20_noshort", scale=5.0, plane="eigen")}
+    tables = {
+        "mlp": surface("mlp"),
+        "resnet20": surface("resnet20", scale=0.1, shift=(0.0, 0.0)),
+        "resnet20_noshort": surface("resnet20_noshort", scale=5.0, plane="eigen"),
+    }
     tables["resnet20_noshort"].loc[:5, "loss"] = np.inf
     out = plot_surfaces_side_by_side(tables, tmp_path / "side.png", levels=10)
     assert_png(out)

@@ -12,11 +12,19 @@ from torch import nn
 from pipeline.config import ConfigError, LandscapeConfig, ModelConfig
 from pipeline.curvature.operators import HessianOperator, ProbeSet, dense_matrix
 from pipeline.landscape.directions import direction_norm
-from pipeline.landscape.evaluate import evaluate_points
-from pipeline.landscape.plan import (curvature_at, curvature_coords, line_scans, plane_directions, reference_norm,
-                                     state, surface_coords, symmetric_axis)
-from pipeline.landscape.scan import barrier, max_rise
-from pipeline.models import build_model
+from pipeline.landscape.engine import evaluate_points
+from pipeline.landscape.measures import barrier, max_rise
+from pipeline.landscape.plan import (
+    curvature_at,
+    curvature_coords,
+    line_scans,
+    plane_directions,
+    reference_norm,
+    state,
+    surface_coords,
+    symmetric_axis,
+)
+from pipeline.training.models import build_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -51,8 +59,17 @@ def direct_loss(model, x, y) -> float:
 
 def evaluate(final, scan, x, y):
     params, buffers = state(final)
-    return evaluate_points(final, params, buffers, [scan.direction], scan.coords, x, y, chunk=1,
-                           buffer_directions=[scan.buffer_direction] if scan.buffer_direction else None)
+    return evaluate_points(
+        final,
+        params,
+        buffers,
+        [scan.direction],
+        scan.coords,
+        x,
+        y,
+        chunk=1,
+        buffer_directions=[scan.buffer_direction] if scan.buffer_direction else None,
+    )
 
 
 def test_axes_put_the_trained_model_on_the_grid():
@@ -74,8 +91,13 @@ def test_line_scans_anchor_at_the_trained_model_and_paths_carry_batchnorm_statis
     final, init, partner = resnet(0, 10), resnet(1, 11), resnet(2, 12)
     before = {k: v.clone() for k, v in final.state_dict().items()}
     cfg = LandscapeConfig(line_points=5, path_points=5, line_range=0.5)
-    vectors = {"vectors": {n: torch.randn((2, *p.shape), generator=torch.Generator().manual_seed(4), dtype=p.dtype)
-                           for n, p in final.named_parameters()}, "eigenvalues": [3.0, 2.0]}
+    vectors = {
+        "vectors": {
+            n: torch.randn((2, *p.shape), generator=torch.Generator().manual_seed(4), dtype=p.dtype)
+            for n, p in final.named_parameters()
+        },
+        "eigenvalues": [3.0, 2.0],
+    }
     scans = {s.path: s for s in line_scans(final, cfg, init=init, eigenvectors=vectors, partner=partner)}
     assert list(scans) == ["init_final", "random", "eigen", "partner"]
     x, y = data()
@@ -123,7 +145,7 @@ def test_planes():
     for d in (px, py):
         assert direction_norm(d) == pytest.approx(length, rel=1e-10)
     flat = [torch.cat([d[n].reshape(-1) for n in d]) for d in (px, py)]
-    assert abs(float(flat[0] @ flat[1])) < 1e-8 * length ** 2  # orthogonal
+    assert abs(float(flat[0] @ flat[1])) < 1e-8 * length**2  # orthogonal
     with pytest.raises(ValueError, match="eigen plane needs"):
         plane_directions(final, LandscapeConfig(plane="eigen"))
 
@@ -157,12 +179,15 @@ def test_path_summaries():
         max_rise([1.0])
 
 
-@pytest.mark.parametrize("raw, key", [
-    ({"splits": ["val"]}, "landscape.splits[0]"),
-    ({"splits": []}, "landscape.splits"),
-    ({"scheduler": "tcp://10.0.0.1:8786"}, "landscape.scheduler"),
-    ({"executor": "dask", "scheduler": "10.0.0.1"}, "landscape.scheduler"),
-])
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({"splits": ["val"]}, "landscape.splits[0]"),
+        ({"splits": []}, "landscape.splits"),
+        ({"scheduler": "tcp://10.0.0.1:8786"}, "landscape.scheduler"),
+        ({"executor": "dask", "scheduler": "10.0.0.1"}, "landscape.scheduler"),
+    ],
+)
 def test_landscape_config_errors_name_the_key(raw, key):
     with pytest.raises(ConfigError) as err:
         LandscapeConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})

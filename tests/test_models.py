@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig
-from pipeline.models import BasicBlock, PadShortcut, build_model, count_parameters
+from pipeline.training.models import BasicBlock, PadShortcut, build_model, count_parameters
 
 
 def test_resnet20_has_the_published_parameter_count():

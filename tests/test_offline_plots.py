@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from chromium import chromium_binary, dump_dom, screenshot
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,14 +31,20 @@ CDN_HOST = "cdn.jsdelivr.net"
 def _env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the venv's dvc
-    env.update(DVC_NO_ANALYTICS="1", OMP_NUM_THREADS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
-               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t", **extra)
+    env.update(
+        DVC_NO_ANALYTICS="1",
+        OMP_NUM_THREADS="1",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t",
+        **extra,
+    )
     return env
 
 
 def _run(*cmd: str | Path, cwd: Path, env: dict[str, str] | None = None, check: bool = True):
-    res = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env or _env(), capture_output=True,
-                         text=True, timeout=300)
+    res = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=300)
     if check and res.returncode != 0:
         pytest.fail(f"{cmd} exited {res.returncode}:\n{res.stdout}\n{res.stderr}")
     return res
@@ -149,8 +154,11 @@ def test_failure_is_one_line_and_not_fatal(tmp_path, breakage):
     if breakage == "npm missing":
         extra["NPM"] = str(tmp_path / "no-such-npm")
     else:
-        extra.update(npm_config_registry="http://127.0.0.1:9/", npm_config_cache=str(tmp_path / "npm-cache"),
-                     npm_config_offline="false")
+        extra.update(
+            npm_config_registry="http://127.0.0.1:9/",
+            npm_config_cache=str(tmp_path / "npm-cache"),
+            npm_config_offline="false",
+        )
     res = _run("bash", SCRIPT, repo, cwd=REPO, env=_env(**extra), check=False)
     assert res.returncode == 0
     lines = res.stderr.splitlines()
@@ -159,7 +167,9 @@ def test_failure_is_one_line_and_not_fatal(tmp_path, breakage):
     assert "html_template" not in (repo / ".dvc" / "config.local").read_text()
 
 
-needs_chromium = pytest.mark.skipif(chromium_binary() is None, reason="chromium not installed (apt-get install chromium)")
+needs_chromium = pytest.mark.skipif(
+    chromium_binary() is None, reason="chromium not installed (apt-get install chromium)"
+)
 
 
 @needs_chromium

@@ -18,14 +18,14 @@ import matplotlib.image as mpimg
 import pandas as pd
 import pytest
 import torch
-from ruamel.yaml import YAML
-
 from chromium import chromium_binary, dump_dom, screenshot
 from conftest import REPO
+from ruamel.yaml import YAML
+
 from pipeline.cli import start_prefect_server, stop_process
 from pipeline.config import HessianConfig, LandscapeConfig
 from pipeline.flows.runtime import free_port
-from pipeline.training import write_manifest
+from pipeline.training.checkpoints import write_manifest
 
 BIN = Path(sys.executable).parent
 
@@ -34,15 +34,30 @@ SMALL_PARAMS = {
     "model": {"mlp_depth": 1},
     "train": {"epochs": 2, "batch_size": 32, "checkpoint_every": 1},
     # whole sections where a stage lists single keys: DVC wants every key a stage lists under `params` in the file
-    "hessian": {**{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(HessianConfig()).items()},
-                "top_k": 2, "max_hvps": 60, "trace_hvps": 6, "density_runs": 1, "density_steps": 8,
-                "density_points": 50, "operators": ["hessian", "ggn"]},
+    "hessian": {
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(HessianConfig()).items()},
+        "top_k": 2,
+        "max_hvps": 60,
+        "trace_hvps": 6,
+        "density_runs": 1,
+        "density_steps": 8,
+        "density_points": 50,
+        "operators": ["hessian", "ggn"],
+    },
     # the whole section: DVC wants every key a stage lists under `params` to be in the file
-    "landscape": {**{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(LandscapeConfig()).items()},
-                  "line_points": 5, "path_points": 3, "surface_points": 5, "tile_size": 8, "chunk": 2,
-                  "curvature_map": 3},
-    "runs": {"mlp": {"model": "mlp", "mlp_width": 16, "track_sharpness_every": 3, "track_sharpness_unit": "steps"},
-             "resnet20": {"model": "resnet20", "epochs": 1}},
+    "landscape": {
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(LandscapeConfig()).items()},
+        "line_points": 5,
+        "path_points": 3,
+        "surface_points": 5,
+        "tile_size": 8,
+        "chunk": 2,
+        "curvature_map": 3,
+    },
+    "runs": {
+        "mlp": {"model": "mlp", "mlp_width": 16, "track_sharpness_every": 3, "track_sharpness_unit": "steps"},
+        "resnet20": {"model": "resnet20", "epochs": 1},
+    },
     "repro": {"pin": True, "threads": 2, "seeds": 3},  # seed 1 is the partner, seed 2 trained by the seeds stage
 }
 TRAIN = {"train@mlp", "train@resnet20"}
@@ -85,8 +100,11 @@ def env(repo):
         server = start_prefect_server(port)
     finally:
         os.chdir(previous)
-    yield {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    yield {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+    }
     stop_process(server)
 
 
@@ -100,9 +118,14 @@ def stages_run(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
 
 
-def test_repro_runs_everything_then_nothing_then_only_what_changed(repo, env):
-    first = dvc(repo, env, "repro")
-    assert stages_run(first.stdout) == {"prepare", *TRAIN, *HESSIAN, *PARTNER, *SEEDS, *SCANS, *SUMMARY}
+@pytest.fixture(scope="module")
+def built(repo, env) -> str:
+    """The small pipeline run once (its ``dvc repro`` output): every test that reads a finished pipeline shares it."""
+    return dvc(repo, env, "repro").stdout
+
+
+def test_repro_runs_every_stage_once_then_nothing(built, repo, env):
+    assert stages_run(built) == {"prepare", *TRAIN, *HESSIAN, *PARTNER, *SEEDS, *SCANS, *SUMMARY}
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     assert set(metrics) == {"mlp", "resnet20", "comparisons"}
     for run in ("mlp", "resnet20"):  # three seeds, measured alike; seed 0 is the run, seed 1 its partner
@@ -113,8 +136,12 @@ def test_repro_runs_everything_then_nothing_then_only_what_changed(repo, env):
         assert (seeds.lambda_max > 0).all() and metrics[run]["seeds"]["lambda_max"]["n"] == 3
         interval = metrics[run]["seeds"]["lambda_max"]
         assert interval["low"] < interval["mean"] < interval["high"]
-    assert set(metrics["comparisons"]["resnet20 vs mlp"]) == {"lambda_max", "trace_hutchinson", "test_accuracy",
-                                                               "generalization_gap"}
+    assert set(metrics["comparisons"]["resnet20 vs mlp"]) == {
+        "lambda_max",
+        "trace_hutchinson",
+        "test_accuracy",
+        "generalization_gap",
+    }
     assert metrics["mlp"]["train"]["status"] == "completed" and metrics["mlp"]["train"]["epochs"] == 2
     hessian = metrics["resnet20"]["hessian"]
     assert hessian["epoch"] == 1 and hessian["lambda_max"] > 0 and hessian["lambda_min"] <= hessian["lambda_max"]
@@ -152,13 +179,19 @@ def test_repro_runs_everything_then_nothing_then_only_what_changed(repo, env):
         assert scans["interpolate"]["barrier"] >= 0 and scans["surface"]["points"] == 25
         assert "partner" in scans and scans["partner"]["status"] == "completed"
         # the trained model's point of every 1-D scan is the trained model: one loss per split
-        trained = lines[((lines.path.isin(["random", "eigen"])) & (lines.alpha == 0))
-                        | ((lines.path == "init_final") & (lines.alpha == 1)) | ((lines.path == "partner") & (lines.alpha == 0))]
+        trained = lines[
+            ((lines.path.isin(["random", "eigen"])) & (lines.alpha == 0))
+            | ((lines.path == "init_final") & (lines.alpha == 1))
+            | ((lines.path == "partner") & (lines.alpha == 0))
+        ]
         assert trained.groupby("split").loss.nunique().eq(1).all() and len(trained) == 8
     for figure in ("surfaces", "interpolations_random", "interpolations_partner"):
         assert (repo / f"reports/figures/{figure}.png").stat().st_size > 10_000
     assert sorted(p.name for p in (repo / "artifacts/checkpoints/mlp").glob("*.pt")) == [
-        "epoch_0000.pt", "epoch_0001.pt", "epoch_0002.pt"]
+        "epoch_0000.pt",
+        "epoch_0001.pt",
+        "epoch_0002.pt",
+    ]
     page = (repo / "reports/index.html").read_text()  # the report: both runs, their numbers, seven figures
     assert page.count("<img src='data:image/png;base64,") == 7 and "<td>resnet20</td>" in page
     assert "<h2>Across seeds</h2>" in page and "<table id='comparisons'>" in page
@@ -176,33 +209,78 @@ def test_repro_runs_everything_then_nothing_then_only_what_changed(repo, env):
     assert stages_run(second.stdout) == set()
     assert "Data and pipelines are up to date" in second.stdout
 
-    changed = json.loads(json.dumps(SMALL_PARAMS))
-    changed["runs"]["mlp"]["mlp_width"] = 8  # one run's override: that run's chain only, never prepare
-    _write_params(repo, changed)
-    fourth = dvc(repo, env, "repro")
-    assert stages_run(fourth.stdout) == {"train@mlp", "hessian@mlp", "partner@mlp", "seeds@mlp", "interpolate@mlp",
-                                         "surface@mlp", "landscape_figures", *SUMMARY}
+    second = dvc(repo, env, "repro")
+    assert stages_run(second.stdout) == set()
+    assert "Data and pipelines are up to date" in second.stdout
 
-    changed["hessian"]["top_k"] = 3  # an analysis setting never retrains; the scans read the new eigenvectors
-    _write_params(repo, changed)
-    fifth = dvc(repo, env, "repro")
-    assert stages_run(fifth.stdout) == {*HESSIAN, *SCANS, *SUMMARY}  # the seeds measure top_k = 1 whatever it says
-    assert len(json.loads((repo / "reports/metrics.json").read_text())["mlp"]["hessian"]["eigenvalues"]) == 3
 
-    changed["hessian"]["trace_hvps"] = 8  # the eigenvectors come out bit for bit the same: no scan reruns
-    _write_params(repo, changed)  # (the two summary stages read the whole tables folder: they rerun, in seconds)
-    assert stages_run(dvc(repo, env, "repro").stdout) == {*HESSIAN, *SEEDS, "landscape_figures", *SUMMARY}
+def _edit(params: dict, key: str, value) -> dict:
+    """``params`` with ``key`` (dotted; ``runs.<run>.<key>`` for a run override) set to ``value``."""
+    changed = json.loads(json.dumps(params))
+    *path, last = key.split(".")
+    section = changed
+    for part in path:
+        section = section[part]
+    section[last] = value
+    return changed
 
-    changed["landscape"]["surface_range"] = 0.5  # a scan setting reruns only the scans that read it
-    _write_params(repo, changed)
-    assert stages_run(dvc(repo, env, "repro").stdout) == {*SURFACE, "landscape_figures", *SUMMARY}
-    changed["landscape"]["executor"] = "dask"  # execution settings do not change the numbers: nothing reruns
-    changed["landscape"]["tile_size"] = 4
-    _write_params(repo, changed)
-    assert stages_run(dvc(repo, env, "repro").stdout) == set()
-    changed["landscape"]["executor"] = "local"
-    changed["landscape"]["tile_size"] = 8
-    _write_params(repo, changed)
+
+# Each edit of the finished pipeline and the stages it must rerun: the rest stays cached.
+EDITS = {
+    "one run's override: that run's chain only, never prepare": (
+        {"runs.mlp.mlp_width": 8},
+        {
+            "train@mlp",
+            "hessian@mlp",
+            "partner@mlp",
+            "seeds@mlp",
+            "interpolate@mlp",
+            "surface@mlp",
+            "landscape_figures",
+            *SUMMARY,
+        },
+    ),
+    # an analysis setting never retrains; the scans read the new eigenvectors; the seeds measure top_k = 1 whatever
+    "hessian.top_k": ({"hessian.top_k": 3}, {*HESSIAN, *SCANS, *SUMMARY}),
+    # the eigenvectors come out bit for bit the same: no scan reruns (the two summary stages read the whole tables
+    # folder: they rerun, in seconds)
+    "hessian.trace_hvps": ({"hessian.trace_hvps": 8}, {*HESSIAN, *SEEDS, "landscape_figures", *SUMMARY}),
+    "landscape.surface_range: only the scans that read it": (
+        {"landscape.surface_range": 0.5},
+        {*SURFACE, "landscape_figures", *SUMMARY},
+    ),
+    # execution settings do not change the numbers: nothing reruns
+    "landscape.executor, tile_size": ({"landscape.executor": "dask", "landscape.tile_size": 4}, set()),
+}
+
+
+def test_an_edit_reruns_only_the_stages_it_changes(built, repo, env, tmp_path):
+    """Every edit of :data:`EDITS` on its own copy of the finished pipeline, the copies' ``dvc repro`` at once."""
+    running = {}
+    for i, (name, (edits, _)) in enumerate(EDITS.items()):
+        copy = tmp_path / f"edit{i}"
+        shutil.copytree(repo, copy, symlinks=True, ignore=shutil.ignore_patterns(".prefect"))
+        changed = SMALL_PARAMS
+        for key, value in edits.items():
+            changed = _edit(changed, key, value)
+        _write_params(copy, changed)
+        running[name] = (
+            copy,
+            subprocess.Popen(
+                [str(BIN / "dvc"), "repro"],
+                cwd=copy,
+                env=env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            ),
+        )
+    for name, (copy, process) in running.items():
+        output = process.communicate()[0]
+        assert process.returncode == 0, (name, output)
+        assert stages_run(output) == EDITS[name][1], name
+    top_k = running["hessian.top_k"][0]
+    assert len(json.loads((top_k / "reports/metrics.json").read_text())["mlp"]["hessian"]["eigenvalues"]) == 3
 
 
 PREFECT_QUERY = """
@@ -225,41 +303,55 @@ asyncio.run(main())
 """
 
 
-def test_the_prefect_api_records_every_stage_with_its_task_runs_and_artifacts(repo, env):
-    dvc(repo, env, "repro")
+def test_the_prefect_api_records_every_stage_with_its_task_runs_and_artifacts(built, repo, env):
     result = subprocess.run([sys.executable, "-c", PREFECT_QUERY], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     recorded = json.loads(result.stdout)
     runs = recorded["runs"]
-    expected = {"prepare-synthetic", "metrics", "landscape-figures", "report",
-                *{f"{stage}-{run}" for stage in ("train", "hessian", "partner", "seeds", "interpolate", "surface")
-                  for run in ("mlp", "resnet20")}}
+    expected = {
+        "prepare-synthetic",
+        "metrics",
+        "landscape-figures",
+        "report",
+        *{
+            f"{stage}-{run}"
+            for stage in ("train", "hessian", "partner", "seeds", "interpolate", "surface")
+            for run in ("mlp", "resnet20")
+        },
+    }
     assert expected <= set(runs)
     for name in expected:
         assert any(r["state"] == "COMPLETED" for r in runs[name]), (name, runs[name])
 
     def completed(name):  # task runs of every completed run of a flow (a rerun may find its tiles on disk)
         return {task: state for r in runs[name] if r["state"] == "COMPLETED" for task, state in r["tasks"].items()}
+
     assert {f"surface-tile-{i:04d}" for i in range(4)} <= set(completed("surface-resnet20"))
     assert set(completed("surface-resnet20").values()) == {"COMPLETED"}
     assert {"curvature-epoch-0000", "curvature-epoch-0002"} <= set(completed("hessian-mlp"))
     assert "epochs-to-checkpoint-1" in completed("train-mlp")
     assert {"random-train-tile-0000", "partner-test-tile-0000"} <= set(completed("interpolate-mlp"))
     assert {"figure-training", "figure-spectra", "plot-exports", "write-documents"} <= set(completed("report"))
-    assert {"metrics", "surface-resnet20", "interpolate-mlp", "hessian-mlp", "train-mlp", "report-summary",
-            "report-table"} <= set(recorded["artifacts"])
+    assert {
+        "metrics",
+        "surface-resnet20",
+        "interpolate-mlp",
+        "hessian-mlp",
+        "train-mlp",
+        "report-summary",
+        "report-table",
+    } <= set(recorded["artifacts"])
 
 
 NO_CHROMIUM = "Debian's chromium is not installed (`apt-get install chromium`): no browser to load the pages in"
 
 
 @pytest.mark.skipif(chromium_binary() is None, reason=NO_CHROMIUM)
-def test_the_report_opens_in_a_browser_with_every_figure_decoded(repo, env, tmp_path):
-    dvc(repo, env, "repro")
+def test_the_report_opens_in_a_browser_with_every_figure_decoded(built, repo, env, tmp_path):
     index = repo / "reports/index.html"
     dom = dump_dom(index)
     images = re.findall(r"<img [^>]*>", dom)
-    assert len(images) == 7 and all("src=\"data:image/png;base64," in img for img in images)
+    assert len(images) == 7 and all('src="data:image/png;base64,' in img for img in images)
     assert 'data-figures="7/7"' in dom  # the page's own check: every <img> complete with a natural width
     assert "broken" not in re.findall(r"<figure[^>]*>", dom)[0]
     for run in ("mlp", "resnet20"):
@@ -269,28 +361,47 @@ def test_the_report_opens_in_a_browser_with_every_figure_decoded(repo, env, tmp_
 
 
 @pytest.mark.skipif(chromium_binary() is None, reason=NO_CHROMIUM)
-def test_the_prefect_ui_runs_page_shows_every_stage_flow_run(repo, env):
-    dvc(repo, env, "repro")
+def test_the_prefect_ui_runs_page_shows_every_stage_flow_run(built, repo, env):
     ui = env["PREFECT_API_URL"].removesuffix("/api")
     with urllib.request.urlopen(f"{ui}/ui-settings", timeout=10) as response:  # the pages ask this server's API
         assert json.load(response)["api_url"] == env["PREFECT_API_URL"]
     dom = dump_dom(f"{ui}/runs", wait_ms=60_000, height=10_000)  # virtual time: seconds of real time
-    shown = set(re.findall(r"\b((?:train|hessian|partner|interpolate|surface)-(?:mlp|resnet20)|prepare-synthetic|"
-                           r"landscape-figures|metrics|report)\b", dom))
-    expected = {"prepare-synthetic", "landscape-figures", "metrics", "report",
-                *{f"{stage}-{run}" for stage in ("train", "hessian", "partner", "interpolate", "surface")
-                  for run in ("mlp", "resnet20")}}
+    shown = set(
+        re.findall(
+            r"\b((?:train|hessian|partner|interpolate|surface)-(?:mlp|resnet20)|prepare-synthetic|"
+            r"landscape-figures|metrics|report)\b",
+            dom,
+        )
+    )
+    expected = {
+        "prepare-synthetic",
+        "landscape-figures",
+        "metrics",
+        "report",
+        *{
+            f"{stage}-{run}"
+            for stage in ("train", "hessian", "partner", "interpolate", "surface")
+            for run in ("mlp", "resnet20")
+        },
+    }
     assert expected <= shown, sorted(expected - shown)
     assert "Completed" in dom
 
 
-def test_a_dvc_remote_round_trip_restores_everything_and_nothing_reruns(repo, env, tmp_path):
-    dvc(repo, env, "repro")
+def test_a_dvc_remote_round_trip_restores_everything_and_nothing_reruns(built, repo, env, tmp_path):
     dvc(repo, env, "remote", "add", "-d", "roundtrip", str(tmp_path / "remote"))
     try:
         dvc(repo, env, "push")
-        for path in (".dvc/cache", "artifacts", "reports/tables", "reports/figures", "reports/metrics.json",
-                     "reports/plots", "reports/index.html", "reports/README.md"):
+        for path in (
+            ".dvc/cache",
+            "artifacts",
+            "reports/tables",
+            "reports/figures",
+            "reports/metrics.json",
+            "reports/plots",
+            "reports/index.html",
+            "reports/README.md",
+        ):
             target = repo / path
             shutil.rmtree(target) if target.is_dir() else target.unlink()
         dvc(repo, env, "pull")
@@ -306,12 +417,15 @@ def _stage(repo, env, *args):
     return subprocess.run([sys.executable, *args], cwd=repo, env=env, capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("edit, key", [
-    ({"train": {"lr": -1}}, "train.lr"),
-    ({"train": {"optimizer": "rmsprop"}}, "train.optimizer"),
-    ({"data": {"dataset": "imagenet"}}, "data.dataset"),
-    ({"runs": {"mlp": {"model": "vgg"}}}, "runs.mlp.model"),
-])
+@pytest.mark.parametrize(
+    "edit, key",
+    [
+        ({"train": {"lr": -1}}, "train.lr"),
+        ({"train": {"optimizer": "rmsprop"}}, "train.optimizer"),
+        ({"data": {"dataset": "imagenet"}}, "data.dataset"),
+        ({"runs": {"mlp": {"model": "vgg"}}}, "runs.mlp.model"),
+    ],
+)
 def test_a_stage_with_bad_params_exits_2_with_one_line_and_touches_nothing(repo, env, tmp_path, edit, key):
     bad = json.loads(json.dumps(SMALL_PARAMS))
     for section, values in edit.items():
@@ -333,10 +447,21 @@ def test_a_stage_with_bad_params_exits_2_with_one_line_and_touches_nothing(repo,
 
 
 def test_hessian_stage_errors_are_one_line(repo, env, tmp_path):
-    no_checkpoints = _stage(repo, env, "stages/hessian.py", "--run", "mlp", "--checkpoints", str(tmp_path / "none"),
-                            "--tables", str(tmp_path / "t"))
+    no_checkpoints = _stage(
+        repo,
+        env,
+        "stages/hessian.py",
+        "--run",
+        "mlp",
+        "--checkpoints",
+        str(tmp_path / "none"),
+        "--tables",
+        str(tmp_path / "t"),
+    )
     assert no_checkpoints.returncode == 2 and "Traceback" not in no_checkpoints.stderr
-    assert no_checkpoints.stderr.strip().endswith("no readable checkpoints (epoch_*.pt); run `dvc repro train@mlp` first")
+    assert no_checkpoints.stderr.strip().endswith(
+        "no readable checkpoints (epoch_*.pt); run `dvc repro train@mlp` first"
+    )
     bad = json.loads(json.dumps(SMALL_PARAMS))
     bad["hessian"]["method"] = "eigsh"
     params = tmp_path / "bad.yaml"
@@ -346,15 +471,23 @@ def test_hessian_stage_errors_are_one_line(repo, env, tmp_path):
     assert result.stderr == "error: hessian.method: unknown name 'eigsh'; allowed: lanczos, power, arpack\n"
 
 
-def test_a_scan_resumes_from_its_tiles_and_runs_the_same_on_dask(repo, env, tmp_path):
-    dvc(repo, env, "repro")
+def test_a_scan_resumes_from_its_tiles_and_runs_the_same_on_dask(built, repo, env, tmp_path):
     reference = pd.read_parquet(repo / "reports/tables/resnet20/surface_2d.parquet")
     tiles = repo / "artifacts/landscape/resnet20/surface_tiles"
     assert sorted(p.name for p in tiles.glob("tile_*.pt")) == [f"tile_{i:06d}.pt" for i in range(4)]  # 25 points / 8
     for i in (1, 3):  # a half-finished scan
         (tiles / f"tile_{i:06d}.pt").unlink()
-    resumed = _stage(repo, env, "stages/surface.py", "--run", "resnet20", "--tables", str(tmp_path / "resumed"),
-                     "--figures", str(tmp_path / "figures"))
+    resumed = _stage(
+        repo,
+        env,
+        "stages/surface.py",
+        "--run",
+        "resnet20",
+        "--tables",
+        str(tmp_path / "resumed"),
+        "--figures",
+        str(tmp_path / "figures"),
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "2 of 4 tiles found on disk (resuming)" in resumed.stdout + resumed.stderr
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "resumed/surface_2d.parquet"), reference)  # bitwise
@@ -363,31 +496,54 @@ def test_a_scan_resumes_from_its_tiles_and_runs_the_same_on_dask(repo, env, tmp_
     dask["landscape"].update({"executor": "dask", "workers": 2})
     params = tmp_path / "dask.yaml"
     YAML(typ="safe", pure=True).dump(dask, params)
-    result = _stage(repo, env, "stages/surface.py", "--run", "resnet20", "--params", str(params), "--tables",
-                    str(tmp_path / "dask"), "--work", str(tmp_path / "dask_tiles"), "--figures", str(tmp_path / "f2"))
+    result = _stage(
+        repo,
+        env,
+        "stages/surface.py",
+        "--run",
+        "resnet20",
+        "--params",
+        str(params),
+        "--tables",
+        str(tmp_path / "dask"),
+        "--work",
+        str(tmp_path / "dask_tiles"),
+        "--figures",
+        str(tmp_path / "f2"),
+    )
     assert result.returncode == 0, result.stderr
     assert "dask LocalCluster x2" in result.stdout + result.stderr
     on_dask = pd.read_parquet(tmp_path / "dask/surface_2d.parquet")
-    pd.testing.assert_frame_equal(on_dask.drop(columns=["loss", "accuracy"]), reference.drop(columns=["loss", "accuracy"]))
+    pd.testing.assert_frame_equal(
+        on_dask.drop(columns=["loss", "accuracy"]), reference.drop(columns=["loss", "accuracy"])
+    )
     # workers run one thread each: the same function, summed in another order
     assert ((on_dask.loss - reference.loss).abs() <= 1e-5 * reference.loss.abs()).all()
     assert (on_dask.accuracy == reference.accuracy).all()
 
 
-def test_a_diverged_run_is_recorded_by_the_scans_not_a_failure(repo, env, tmp_path):
-    dvc(repo, env, "repro")
+def test_a_diverged_run_is_recorded_by_the_scans_not_a_failure(built, repo, env, tmp_path):
     checkpoints = tmp_path / "checkpoints"
     shutil.copytree(repo / "artifacts/checkpoints/mlp", checkpoints)
     last = sorted(checkpoints.glob("epoch_*.pt"))[-1]
     payload = torch.load(last, weights_only=True)
-    payload["model"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
-                        for k, v in payload["model"].items()}
+    payload["model"] = {
+        k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in payload["model"].items()
+    }
     payload["status"] = "diverged"
     torch.save(payload, last)
     write_manifest(checkpoints)  # as the trainer records a diverged run: the manifest vouches for the file's bytes
     out = {"--tables": tmp_path / "t", "--figures": tmp_path / "f", "--work": tmp_path / "w" / "tiles"}
-    result = _stage(repo, env, "stages/surface.py", "--run", "mlp", "--checkpoints", str(checkpoints),
-                    *[str(a) for kv in out.items() for a in kv])
+    result = _stage(
+        repo,
+        env,
+        "stages/surface.py",
+        "--run",
+        "mlp",
+        "--checkpoints",
+        str(checkpoints),
+        *[str(a) for kv in out.items() for a in kv],
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "t/surface_metrics.json").read_text()) == {"status": "diverged"}
     assert pd.read_parquet(tmp_path / "t/surface_2d.parquet").empty
@@ -412,15 +568,27 @@ def test_scan_stage_errors_are_one_line(repo, env, tmp_path):
 def test_unknown_run_name_and_missing_data_are_one_line_errors(repo, env, tmp_path):
     result = _stage(repo, env, "stages/train.py", "--run", "nope")
     assert result.returncode == 2 and "runs: no run named 'nope'" in result.stderr
-    missing = _stage(repo, env, "stages/train.py", "--run", "mlp", "--data", str(tmp_path / "absent"),
-                     "--checkpoints", str(tmp_path / "ck"), "--tables", str(tmp_path / "t"))
+    missing = _stage(
+        repo,
+        env,
+        "stages/train.py",
+        "--run",
+        "mlp",
+        "--data",
+        str(tmp_path / "absent"),
+        "--checkpoints",
+        str(tmp_path / "ck"),
+        "--tables",
+        str(tmp_path / "t"),
+    )
     assert missing.returncode == 2, missing.stderr
     assert "absent" in missing.stderr and "Traceback" not in missing.stderr
 
 
 def test_landscape_check_accepts_the_repository_params():
-    result = subprocess.run([str(BIN / "landscape"), "check", "--params", str(REPO / "params.yaml")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [str(BIN / "landscape"), "check", "--params", str(REPO / "params.yaml")], capture_output=True, text=True
+    )
     assert result.returncode == 0 and "OK" in result.stdout
 
 
@@ -433,8 +601,7 @@ def test_a_stage_without_a_reachable_server_warns_once_and_runs_ephemeral(repo, 
     assert (tmp_path / "data" / "data.pt").is_file()
 
 
-def test_landscape_run_uses_a_reachable_server_and_runs_dvc_repro(repo, env):
-    dvc(repo, env, "repro")  # bring the pipeline up to date (a no-op when the test above ran)
+def test_landscape_run_uses_a_reachable_server_and_runs_dvc_repro(built, repo, env):
     result = subprocess.run([str(BIN / "landscape"), "run"], cwd=repo, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert f"Prefect UI: {env['PREFECT_API_URL'].removesuffix('/api')}" in result.stdout

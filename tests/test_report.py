@@ -11,21 +11,61 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.report import (PLOT_EXPORTS, SUMMARY_COLUMNS, Report, RunData, fill_from_config, format_value,
-                             plot_dynamics_overview, plot_exports, plot_sharpness_overview, plot_spectra_overview, plot_training_curves,
-                             render_html, render_markdown, summary_markdown, summary_rows, write_plot_exports)
+from pipeline.report.exports import PLOT_EXPORTS, plot_exports, write_plot_exports
+from pipeline.report.figures import (
+    plot_dynamics_overview,
+    plot_sharpness_overview,
+    plot_spectra_overview,
+    plot_training_curves,
+)
+from pipeline.report.render import render_html, render_markdown, summary_markdown
+from pipeline.report.summary import SUMMARY_COLUMNS, Report, RunData, fill_from_config, format_value, summary_rows
 
 METRICS = {
-    "a": {"train": {"status": "completed", "train_accuracy": 1.0, "test_accuracy": 0.9, "generalization_gap": 0.25,
-                    "epochs": 3, "diverged_step": None},
-          "hessian": {"lambda_max": 4.0, "lambda_max_lr_over_2": 0.2, "trace_hutchinson": 10.0, "noise_scale": 30.0,
-                      "epsilon_sharpness_absolute": 0.04, "pac_bayes_sigma_isotropic": 0.02,
-                      "trace_hutchinson_stderr": 1.0, "trace_hutchpp": 9.5, "trace_hutchpp_stderr": 0.5},
-          "partner": {}, "interpolate": {"barrier": 0.7, "barrier_train": 0.7, "barrier_test": 0.6}, "surface": {}},
-    "b": {"train": {"status": "diverged", "diverged_step": 17, "train_accuracy": float("nan"), "test_accuracy": 0.1,
-                    "generalization_gap": float("nan"), "epochs": 3}},
-    "c": {"train": {"status": "completed", "train_accuracy": 0.8, "test_accuracy": 0.75, "generalization_gap": 0.1,
-                    "epochs": 3}, "hessian": {"lambda_max": 1.0, "trace_hutchinson": 3.0, "trace_hutchinson_stderr": 0.3}},
+    "a": {
+        "train": {
+            "status": "completed",
+            "train_accuracy": 1.0,
+            "test_accuracy": 0.9,
+            "generalization_gap": 0.25,
+            "epochs": 3,
+            "diverged_step": None,
+        },
+        "hessian": {
+            "lambda_max": 4.0,
+            "lambda_max_lr_over_2": 0.2,
+            "trace_hutchinson": 10.0,
+            "noise_scale": 30.0,
+            "epsilon_sharpness_absolute": 0.04,
+            "pac_bayes_sigma_isotropic": 0.02,
+            "trace_hutchinson_stderr": 1.0,
+            "trace_hutchpp": 9.5,
+            "trace_hutchpp_stderr": 0.5,
+        },
+        "partner": {},
+        "interpolate": {"barrier": 0.7, "barrier_train": 0.7, "barrier_test": 0.6},
+        "surface": {},
+    },
+    "b": {
+        "train": {
+            "status": "diverged",
+            "diverged_step": 17,
+            "train_accuracy": float("nan"),
+            "test_accuracy": 0.1,
+            "generalization_gap": float("nan"),
+            "epochs": 3,
+        }
+    },
+    "c": {
+        "train": {
+            "status": "completed",
+            "train_accuracy": 0.8,
+            "test_accuracy": 0.75,
+            "generalization_gap": 0.1,
+            "epochs": 3,
+        },
+        "hessian": {"lambda_max": 1.0, "trace_hutchinson": 3.0, "trace_hutchinson_stderr": 0.3},
+    },
 }
 
 
@@ -51,38 +91,114 @@ def test_model_and_learning_rate_come_from_the_config_stored_with_the_history():
     assert rows[0]["model"] == "resnet20" and rows[0]["lr"] == 0.05
 
 
-@pytest.mark.parametrize("value, text", [(None, "—"), (float("nan"), "—"), (float("inf"), "—"), (0.123456, "0.1235"),
-                                         (12345.678, "1.235e+04"), (3, "3"), ("completed", "completed")])
+@pytest.mark.parametrize(
+    "value, text",
+    [
+        (None, "—"),
+        (float("nan"), "—"),
+        (float("inf"), "—"),
+        (0.123456, "0.1235"),
+        (12345.678, "1.235e+04"),
+        (3, "3"),
+        ("completed", "completed"),
+    ],
+)
 def test_format_value(value, text):
     assert format_value(value) == text
 
 
 def tables(run="a", lr=(0.1, 0.05, 0.0)):
     epochs = np.arange(len(lr))
-    history = pd.DataFrame({"run": run, "scope": "epoch", "epoch": epochs, "step": epochs * 10, "lr": lr,
-                            "train_loss": [2.0, 1.0, 0.5], "train_accuracy": [0.1, 0.5, 0.9],
-                            "test_loss": [2.1, 1.2, 0.8], "test_accuracy": [0.1, 0.4, 0.8]})
+    history = pd.DataFrame(
+        {
+            "run": run,
+            "scope": "epoch",
+            "epoch": epochs,
+            "step": epochs * 10,
+            "lr": lr,
+            "train_loss": [2.0, 1.0, 0.5],
+            "train_accuracy": [0.1, 0.5, 0.9],
+            "test_loss": [2.1, 1.2, 0.8],
+            "test_accuracy": [0.1, 0.4, 0.8],
+        }
+    )
     history = pd.concat([history, history.iloc[[1]].assign(scope="step", step=15)], ignore_index=True)
-    eig = pd.DataFrame({"run": run, "epoch": np.repeat(epochs, 2), "lr": np.repeat(lr, 2), "operator": "hessian",
-                        "group": "all", "quantity": "eigenvalue", "index": [0, 1] * len(lr),
-                        "value": [5.0, 1.0, 8.0, 2.0, 9.0, 3.0]})
+    eig = pd.DataFrame(
+        {
+            "run": run,
+            "epoch": np.repeat(epochs, 2),
+            "lr": np.repeat(lr, 2),
+            "operator": "hessian",
+            "group": "all",
+            "quantity": "eigenvalue",
+            "index": [0, 1] * len(lr),
+            "value": [5.0, 1.0, 8.0, 2.0, 9.0, 3.0],
+        }
+    )
     spectrum = pd.concat([eig, eig.assign(group="net.1"), eig.assign(operator="ggn", value=eig.value / 2)])
     lam = np.linspace(-1, 10, 7)
-    density = pd.concat([pd.DataFrame({"run": run, "epoch": e, "operator": op, "kind": kind, "lambda": lam,
-                                       "density": lam * 0 + e + 1.0, "weight": np.nan})
-                         for e in (0, 2) for op in ("hessian", "ggn") for kind in ("smoothed", "node")])
-    line = pd.DataFrame([{"run": run, "path": path, "direction": "d", "alpha": a, "distance": a, "split": split,
-                          "loss": (10 if split == "test" else 1) * (a + 1), "accuracy": 0.5}
-                         for path, alphas in (("partner", (0.0, 0.5, 1.0)), ("random", (-1.0, 0.0, 1.0)),
-                                              ("init_final", (0.0, 1.0)))
-                         for a in alphas for split in ("train", "test")])
-    tracked = pd.DataFrame({"run": run, "epoch": [0, 0, 1], "step": [20, 0, 10], "lr": 0.1, "two_over_lr": 20.0,
-                            "stability_threshold": 38.0, "lambda_max": [12.0, 4.0, 9.0],
-                            "grad_sharpness": [2.0, 1.0, 1.5], "first_order": [-0.3, -1.0, -0.5],
-                            "second_order": [0.1, 0.2, 0.1], "predicted_change": [-0.2, -0.8, -0.4],
-                            "actual_change": [-0.19, -0.8, -0.41], "model_error": [0.01, 0.0, -0.01]})
-    return RunData(run, tables={"train_history": history, "hessian_spectrum": spectrum, "hessian_density": density,
-                                "interpolation_1d": line, "sharpness_history": tracked})
+    density = pd.concat(
+        [
+            pd.DataFrame(
+                {
+                    "run": run,
+                    "epoch": e,
+                    "operator": op,
+                    "kind": kind,
+                    "lambda": lam,
+                    "density": lam * 0 + e + 1.0,
+                    "weight": np.nan,
+                }
+            )
+            for e in (0, 2)
+            for op in ("hessian", "ggn")
+            for kind in ("smoothed", "node")
+        ]
+    )
+    line = pd.DataFrame(
+        [
+            {
+                "run": run,
+                "path": path,
+                "direction": "d",
+                "alpha": a,
+                "distance": a,
+                "split": split,
+                "loss": (10 if split == "test" else 1) * (a + 1),
+                "accuracy": 0.5,
+            }
+            for path, alphas in (("partner", (0.0, 0.5, 1.0)), ("random", (-1.0, 0.0, 1.0)), ("init_final", (0.0, 1.0)))
+            for a in alphas
+            for split in ("train", "test")
+        ]
+    )
+    tracked = pd.DataFrame(
+        {
+            "run": run,
+            "epoch": [0, 0, 1],
+            "step": [20, 0, 10],
+            "lr": 0.1,
+            "two_over_lr": 20.0,
+            "stability_threshold": 38.0,
+            "lambda_max": [12.0, 4.0, 9.0],
+            "grad_sharpness": [2.0, 1.0, 1.5],
+            "first_order": [-0.3, -1.0, -0.5],
+            "second_order": [0.1, 0.2, 0.1],
+            "predicted_change": [-0.2, -0.8, -0.4],
+            "actual_change": [-0.19, -0.8, -0.41],
+            "model_error": [0.01, 0.0, -0.01],
+        }
+    )
+    return RunData(
+        run,
+        tables={
+            "train_history": history,
+            "hessian_spectrum": spectrum,
+            "hessian_density": density,
+            "interpolation_1d": line,
+            "sharpness_history": tracked,
+        },
+    )
 
 
 def test_plot_exports_hold_exactly_the_table_values():
@@ -120,7 +236,8 @@ def test_write_plot_exports_writes_one_json_per_quantity_and_run_with_null_for_m
     runs = {"a": tables("a"), "b": tables("b")}
     written = write_plot_exports(runs, tmp_path)
     assert sorted(p.relative_to(tmp_path).as_posix() for p in written) == sorted(
-        f"{q}/{r}.json" for q in PLOT_EXPORTS for r in ("a", "b"))
+        f"{q}/{r}.json" for q in PLOT_EXPORTS for r in ("a", "b")
+    )
     assert [r["train_loss"] for r in json.loads((tmp_path / "loss/a.json").read_text())] == [2.0, 1.0, 0.5]
     sharp = json.loads((tmp_path / "sharpness/a.json").read_text())
     assert sharp[-1] == {"epoch": 2, "lambda_max": 9.0, "two_over_lr": None}  # lr = 0: no bound (not 0, not NaN)
@@ -128,16 +245,31 @@ def test_write_plot_exports_writes_one_json_per_quantity_and_run_with_null_for_m
 
 def _figures(tmp_path):
     runs = {"a": tables("a"), "b": tables("b", lr=(0.2, 0.1, 0.0))}
-    return [("Training", plot_training_curves(runs, tmp_path / "t.png"), "cap <1>"),
-            ("Sharpness", plot_sharpness_overview(runs, tmp_path / "s.png"), "cap 2"),
-            ("Spectra", plot_spectra_overview(runs, tmp_path / "p.png"), "cap 3")]
+    return [
+        ("Training", plot_training_curves(runs, tmp_path / "t.png"), "cap <1>"),
+        ("Sharpness", plot_sharpness_overview(runs, tmp_path / "s.png"), "cap 2"),
+        ("Spectra", plot_spectra_overview(runs, tmp_path / "p.png"), "cap 3"),
+    ]
 
 
 def _report(tmp_path):
-    return Report(summary=summary_rows(METRICS, ["a", "b"]), figures=_figures(tmp_path),
-                  provenance=[{"run": "a", "table": "train_history", "git_revision": "abc", "code": "c0de",
-                               "data": "da7a", "torch": "2.x"}],
-                  settings={"runs.a": {"train": {"lr": 0.05}}}, revision="abc123", libraries={"torch": "2.x"})
+    return Report(
+        summary=summary_rows(METRICS, ["a", "b"]),
+        figures=_figures(tmp_path),
+        provenance=[
+            {
+                "run": "a",
+                "table": "train_history",
+                "git_revision": "abc",
+                "code": "c0de",
+                "data": "da7a",
+                "torch": "2.x",
+            }
+        ],
+        settings={"runs.a": {"train": {"lr": 0.05}}},
+        revision="abc123",
+        libraries={"torch": "2.x"},
+    )
 
 
 def test_the_html_report_is_self_contained_and_every_figure_decodes(tmp_path):
@@ -163,12 +295,12 @@ def test_the_markdown_report_links_figures_beside_it(tmp_path):
 
 
 def test_dvc_yaml_draws_every_export_with_its_fields():
+    from conftest import REPO
     from ruamel.yaml import YAML
 
-    from conftest import REPO
     plots = {}
     for entry in YAML(typ="safe").load((REPO / "dvc.yaml").read_text())["plots"]:
-        (path, spec), = entry.items()
+        ((path, spec),) = entry.items()
         plots[path] = spec
     assert set(plots) == {f"reports/plots/{q}" for q in PLOT_EXPORTS}
     for quantity, (x, ys, _) in PLOT_EXPORTS.items():
@@ -179,8 +311,10 @@ def test_dvc_yaml_draws_every_export_with_its_fields():
 def test_the_dynamics_figure_draws_tracked_runs_and_says_when_none_tracked(tmp_path):
     runs = {"a": tables("a"), "b": tables("b")}
     drawn = mpimg.imread(plot_dynamics_overview(runs, tmp_path / "d.png"))
-    untracked = {name: RunData(name, tables={k: v for k, v in data.tables.items() if k != "sharpness_history"})
-                 for name, data in runs.items()}
+    untracked = {
+        name: RunData(name, tables={k: v for k, v in data.tables.items() if k != "sharpness_history"})
+        for name, data in runs.items()
+    }
     empty = mpimg.imread(plot_dynamics_overview(untracked, tmp_path / "e.png"))
     assert drawn.shape[2] in (3, 4) and empty.shape[2] in (3, 4)
     assert float(drawn[..., :3].std()) > float(empty[..., :3].std())  # curves and points, not just a note

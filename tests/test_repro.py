@@ -23,16 +23,23 @@ from pipeline import repro
 REPO = Path(__file__).resolve().parents[1]
 PROBE = REPO / "tests" / "scripts" / "repro_probe.py"
 KERNEL_VARIABLES = (*repro.PINNED_ENVIRONMENT, *repro.THREAD_VARIABLES, "MKL_ENABLE_INSTRUCTIONS")
-needs_two_cores = pytest.mark.skipif(shutil.which("taskset") is None or len(os.sched_getaffinity(0)) < 2,
-                                     reason="needs taskset and two cores")
+needs_two_cores = pytest.mark.skipif(
+    shutil.which("taskset") is None or len(os.sched_getaffinity(0)) < 2, reason="needs taskset and two cores"
+)
 
 
 def probe(tmp_path: Path, *, pin: bool, threads: int, cores: str, extra: dict | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in KERNEL_VARIABLES}  # the suite's own pinning not inherited
     env.update(extra or {})
     out = tmp_path / f"probe-{int(pin)}-{threads}-{cores}-{len(extra or {})}.json"
-    subprocess.run(["taskset", "-c", cores, sys.executable, str(PROBE), str(int(pin)), str(threads), str(out)],
-                   env=env, check=True, cwd=REPO, capture_output=True, text=True)
+    subprocess.run(
+        ["taskset", "-c", cores, sys.executable, str(PROBE), str(int(pin)), str(threads), str(out)],
+        env=env,
+        check=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.read_text())
 
 
@@ -65,8 +72,11 @@ def test_kernel_environment_and_record(monkeypatch):
     assert repro.kernel_environment(False, 0) == {}
     assert repro.kernel_environment(False, 3) == {"OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3"}
     if repro.cpu_has_avx2():
-        assert repro.kernel_environment(True, 2) == {**repro.PINNED_ENVIRONMENT, "OMP_NUM_THREADS": "2",
-                                                     "MKL_NUM_THREADS": "2"}
+        assert repro.kernel_environment(True, 2) == {
+            **repro.PINNED_ENVIRONMENT,
+            "OMP_NUM_THREADS": "2",
+            "MKL_NUM_THREADS": "2",
+        }
     record = repro.kernel_record()  # this session pinned by conftest
     assert set(repro.kernel_fingerprint()) == {"kernel_level", "kernels_pinned", "threads", "cpu_model"}
     assert record["threads"] == "2"

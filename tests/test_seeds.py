@@ -1,4 +1,4 @@
-"""Seed replicates (pipeline.seeds): intervals against closed forms, comparisons that say whether intervals
+"""Seed replicates (pipeline.sweep.seeds): intervals against closed forms, comparisons that say whether intervals
 separate, the replica configs (seed k = partner_seed_offset is exactly the partner model), and the report section."""
 
 from __future__ import annotations
@@ -6,14 +6,14 @@ from __future__ import annotations
 import math
 
 import pytest
-
 from conftest import make_params
-from pipeline.checkpoints import partner_config
+
 from pipeline.config import HessianConfig
-from pipeline.report import comparison_rows, seed_rows, seeds_markdown
-from pipeline.seeds import (compare, comparisons, interval, measure_config, replica_run, replica_source, seed_row,
-                            summarise)
-from pipeline.training import run_fingerprint
+from pipeline.metrics import compare, comparisons, interval, summarise
+from pipeline.report.render import seeds_markdown
+from pipeline.report.summary import comparison_rows, seed_rows
+from pipeline.sweep.seeds import measure_config, replica_run, replica_source, seed_row
+from pipeline.training.checkpoints import partner_config, run_fingerprint
 
 # Student t quantile with 2 degrees of freedom has a closed form: t_p = (2p - 1) / sqrt(2 p (1 - p)); p = 0.975 here.
 T_975_2 = (2 * 0.975 - 1) / math.sqrt(2 * 0.975 * 0.025)  # 4.3027
@@ -34,7 +34,11 @@ def test_compare_says_whether_intervals_separate():
     far = {"lambda_max": interval([2.0, 2.1, 1.9])}
     near = {"lambda_max": interval([1.05, 1.2, 0.95])}
     out = compare("a", a, "b", far, measures=["lambda_max"])["lambda_max"]
-    assert out["separate"] is True and out["ratio"] == pytest.approx(2.0) and out["verdict"] == "b larger (intervals separate)"
+    assert (
+        out["separate"] is True
+        and out["ratio"] == pytest.approx(2.0)
+        and out["verdict"] == "b larger (intervals separate)"
+    )
     out = compare("a", a, "b", near, measures=["lambda_max"])["lambda_max"]
     assert out["separate"] is False and out["verdict"] == "intervals overlap: not distinguished at n = 3"
     out = compare("a", {"lambda_max": interval([1.0])}, "b", far, measures=["lambda_max"])["lambda_max"]
@@ -62,14 +66,27 @@ def test_measure_config_keeps_the_solver_and_drops_the_extras():
 
 
 def _payload(status="completed", test_accuracy=0.9):
-    return {"status": status, "epoch": 3, "history": [
-        {"scope": "epoch", "train_loss": 0.1, "train_accuracy": 0.99, "test_loss": 0.3, "test_accuracy": test_accuracy},
-        {"scope": "step", "train_loss": math.nan}]}
+    return {
+        "status": status,
+        "epoch": 3,
+        "history": [
+            {
+                "scope": "epoch",
+                "train_loss": 0.1,
+                "train_accuracy": 0.99,
+                "test_loss": 0.3,
+                "test_accuracy": test_accuracy,
+            },
+            {"scope": "step", "train_loss": math.nan},
+        ],
+    }
 
 
 def test_rows_and_summary_leave_diverged_seeds_out():
-    rows = [seed_row("mlp", k, k, "train", _payload(test_accuracy=0.9 + k / 100), {"lambda_max": 1.0 + k, "hvps": 4})
-            for k in range(3)]
+    rows = [
+        seed_row("mlp", k, k, "train", _payload(test_accuracy=0.9 + k / 100), {"lambda_max": 1.0 + k, "hvps": 4})
+        for k in range(3)
+    ]
     rows.append(seed_row("mlp", 3, 3, "seeds", _payload("diverged"), None))
     assert rows[0]["generalization_gap"] == pytest.approx(0.2) and math.isnan(rows[3]["lambda_max"])
     summary = summarise(rows)
@@ -79,19 +96,30 @@ def test_rows_and_summary_leave_diverged_seeds_out():
 
 
 def test_the_report_section_follows_the_numbers():
-    metrics = {"a": {"seeds": summarise([seed_row("a", k, k, "train", _payload(), {"lambda_max": v})
-                                         for k, v in enumerate([1.0, 1.1, 0.9])])},
-               "b": {"seeds": summarise([seed_row("b", k, k, "train", _payload(), {"lambda_max": v})
-                                         for k, v in enumerate([2.0, 2.1, 1.9])])}}
+    metrics = {
+        "a": {
+            "seeds": summarise(
+                [seed_row("a", k, k, "train", _payload(), {"lambda_max": v}) for k, v in enumerate([1.0, 1.1, 0.9])]
+            )
+        },
+        "b": {
+            "seeds": summarise(
+                [seed_row("b", k, k, "train", _payload(), {"lambda_max": v}) for k, v in enumerate([2.0, 2.1, 1.9])]
+            )
+        },
+    }
     metrics["comparisons"] = comparisons({r: metrics[r]["seeds"] for r in ("a", "b")})
     rows = seed_rows(metrics, ["a", "b"])
     assert rows[0]["seeds"] == "3/3" and rows[1]["lambda_max"] == f"2 ± {T_975_2 * 0.1 / math.sqrt(3):.2g}"
     verdicts = {(c["pair"], c["measure"]): c["verdict"] for c in comparison_rows(metrics)}
     assert verdicts[("b vs a", "lambda_max")] == "b larger (intervals separate)"
-    assert "| b vs a | lambda_max | 2 | b larger (intervals separate) |" in seeds_markdown(rows, comparison_rows(metrics))
+    assert "| b vs a | lambda_max | 2 | b larger (intervals separate) |" in seeds_markdown(
+        rows, comparison_rows(metrics)
+    )
     # one number moved: the verdict moves with it (nothing in the report is written in advance)
-    metrics["b"]["seeds"] = summarise([seed_row("b", k, k, "train", _payload(), {"lambda_max": v})
-                                       for k, v in enumerate([1.0, 1.3, 0.8])])
+    metrics["b"]["seeds"] = summarise(
+        [seed_row("b", k, k, "train", _payload(), {"lambda_max": v}) for k, v in enumerate([1.0, 1.3, 0.8])]
+    )
     metrics["comparisons"] = comparisons({r: metrics[r]["seeds"] for r in ("a", "b")})
     verdicts = {(c["pair"], c["measure"]): c["verdict"] for c in comparison_rows(metrics)}
     assert verdicts[("b vs a", "lambda_max")].startswith("intervals overlap")

@@ -35,7 +35,8 @@ def _with_packages(module: str) -> list[str]:
 
 
 def imported_modules(path: Path) -> set[str]:
-    """The ``pipeline`` modules one source file imports (``from pipeline.x import y`` counts ``y`` when it is a module)."""
+    """The ``pipeline`` modules one source file imports (``from pipeline.x import y`` counts ``y`` when it is a
+    module)."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
@@ -93,8 +94,40 @@ def test_every_imported_project_file_is_a_dependency(stage, entry, deps):
 def test_the_check_fails_when_a_dependency_is_dropped():
     stage, entry, deps = next(s for s in STAGES if s[0].endswith(":train"))
     closure = import_closure(ROOT / entry)
-    assert Path("pipeline/training.py") in closure and Path("pipeline/__init__.py") in closure
-    assert uncovered(closure, [d for d in deps if d != "pipeline/training.py"]) == ["pipeline/training.py"]
+    assert Path("pipeline/training/trainer.py") in closure and Path("pipeline/__init__.py") in closure
+    missing = uncovered(closure, [d for d in deps if d != "pipeline/training"])
+    assert "pipeline/training/trainer.py" in missing and all(m.startswith("pipeline/training/") for m in missing)
+    assert uncovered(closure, [d for d in deps if d != "pipeline/stage.py"]) == ["pipeline/stage.py"]
+
+
+WINGS = ("training", "curvature", "landscape", "sweep", "report")
+
+
+@pytest.mark.parametrize("stage, entry, deps", STAGES, ids=[s[0] for s in STAGES])
+def test_wings_are_folder_dependencies(stage, entry, deps):
+    """A stage depends on a wing as a whole folder, so a file added to the wing is covered without editing dvc.yaml."""
+    files_in_wings = [d for d in deps if any(d.startswith(f"pipeline/{w}/") for w in WINGS)]
+    assert not files_in_wings, f"{stage}: list the wing folder instead of {files_in_wings}"
+
+
+def _deps(name: str) -> list[str]:
+    return next(deps for stage, _, deps in STAGES if stage == f"dvc.yaml:{name}")
+
+
+def _reruns_on(name: str, path: str) -> bool:
+    return not uncovered({Path(path)}, _deps(name))
+
+
+def test_closures_stay_tight():
+    """Editing the report never reruns training; editing training code never reruns prepare; the scans' side-by-side
+    figures and the metrics do not depend on training or curvature code."""
+    assert not _reruns_on("train", "pipeline/report/render.py")
+    assert not _reruns_on("prepare", "pipeline/training/trainer.py")
+    assert not _reruns_on("prepare", "pipeline/curvature/eigen.py")
+    for stage in ("metrics", "landscape_figures", "report"):
+        assert not _reruns_on(stage, "pipeline/training/trainer.py"), stage
+        assert not _reruns_on(stage, "pipeline/curvature/operators.py"), stage
+    assert _reruns_on("hessian", "pipeline/curvature/eigen.py") and _reruns_on("train", "pipeline/training/steps.py")
 
 
 def test_lazy_imports_and_package_inits_are_followed(tmp_path):

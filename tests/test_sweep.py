@@ -10,21 +10,38 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.sweep import (KENDALL_COLUMNS, MEASURE_NAMES, ROW_COLUMNS, Experiment, batch_size_effect,
-                            experiments_from_exp_show, granulated_tau, kendall_table, kendall_tau, markdown_table,
-                            plot_sweep, rows_from_exp_show, sweep_rows)
+from pipeline.metrics import MEASURE_NAMES
+from pipeline.sweep.figures import plot_sweep
+from pipeline.sweep.stats import (
+    KENDALL_COLUMNS,
+    ROW_COLUMNS,
+    Experiment,
+    batch_size_effect,
+    experiments_from_exp_show,
+    granulated_tau,
+    kendall_table,
+    kendall_tau,
+    markdown_table,
+    rows_from_exp_show,
+    sweep_rows,
+)
 
 
 def metrics(gap, status="completed", **hessian):
     """One run's metrics.json entry: a train stage with this loss gap and a hessian stage with ``hessian``."""
-    return {"train": {"status": status, "generalization_gap": gap, "train_accuracy": 1.0,
-                      "test_accuracy": None if gap is None else 1.0 - gap / 10},
-            "hessian": hessian}
+    return {
+        "train": {
+            "status": status,
+            "generalization_gap": gap,
+            "train_accuracy": 1.0,
+            "test_accuracy": None if gap is None else 1.0 - gap / 10,
+        },
+        "hessian": hessian,
+    }
 
 
 def params(lr=0.1, batch_size=64, seed=0, runs=None):
-    return {"train": {"lr": lr, "batch_size": batch_size, "seed": seed},
-            "runs": runs or {"mlp": {"model": "mlp"}}}
+    return {"train": {"lr": lr, "batch_size": batch_size, "seed": seed}, "runs": runs or {"mlp": {"model": "mlp"}}}
 
 
 def frame_of(points):
@@ -35,8 +52,9 @@ def frame_of(points):
         model = p.pop("model", "mlp")
         settings = {k: p.pop(k) for k in ("lr", "batch_size", "seed") if k in p}
         gap, status = p.pop("gap"), p.pop("status", "completed")
-        experiments.append((f"exp{i}", params(runs={"mlp": {"model": model}}, **settings),
-                            {"mlp": metrics(gap, status, **p)}))
+        experiments.append(
+            (f"exp{i}", params(runs={"mlp": {"model": model}}, **settings), {"mlp": metrics(gap, status, **p)})
+        )
     return sweep_rows(experiments)
 
 
@@ -44,12 +62,21 @@ def frame_of(points):
 
 
 def test_run_overrides_take_precedence_over_train_params_and_every_column_is_there():
-    p = params(lr=0.1, batch_size=64, seed=3, runs={"mlp": {"model": "mlp", "lr": 0.5, "batch_size": 16},
-                                                      "cnn": {"model": "resnet20"}})
-    m = {"mlp": metrics(0.2, lambda_max=3.0, trace_hutchinson=7.0, trace_hutchpp=9.0),
-         "cnn": {**metrics(0.1, lambda_max=2.0, trace_hutchinson=5.0), "interpolate": {"barrier": 0.4},
-                 "surface": {"basin_fraction": 0.3}},
-         "extra": metrics(0.3)}  # in the metrics but not in params: kept, model unknown
+    p = params(
+        lr=0.1,
+        batch_size=64,
+        seed=3,
+        runs={"mlp": {"model": "mlp", "lr": 0.5, "batch_size": 16}, "cnn": {"model": "resnet20"}},
+    )
+    m = {
+        "mlp": metrics(0.2, lambda_max=3.0, trace_hutchinson=7.0, trace_hutchpp=9.0),
+        "cnn": {
+            **metrics(0.1, lambda_max=2.0, trace_hutchinson=5.0),
+            "interpolate": {"barrier": 0.4},
+            "surface": {"basin_fraction": 0.3},
+        },
+        "extra": metrics(0.3),
+    }  # in the metrics but not in params: kept, model unknown
     frame = sweep_rows([("e1", p, m)])
     assert tuple(frame.columns) == ROW_COLUMNS
     frame = frame.set_index("run")
@@ -66,12 +93,20 @@ def test_run_overrides_take_precedence_over_train_params_and_every_column_is_the
 
 
 def test_the_real_metrics_shape_reads_without_error():
-    real = {"mlp": {"train": {"status": "completed", "generalization_gap": 0.111, "test_accuracy": 0.97,
-                              "train_accuracy": 1.0, "diverged_step": None},
-                    "hessian": {"lambda_max": 0.343, "trace_hutchpp": 3.74, "eigenvalues": [0.343, 0.27],
-                                "noise_scale": None},
-                    "interpolate": {"barrier": 0.398, "barrier_train": 0.398, "paths": {"eigen": {}}},
-                    "partner": {"status": "completed"}}}
+    real = {
+        "mlp": {
+            "train": {
+                "status": "completed",
+                "generalization_gap": 0.111,
+                "test_accuracy": 0.97,
+                "train_accuracy": 1.0,
+                "diverged_step": None,
+            },
+            "hessian": {"lambda_max": 0.343, "trace_hutchpp": 3.74, "eigenvalues": [0.343, 0.27], "noise_scale": None},
+            "interpolate": {"barrier": 0.398, "barrier_train": 0.398, "paths": {"eigen": {}}},
+            "partner": {"status": "completed"},
+        }
+    }
     row = sweep_rows([("e", params(), real)]).iloc[0]
     assert row.lambda_max == 0.343 and row.barrier == 0.398 and math.isnan(row.noise_scale)
 
@@ -93,22 +128,43 @@ def test_tau_is_one_for_a_monotone_measure_minus_one_reversed_and_tau_b_with_tie
 
 def test_kendall_table_signs_and_verdicts_for_sharpness_and_sigma_measures():
     gaps = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
-    frame = frame_of([{"gap": g, "batch_size": 2 ** (4 + i), "lambda_max": 10 * g, "trace_hutchpp": 1 / g,
-                       "pac_bayes_sigma_isotropic": 1 / g, "pac_bayes_sigma_magnitude": [3, 1, 2, 6, 4, 5][i],
-                       "noise_scale": g} for i, g in enumerate(gaps)])
+    frame = frame_of(
+        [
+            {
+                "gap": g,
+                "batch_size": 2 ** (4 + i),
+                "lambda_max": 10 * g,
+                "trace_hutchpp": 1 / g,
+                "pac_bayes_sigma_isotropic": 1 / g,
+                "pac_bayes_sigma_magnitude": [3, 1, 2, 6, 4, 5][i],
+                "noise_scale": g,
+            }
+            for i, g in enumerate(gaps)
+        ]
+    )
     table = kendall_table(frame).set_index("measure")
     assert tuple(table.reset_index().columns) == KENDALL_COLUMNS
     assert list(table.index) == list(MEASURE_NAMES)
     lam, trace, sigma = table.loc["lambda_max"], table.loc["trace"], table.loc["pac_bayes_sigma_isotropic"]
     # sharper, larger gap: tau = +1, as the flatness hypothesis expects; exact p of n = 6 is 2/6! = 0.0028
-    assert (lam.tau, lam.n, lam.expected_sign, lam.agrees, lam.verdict) == (pytest.approx(1.0), 6, "+", True,
-                                                                            "supports")
+    assert (lam.tau, lam.n, lam.expected_sign, lam.agrees, lam.verdict) == (
+        pytest.approx(1.0),
+        6,
+        "+",
+        True,
+        "supports",
+    )
     assert lam.p_value == pytest.approx(2 / 720)
     # a sharpness measure that falls with the gap contradicts it
     assert (trace.tau, trace.agrees, trace.verdict) == (pytest.approx(-1.0), False, "contradicts")
     # sigma: larger sigma is flatter, so the expected sign is -, and tau = -1 agrees
     assert (sigma.tau, sigma.expected_sign, sigma.observed_sign, sigma.agrees, sigma.significant) == (
-        pytest.approx(-1.0), "-", "-", True, True)
+        pytest.approx(-1.0),
+        "-",
+        "-",
+        True,
+        True,
+    )
     # 11 concordant, 4 discordant pairs: tau = +7/15, the wrong sign for sigma and not significant: both reported
     weak = table.loc["pac_bayes_sigma_magnitude"]
     assert weak.tau == pytest.approx(7 / 15) and weak.agrees is False and not weak.significant
@@ -128,11 +184,15 @@ def test_kendall_table_signs_and_verdicts_for_sharpness_and_sigma_measures():
 
 def test_diverged_failed_and_unfinished_runs_are_kept_but_excluded_from_tau():
     points = [{"gap": g, "lambda_max": 10 * g} for g in (0.1, 0.2, 0.3, 0.4)]
-    points += [{"gap": 0.05, "lambda_max": 99.0, "status": "diverged"},  # would break the ordering
-               {"gap": None, "lambda_max": 5.0}]  # completed but no gap: no pair
+    points += [
+        {"gap": 0.05, "lambda_max": 99.0, "status": "diverged"},  # would break the ordering
+        {"gap": None, "lambda_max": 5.0},
+    ]  # completed but no gap: no pair
     frame = frame_of(points)
-    frame = pd.concat([frame, sweep_rows([Experiment("failed", params(), {"mlp": metrics(0.0, lambda_max=50.0)},
-                                                     "failed")])], ignore_index=True)
+    frame = pd.concat(
+        [frame, sweep_rows([Experiment("failed", params(), {"mlp": metrics(0.0, lambda_max=50.0)}, "failed")])],
+        ignore_index=True,
+    )
     assert len(frame) == 7
     assert frame.status.tolist() == ["completed"] * 4 + ["diverged", "completed", "failed"]
     assert math.isnan(frame.lambda_max.iloc[-1])  # a failed experiment's metrics are not its own: dropped
@@ -147,13 +207,30 @@ def test_diverged_failed_and_unfinished_runs_are_kept_but_excluded_from_tau():
 #   batch (l, m fixed): 000-010 +1, 100-110 +1, 001-011 +1, 101-111 -1  -> psi_batch_size = 1/2
 #   model (l, b fixed): 000-001 +1, 100-101 +1, 010-011 +1, 110-111 -1  -> psi_model = 1/2
 # Psi = (0 + 1/2 + 1/2) / 3 = 1/3.
-GRID = {(0, 0, 0): (1, 1.0), (1, 0, 0): (2, 2.0), (0, 1, 0): (3, 4.0), (1, 1, 0): (4, 3.0),
-        (0, 0, 1): (5, 5.0), (1, 0, 1): (6, 6.0), (0, 1, 1): (7, 8.0), (1, 1, 1): (8, 0.5)}
+GRID = {
+    (0, 0, 0): (1, 1.0),
+    (1, 0, 0): (2, 2.0),
+    (0, 1, 0): (3, 4.0),
+    (1, 1, 0): (4, 3.0),
+    (0, 0, 1): (5, 5.0),
+    (1, 0, 1): (6, 6.0),
+    (0, 1, 1): (7, 8.0),
+    (1, 1, 1): (8, 0.5),
+}
 
 
 def grid_frame(grid=GRID, extra=()):
-    points = [{"lr": (0.1, 0.2)[l], "batch_size": (32, 128)[b], "model": ("mlp", "resnet20")[m], "seed": 0,
-               "gap": gap, "lambda_max": value} for (l, b, m), (gap, value) in grid.items()]
+    points = [
+        {
+            "lr": (0.1, 0.2)[lr],
+            "batch_size": (32, 128)[b],
+            "model": ("mlp", "resnet20")[m],
+            "seed": 0,
+            "gap": gap,
+            "lambda_max": value,
+        }
+        for (lr, b, m), (gap, value) in grid.items()
+    ]
     return frame_of([*points, *extra])
 
 
@@ -184,17 +261,30 @@ def test_batch_size_effect_per_model_and_lr():
     points = []
     for seed in (0, 1):
         for bs in (16, 64, 256):
-            points.append({"model": "mlp", "lr": 0.1, "batch_size": bs, "seed": seed, "gap": 0.1,
-                           "lambda_max": bs / 16 + seed * 0.1})  # sharper with larger batches
-            points.append({"model": "resnet20", "lr": 0.1, "batch_size": bs, "seed": seed, "gap": 0.1,
-                           "lambda_max": 1000 / bs})  # flatter with larger batches
+            points.append(
+                {
+                    "model": "mlp",
+                    "lr": 0.1,
+                    "batch_size": bs,
+                    "seed": seed,
+                    "gap": 0.1,
+                    "lambda_max": bs / 16 + seed * 0.1,
+                }
+            )  # sharper with larger batches
+            points.append(
+                {"model": "resnet20", "lr": 0.1, "batch_size": bs, "seed": seed, "gap": 0.1, "lambda_max": 1000 / bs}
+            )  # flatter with larger batches
     points.append({"model": "mlp", "lr": 0.2, "batch_size": 64, "gap": 0.1, "lambda_max": 1.0})
     effect = batch_size_effect(frame_of(points)).set_index(["model", "lr"])
     mlp, resnet = effect.loc[("mlp", 0.1)], effect.loc[("resnet20", 0.1)]
     # 6 runs, 3 pairs tied in batch size, the other 12 concordant: tau_b = 12 / sqrt((15 - 3) * 15)
     assert mlp.tau == pytest.approx(12 / math.sqrt(12 * 15)) and mlp.n == 6 and mlp.agrees
     assert (mlp.smallest_batch, mlp.largest_batch, mlp.median_at_smallest, mlp.median_at_largest) == (
-        16, 256, pytest.approx(1.05), pytest.approx(16.05))
+        16,
+        256,
+        pytest.approx(1.05),
+        pytest.approx(16.05),
+    )
     assert resnet.tau == pytest.approx(-1.0) and resnet.agrees is False and resnet.expected_sign == "+"
     single = effect.loc[("mlp", 0.2)]
     assert single.n == 1 and math.isnan(single.tau) and single.agrees is None
@@ -274,8 +364,7 @@ EXP_SHOW = textwrap.dedent("""
 def test_rows_from_exp_show_including_a_failed_and_a_queued_experiment():
     frame = rows_from_exp_show(EXP_SHOW).set_index("experiment")
     assert list(frame.index) == ["q2", "good", "bad", "waiting"]  # experiments only, not the baselines
-    assert frame.loc["q2", ["lr", "batch_size", "generalization_gap", "lambda_max"]].tolist() == [0.3, 32.0, 0.25,
-                                                                                                   4.0]
+    assert frame.loc["q2", ["lr", "batch_size", "generalization_gap", "lambda_max"]].tolist() == [0.3, 32.0, 0.25, 4.0]
     assert frame.loc["q2", "accuracy_gap"] == pytest.approx(0.2)
     assert frame.loc["good", "lr"] == 0.2  # runs.mlp.lr overrides train.lr
     assert math.isnan(frame.loc["good", "accuracy_gap"])  # no train accuracy recorded
@@ -301,8 +390,17 @@ def sweep_frame():
     for m, model in enumerate(("mlp", "resnet20")):
         for b, bs in enumerate((16, 64, 256)):
             gap = 0.05 + 0.03 * b + 0.01 * m
-            points.append({"model": model, "batch_size": bs, "lr": 0.1, "gap": gap, "lambda_max": 2.0 ** b + m,
-                           "pac_bayes_sigma_isotropic": 0.1 / (1 + b), "noise_scale": None})
+            points.append(
+                {
+                    "model": model,
+                    "batch_size": bs,
+                    "lr": 0.1,
+                    "gap": gap,
+                    "lambda_max": 2.0**b + m,
+                    "pac_bayes_sigma_isotropic": 0.1 / (1 + b),
+                    "noise_scale": None,
+                }
+            )
     points.append({"model": "mlp", "batch_size": 1024, "gap": 9.0, "lambda_max": 1e4, "status": "diverged"})
     frame = frame_of(points)
     frame["barrier"] = np.linspace(-0.05, 0.2, len(frame))  # negative values: a linear x axis

@@ -12,32 +12,60 @@ import textwrap
 import matplotlib.image as mpimg
 import pandas as pd
 import pytest
-
-import pipeline.sweep_run as sweep_run
 from conftest import REPO
-from pipeline.stage import stage_entry
+
+import pipeline.sweep.grid as sweep_run
 from pipeline.config import ConfigError, DataConfig, HessianConfig, ModelConfig, TrainConfig
 from pipeline.curvature.analysis import analyse
-from pipeline.sweep import KENDALL_COLUMNS, MEASURES, ROW_COLUMNS, sweep_rows
-from pipeline.sweep_run import (BATCH_SIZE_MEASURES, OUTPUT_FILES, RESULT, SWEEP_MEASURES, SweepGrid, SweepParams,
-                                experiments, grid_points, headline, load_sweep_params, make_probe, parse_sweep_params,
-                                run_point, write_outputs)
+from pipeline.metrics import MEASURES
+from pipeline.stage import stage_entry
+from pipeline.sweep.grid import (
+    BATCH_SIZE_MEASURES,
+    OUTPUT_FILES,
+    RESULT,
+    SWEEP_MEASURES,
+    SweepGrid,
+    SweepParams,
+    experiments,
+    grid_points,
+    headline,
+    load_sweep_params,
+    make_probe,
+    parse_sweep_params,
+    run_point,
+    write_outputs,
+)
+from pipeline.sweep.stats import KENDALL_COLUMNS, ROW_COLUMNS, sweep_rows
 
-TINY_HESSIAN = HessianConfig(checkpoints="final", details="final", top_k=1, lambda_min=False, max_hvps=40,
-                             trace=("hutchpp",), trace_hvps=8, density_runs=0, groups="none", noise=True,
-                             flatness=("epsilon", "pac_bayes"), flatness_steps=2, pac_bayes_draws=2, batch_size=32,
-                             device="cpu")
+TINY_HESSIAN = HessianConfig(
+    checkpoints="final",
+    details="final",
+    top_k=1,
+    lambda_min=False,
+    max_hvps=40,
+    trace=("hutchpp",),
+    trace_hvps=8,
+    density_runs=0,
+    groups="none",
+    noise=True,
+    flatness=("epsilon", "pac_bayes"),
+    flatness_steps=2,
+    pac_bayes_draws=2,
+    batch_size=32,
+    device="cpu",
+)
 # the keys of the hessian headline that MEASURES reads (pipeline/sweep.py), all of which the sweep must produce
 HESSIAN_KEYS = {key for m in MEASURES for stage, key in m.sources if stage == "hessian"} - {"trace_hutchinson"}
 
 
 def tiny_params(grid=None, epochs=2, **train) -> SweepParams:
-    return SweepParams(data=DataConfig(dataset="synthetic", synthetic_samples=240, probe_size=32),
-                       model=ModelConfig(mlp_depth=1, mlp_width=16),
-                       train=TrainConfig(epochs=epochs, checkpoint_every=epochs, device="cpu", **train),
-                       hessian=TINY_HESSIAN,
-                       grid=SweepGrid(**(grid or {"model": ("mlp",), "lr": (0.05,), "batch_size": (32,),
-                                                  "seed": (0,)})))
+    return SweepParams(
+        data=DataConfig(dataset="synthetic", synthetic_samples=240, probe_size=32),
+        model=ModelConfig(mlp_depth=1, mlp_width=16),
+        train=TrainConfig(epochs=epochs, checkpoint_every=epochs, device="cpu", **train),
+        hessian=TINY_HESSIAN,
+        grid=SweepGrid(**(grid or {"model": ("mlp",), "lr": (0.05,), "batch_size": (32,), "seed": (0,)})),
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -55,34 +83,52 @@ def one_thread():
 
 def test_the_shipped_preset_is_valid_and_has_the_24_point_grid():
     params = load_sweep_params(REPO / "sweeps/params.yaml")
-    assert params.grid == SweepGrid(model=("mlp", "resnet20", "resnet20_noshort"), lr=(0.02, 0.1),
-                                    batch_size=(32, 256), seed=(0, 1))
+    assert params.grid == SweepGrid(
+        model=("mlp", "resnet20", "resnet20_noshort"), lr=(0.02, 0.1), batch_size=(32, 256), seed=(0, 1)
+    )
     assert params.data.dataset == "digits" and params.train.checkpoint_every == params.train.epochs
     cfg = params.hessian
-    assert (cfg.checkpoints, cfg.details, cfg.top_k, cfg.lambda_min, cfg.density_runs, cfg.groups) == \
-        ("final", "final", 1, False, 0, "none")
+    assert (cfg.checkpoints, cfg.details, cfg.top_k, cfg.lambda_min, cfg.density_runs, cfg.groups) == (
+        "final",
+        "final",
+        1,
+        False,
+        0,
+        "none",
+    )
     assert cfg.trace == ("hutchpp",) and cfg.flatness == ("epsilon", "pac_bayes") and cfg.noise
     assert len(grid_points(params)) == 24
 
 
-GOOD = {"grid": {"model": ["mlp"], "lr": [0.1], "batch_size": [32], "seed": [0]},
-        "hessian": {"checkpoints": "final", "details": "final"}}
+GOOD = {
+    "grid": {"model": ["mlp"], "lr": [0.1], "batch_size": [32], "seed": [0]},
+    "hessian": {"checkpoints": "final", "details": "final"},
+}
 
 
-@pytest.mark.parametrize("change, expected", [
-    ({"grid": {"lr": [0.1, -0.1]}}, "grid.lr[1]: must be > 0.0, got -0.1"),
-    ({"grid": {"model": ["mlp", "vgg"]}}, "grid.model[1]: unknown name 'vgg'; allowed: mlp, resnet20, resnet20_noshort"),
-    ({"grid": {"batch_size": [32, 0]}}, "grid.batch_size[1]: must be >= 1, got 0"),
-    ({"grid": {"seed": [0, 0]}}, "grid.seed: values must not repeat, got [0, 0]"),
-    ({"grid": {"lr": []}}, "grid.lr: must list at least one value"),
-    ({"grid": {"lr": 0.1}}, "grid.lr: expected a list of numbers, got 0.1"),
-    ({"grid": {"epochs": [1]}}, "grid.epochs: unknown key; allowed: model, lr, batch_size, seed"),
-    ({"train": {"lr": "fast"}}, "train.lr: expected a number, got 'fast' (str)"),
-    ({"hessian": {"checkpoints": "all"}}, "hessian.checkpoints: the sweep measures the final checkpoint only"),
-    ({"hessian": {"details": 2, "checkpoints": "final"}}, "hessian.details: the sweep measures the final checkpoint"),
-    ({"landscape": {}}, "landscape: unknown section; allowed: data, model, train, hessian, grid"),
-    ({"grid": None}, "grid: missing"),
-])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"grid": {"lr": [0.1, -0.1]}}, "grid.lr[1]: must be > 0.0, got -0.1"),
+        (
+            {"grid": {"model": ["mlp", "vgg"]}},
+            "grid.model[1]: unknown name 'vgg'; allowed: mlp, resnet20, resnet20_noshort",
+        ),
+        ({"grid": {"batch_size": [32, 0]}}, "grid.batch_size[1]: must be >= 1, got 0"),
+        ({"grid": {"seed": [0, 0]}}, "grid.seed: values must not repeat, got [0, 0]"),
+        ({"grid": {"lr": []}}, "grid.lr: must list at least one value"),
+        ({"grid": {"lr": 0.1}}, "grid.lr: expected a list of numbers, got 0.1"),
+        ({"grid": {"epochs": [1]}}, "grid.epochs: unknown key; allowed: model, lr, batch_size, seed"),
+        ({"train": {"lr": "fast"}}, "train.lr: expected a number, got 'fast' (str)"),
+        ({"hessian": {"checkpoints": "all"}}, "hessian.checkpoints: the sweep measures the final checkpoint only"),
+        (
+            {"hessian": {"details": 2, "checkpoints": "final"}},
+            "hessian.details: the sweep measures the final checkpoint",
+        ),
+        ({"landscape": {}}, "landscape: unknown section; allowed: data, model, train, hessian, grid"),
+        ({"grid": None}, "grid: missing"),
+    ],
+)
 def test_invalid_params_fail_with_one_line_naming_the_key(change, expected):
     raw = {**GOOD, **{k: (None if v is None else {**GOOD.get(k, {}), **v}) for k, v in change.items()}}
     if change.get("grid", 0) is None:
@@ -94,23 +140,26 @@ def test_invalid_params_fail_with_one_line_naming_the_key(change, expected):
 
 def test_the_stage_rejects_bad_params_with_exit_2_before_any_work(tmp_path, capsys):
     bad = tmp_path / "params.yaml"
-    bad.write_text(textwrap.dedent("""\
+    bad.write_text(
+        textwrap.dedent("""\
         grid: {model: [mlp], lr: [0.1, -0.1], batch_size: [32], seed: [0]}
         hessian: {checkpoints: final}
-        """))
+        """)
+    )
     spec = importlib.util.spec_from_file_location("sweep_stage", REPO / "stages/sweep.py")
     stage = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(stage)
     with pytest.raises(SystemExit) as exit_info:
-        stage_entry(stage.main, ["--params", str(bad), "--points", str(tmp_path / "points"),
-                                 "--out", str(tmp_path / "out")])
+        stage_entry(
+            stage.main, ["--params", str(bad), "--points", str(tmp_path / "points"), "--out", str(tmp_path / "out")]
+        )
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == "error: grid.lr[1]: must be > 0.0, got -0.1\n"
     assert not (tmp_path / "points").exists() and not (tmp_path / "out").exists()
 
 
 def test_the_library_does_not_import_prefect():
-    code = "import sys, pipeline.sweep_run; print('prefect' in sys.modules)"
+    code = "import sys, pipeline.sweep.grid; print('prefect' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -119,12 +168,19 @@ def test_the_library_does_not_import_prefect():
 
 
 def test_grid_points_are_every_combination_with_stable_names_and_overridden_train_settings():
-    params = tiny_params({"model": ("mlp", "resnet20"), "lr": (0.1, 1.0, 2e-5), "batch_size": (32, 256),
-                          "seed": (0, 1)}, epochs=3, weight_decay=0.01)
+    params = tiny_params(
+        {"model": ("mlp", "resnet20"), "lr": (0.1, 1.0, 2e-5), "batch_size": (32, 256), "seed": (0, 1)},
+        epochs=3,
+        weight_decay=0.01,
+    )
     points = grid_points(params)
     assert len(points) == 2 * 3 * 2 * 2 and len({p.name for p in points}) == len(points)
-    assert [p.name for p in points[:4]] == ["mlp-lr0.1-bs32-s0", "mlp-lr0.1-bs32-s1", "mlp-lr0.1-bs256-s0",
-                                            "mlp-lr0.1-bs256-s1"]
+    assert [p.name for p in points[:4]] == [
+        "mlp-lr0.1-bs32-s0",
+        "mlp-lr0.1-bs32-s1",
+        "mlp-lr0.1-bs256-s0",
+        "mlp-lr0.1-bs256-s1",
+    ]
     names = {p.name for p in points}
     assert {"mlp-lr1-bs32-s0", "resnet20-lr2e-05-bs256-s1"} <= names
     point = next(p for p in points if p.name == "resnet20-lr2e-05-bs256-s1")
@@ -141,7 +197,7 @@ def test_grid_points_are_every_combination_with_stable_names_and_overridden_trai
 
 @pytest.fixture
 def counted_train(monkeypatch):
-    """Count the calls of pipeline.training.train made by run_point."""
+    """Count the calls of pipeline.training.trainer.train made by run_point."""
     calls = []
     real = sweep_run.train
 
@@ -170,15 +226,16 @@ def test_run_point_trains_measures_and_writes_a_result_with_finite_measures(tmp_
     stored = json.loads((tmp_path / point.name / RESULT).read_text())
     assert stored["metrics"] == result["metrics"] and stored["fingerprint"] == result["fingerprint"]
     assert stored["point"] == {"model": "mlp", "lr": 0.05, "batch_size": 32, "seed": 0}
-    assert sorted(p.name for p in (tmp_path / point.name / "checkpoints").glob("epoch_*.pt")) == \
-        ["epoch_0000.pt", "epoch_0002.pt"]  # checkpoint_every = epochs: init and final only
+    assert sorted(p.name for p in (tmp_path / point.name / "checkpoints").glob("epoch_*.pt")) == [
+        "epoch_0000.pt",
+        "epoch_0002.pt",
+    ]  # checkpoint_every = epochs: init and final only
     assert any("epoch 2/2" in line for line in lines) and any("PAC-Bayes" in line for line in lines)
     # not listed in the files: only the result's own keys
     assert set(stored) == {"format", "name", "point", "fingerprint", "metrics", "wall_seconds", "provenance"}
 
 
-def test_a_rerun_reuses_finished_points_and_recomputes_when_the_config_changes(tmp_path, synthetic_data,
-                                                                              counted_train):
+def test_a_rerun_reuses_finished_points_and_recomputes_when_the_config_changes(tmp_path, synthetic_data, counted_train):
     params = tiny_params()
     point = grid_points(params)[0]
     probe = make_probe(synthetic_data, params.hessian)
@@ -213,11 +270,13 @@ def test_a_rerun_reuses_finished_points_and_recomputes_when_the_config_changes(t
 
 
 def test_a_diverged_point_is_recorded_without_measures(tmp_path, synthetic_data):
-    params = tiny_params({"model": ("mlp",), "lr": (1e12,), "batch_size": (32,), "seed": (0,)},
-                         momentum=0.0, schedule="constant")
+    params = tiny_params(
+        {"model": ("mlp",), "lr": (1e12,), "batch_size": (32,), "seed": (0,)}, momentum=0.0, schedule="constant"
+    )
     point = grid_points(params)[0]
-    result = run_point(point, synthetic_data, make_probe(synthetic_data, params.hessian), tmp_path / point.name,
-                       params.hessian)
+    result = run_point(
+        point, synthetic_data, make_probe(synthetic_data, params.hessian), tmp_path / point.name, params.hessian
+    )
     train = result["metrics"]["train"]
     assert train["status"] == "diverged" and train["diverged_step"] is not None
     assert "hessian" not in result["metrics"]
@@ -227,27 +286,37 @@ def test_a_diverged_point_is_recorded_without_measures(tmp_path, synthetic_data)
 
 
 def test_headline_gives_the_hessian_stage_numbers_of_the_report(synthetic_data):
-    """A point's measures are the hessian stage's headline of the same rows (pipeline.headlines), value by value."""
+    """A point's measures are the hessian stage's headline of the same rows (pipeline.metrics), value by value."""
     import torch
 
-    from pipeline.models import build_model
+    from pipeline.training.models import build_model
 
     torch.manual_seed(0)
-    model = build_model("mlp", ModelConfig(mlp_depth=1, mlp_width=8), synthetic_data.input_shape,
-                        synthetic_data.num_classes).eval()
-    cfg = dataclasses.replace(TINY_HESSIAN, top_k=2, lambda_min=True, trace=("hutchinson", "hutchpp"),
-                              operators=("hessian", "ggn"))
+    model = build_model(
+        "mlp", ModelConfig(mlp_depth=1, mlp_width=8), synthetic_data.input_shape, synthetic_data.num_classes
+    ).eval()
+    cfg = dataclasses.replace(
+        TINY_HESSIAN, top_k=2, lambda_min=True, trace=("hutchinson", "hutchpp"), operators=("hessian", "ggn")
+    )
     report = analyse(model, make_probe(synthetic_data, cfg), cfg, details=True)
     out = headline(report.rows, 0.3, epoch=4, checkpoint="epoch_0004.pt")
 
     def value(quantity, operator="hessian", method=None, index=0):
-        rows = [r for r in report.rows if r["operator"] == operator and r["group"] == "all"
-                and r["quantity"] == quantity and r["index"] == index and method in (None, r["method"])]
+        rows = [
+            r
+            for r in report.rows
+            if r["operator"] == operator
+            and r["group"] == "all"
+            and r["quantity"] == quantity
+            and r["index"] == index
+            and method in (None, r["method"])
+        ]
         return rows[0]["value"]
 
     assert (out["epoch"], out["checkpoint"]) == (4, "epoch_0004.pt")
-    assert out["lambda_max"] == value("eigenvalue") and out["eigenvalues"] == [value("eigenvalue", index=i)
-                                                                               for i in range(2)]
+    assert out["lambda_max"] == value("eigenvalue") and out["eigenvalues"] == [
+        value("eigenvalue", index=i) for i in range(2)
+    ]
     assert out["lambda_max_lr_over_2"] == pytest.approx(value("eigenvalue") * 0.15)
     assert out["lambda_min"] == value("lambda_min") and out["ggn_lambda_max"] == value("eigenvalue", "ggn")
     assert out["trace_hutchpp"] == value("trace", method="hutchpp")
@@ -280,12 +349,17 @@ def test_experiments_give_one_completed_row_per_point_with_its_grid_values(four_
     assert tuple(frame.columns) == ROW_COLUMNS and len(frame) == 4
     assert list(frame.run) == [p.name for p in points] and list(frame.experiment) == list(frame.run)
     assert (frame.status == "completed").all() and (frame.model == "mlp").all()
-    assert sorted(zip(frame.lr, frame.batch_size, frame.seed)) == [(0.02, 16, 0), (0.02, 64, 0), (0.1, 16, 0),
-                                                                   (0.1, 64, 0)]
+    assert sorted(zip(frame.lr, frame.batch_size, frame.seed)) == [
+        (0.02, 16, 0),
+        (0.02, 64, 0),
+        (0.1, 16, 0),
+        (0.1, 64, 0),
+    ]
     for measure in SWEEP_MEASURES:
         assert frame[measure].notna().all(), measure
-    assert (frame.generalization_gap == [results[p.name]["metrics"]["train"]["generalization_gap"]
-                                         for p in points]).all()
+    assert (
+        frame.generalization_gap == [results[p.name]["metrics"]["train"]["generalization_gap"] for p in points]
+    ).all()
     # a point without a result stays in the frame, not trained
     partial = sweep_rows(experiments(points, {points[0].name: results[points[0].name]}, params.train))
     assert list(partial.status) == ["completed", "not trained", "not trained", "not trained"]

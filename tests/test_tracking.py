@@ -6,14 +6,15 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import make_params
+
 from pipeline.config import ConfigError, TrainConfig, build_section
+from pipeline.curvature.eigen import lanczos
 from pipeline.curvature.operators import HessianOperator, ProbeSet, loss_sum
-from pipeline.curvature.spectral import lanczos
 from pipeline.tables import SHARPNESS_HISTORY, read_metadata
-from pipeline.tracking import TRACK_COLUMNS, stability_threshold, tracking_due
-from pipeline.training import Trainer, batch_loss, batch_order, train
+from pipeline.training.steps import batch_loss, batch_order
+from pipeline.training.tracking import TRACK_COLUMNS, stability_threshold, tracking_due
+from pipeline.training.trainer import Trainer, train
 
 F64 = torch.float64
 
@@ -29,14 +30,17 @@ def _frame(rows) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------- configuration
 
 
-@pytest.mark.parametrize("raw, key, words", [
-    ({"batch_size": "fulll"}, "train.batch_size", ("'full'", "fulll")),
-    ({"batch_size": 0}, "train.batch_size", (">= 1",)),
-    ({"loss": "l1"}, "train.loss", ("cross_entropy", "mse")),
-    ({"track_sharpness_unit": "minutes"}, "train.track_sharpness_unit", ("steps", "epochs")),
-    ({"track_sharpness_every": -1}, "train.track_sharpness_every", (">= 0",)),
-    ({"track_tol": 0.0}, "train.track_tol", ("> 0",)),
-])
+@pytest.mark.parametrize(
+    "raw, key, words",
+    [
+        ({"batch_size": "fulll"}, "train.batch_size", ("'full'", "fulll")),
+        ({"batch_size": 0}, "train.batch_size", (">= 1",)),
+        ({"loss": "l1"}, "train.loss", ("cross_entropy", "mse")),
+        ({"track_sharpness_unit": "minutes"}, "train.track_sharpness_unit", ("steps", "epochs")),
+        ({"track_sharpness_every": -1}, "train.track_sharpness_every", (">= 0",)),
+        ({"track_tol": 0.0}, "train.track_tol", ("> 0",)),
+    ],
+)
 def test_bad_training_options_name_the_key_and_what_is_allowed(raw, key, words):
     with pytest.raises(ConfigError) as err:
         build_section(TrainConfig, raw, "train")
@@ -67,16 +71,28 @@ def test_tracking_schedule_in_steps_and_epochs():
 def test_mse_training_loss_is_the_curvature_operators_per_sample_loss():
     torch.manual_seed(0)
     outputs, targets = torch.randn(7, 4, dtype=F64), torch.randint(0, 4, (7,))
-    assert float(batch_loss(outputs, targets, "mse")) == pytest.approx(float(loss_sum(outputs, targets, "mse")) / 7,
-                                                                       rel=1e-12)
+    assert float(batch_loss(outputs, targets, "mse")) == pytest.approx(
+        float(loss_sum(outputs, targets, "mse")) / 7, rel=1e-12
+    )
     assert float(batch_loss(outputs, targets, "cross_entropy")) == pytest.approx(
-        float(F.cross_entropy(outputs, targets)), rel=1e-12)
+        float(F.cross_entropy(outputs, targets)), rel=1e-12
+    )
 
 
 def test_full_batch_is_one_step_of_gradient_descent_on_the_whole_train_split(synthetic_data, tmp_path):
     assert [len(b) for b in batch_order(180, "full", 0, 1)] == [180]
-    run = make_params(train={"epochs": 1, "batch_size": "full", "loss": "mse", "lr": 0.05, "momentum": 0.0,
-                             "weight_decay": 0.0, "schedule": "constant", "track_sharpness_every": 0}).run("mlp")
+    run = make_params(
+        train={
+            "epochs": 1,
+            "batch_size": "full",
+            "loss": "mse",
+            "lr": 0.05,
+            "momentum": 0.0,
+            "weight_decay": 0.0,
+            "schedule": "constant",
+            "track_sharpness_every": 0,
+        }
+    ).run("mlp")
     trainer = Trainer(run, synthetic_data, tmp_path)
     trainer.start()
     assert trainer.steps_per_epoch == 1
@@ -94,8 +110,9 @@ def test_full_batch_is_one_step_of_gradient_descent_on_the_whole_train_split(syn
     x, y = trainer.x_train, trainer.y_train
     with torch.no_grad():
         trainer.model.eval()
-        assert history.train_loss.iloc[-1] == pytest.approx(float(loss_sum(trainer.model(x), y, "mse")) / len(x),
-                                                            rel=1e-5)
+        assert history.train_loss.iloc[-1] == pytest.approx(
+            float(loss_sum(trainer.model(x), y, "mse")) / len(x), rel=1e-5
+        )
 
 
 # ---------------------------------------------------------------------------------------------- warm-started Lanczos
@@ -121,7 +138,7 @@ def test_warm_started_lanczos_finds_the_same_lambda_max_with_fewer_products():
 def test_warm_start_on_a_network_after_one_training_step(synthetic_data):
     torch.manual_seed(0)
     from pipeline.config import ModelConfig
-    from pipeline.models import build_model
+    from pipeline.training.models import build_model
 
     model = build_model("mlp", ModelConfig(mlp_width=32), synthetic_data.input_shape, synthetic_data.num_classes)
     model = model.double().eval()
@@ -144,9 +161,20 @@ def test_warm_start_on_a_network_after_one_training_step(synthetic_data):
 
 
 def _linear_mse_run(**train):
-    settings = {"epochs": 6, "batch_size": 32, "loss": "mse", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.001,
-                "schedule": "constant", "track_sharpness_every": 2, "track_sharpness_unit": "steps", "track_tol": 1e-6,
-                "checkpoint_every": 2, **train}
+    settings = {
+        "epochs": 6,
+        "batch_size": 32,
+        "loss": "mse",
+        "lr": 0.05,
+        "momentum": 0.9,
+        "weight_decay": 0.001,
+        "schedule": "constant",
+        "track_sharpness_every": 2,
+        "track_sharpness_unit": "steps",
+        "track_tol": 1e-6,
+        "checkpoint_every": 2,
+        **train,
+    }
     return make_params(model={"mlp_depth": 0}, train=settings).run("mlp")
 
 
@@ -177,8 +205,9 @@ def test_tracking_changes_nothing_in_the_trained_weights(synthetic_data, tmp_pat
     alone = train(_linear_mse_run(track_sharpness_every=0), synthetic_data, tmp_path / "alone")
     assert _state_equal(tracked.model.state_dict(), alone.model.state_dict())
     columns = ["epoch", "step", "lr", "train_loss", "test_loss", "batch_loss", "grad_norm"]
-    pd.testing.assert_frame_equal(pd.DataFrame(tracked.state.history)[columns],
-                                  pd.DataFrame(alone.state.history)[columns])
+    pd.testing.assert_frame_equal(
+        pd.DataFrame(tracked.state.history)[columns], pd.DataFrame(alone.state.history)[columns]
+    )
     assert alone.state.sharpness == [] and "tracked_steps" not in alone.summary()
     summary = tracked.summary()
     assert summary["tracked_steps"] == len(tracked.state.sharpness)
@@ -186,8 +215,16 @@ def test_tracking_changes_nothing_in_the_trained_weights(synthetic_data, tmp_pat
 
 
 def test_tracking_resumes_with_the_same_rows_and_warm_start(synthetic_data, tmp_path):
-    run = make_params(train={"epochs": 4, "batch_size": 48, "checkpoint_every": 1, "track_sharpness_every": 3,
-                             "track_sharpness_unit": "steps", "momentum": 0.0}).run("mlp")
+    run = make_params(
+        train={
+            "epochs": 4,
+            "batch_size": 48,
+            "checkpoint_every": 1,
+            "track_sharpness_every": 3,
+            "track_sharpness_unit": "steps",
+            "momentum": 0.0,
+        }
+    ).run("mlp")
     reference = train(run, synthetic_data, tmp_path / "reference")
 
     class Interrupt(Exception):
@@ -212,24 +249,37 @@ def test_tracking_resumes_with_the_same_rows_and_warm_start(synthetic_data, tmp_
 
 
 def test_sgd_step_model_on_a_network_holds_for_small_steps(synthetic_data, tmp_path):
-    run = make_params(train={"epochs": 2, "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0, "schedule": "constant",
-                             "track_sharpness_every": 1, "track_sharpness_unit": "steps"}).run("mlp")
+    run = make_params(
+        train={
+            "epochs": 2,
+            "lr": 0.01,
+            "momentum": 0.0,
+            "weight_decay": 0.0,
+            "schedule": "constant",
+            "track_sharpness_every": 1,
+            "track_sharpness_unit": "steps",
+        }
+    ).run("mlp")
     rows = pd.DataFrame(train(run, synthetic_data, tmp_path).state.sharpness)
     # plain SGD on a mini-batch: first order = -η g_probe·g_batch; the model predicts the probe loss change
     assert (rows.step_cosine.abs() <= 1 + 1e-9).all()
     assert (rows.lr * rows.lambda_max / 2 < 1).all()  # far from the edge of stability here
-    relative = (rows.model_error.abs() / rows.first_order.abs())
+    relative = rows.model_error.abs() / rows.first_order.abs()
     assert relative.median() < 0.05, relative.describe()
     assert (rows.lambda_max >= rows.grad_sharpness * (1 - 1e-3)).all()
 
 
 def test_the_train_stage_writes_the_sharpness_table(synthetic_data, tmp_path):
-    from pipeline.flows.stages import write_train_outputs
+    from pipeline.flows.train import write_train_outputs
 
     run = _linear_mse_run(epochs=2)
     trainer = train(run, synthetic_data, tmp_path / "ckpt")
-    write_train_outputs.fn(trainer, tmp_path / "train_history.parquet", tmp_path / "train_metrics.json",
-                           tmp_path / "sharpness_history.parquet")
+    write_train_outputs.fn(
+        trainer,
+        tmp_path / "train_history.parquet",
+        tmp_path / "train_metrics.json",
+        tmp_path / "sharpness_history.parquet",
+    )
     table = pd.read_parquet(tmp_path / "sharpness_history.parquet")
     assert list(table.columns) == SHARPNESS_HISTORY.names and len(table) == len(trainer.state.sharpness)
     assert read_metadata(tmp_path / "sharpness_history.parquet")["run"]["train"]["loss"] == "mse"

@@ -9,11 +9,13 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from conftest import make_params
+
 from pipeline.config import TrainConfig
 from pipeline.tables import TRAIN_HISTORY, read_metadata, write_table
-from pipeline.training import Trainer, learning_rate, list_checkpoints, load_checkpoint, train
+from pipeline.training.checkpoints import list_checkpoints, load_checkpoint
+from pipeline.training.steps import learning_rate
+from pipeline.training.trainer import Trainer, train
 
 
 def _state_equal(a: dict, b: dict) -> bool:
@@ -46,8 +48,9 @@ def test_checkpoints_at_init_every_k_epochs_and_final(synthetic_data, tmp_path):
 
 
 def test_resume_after_an_interruption_is_bitwise_identical(synthetic_data, tmp_path):
-    run = make_params(runs={"r": {"model": "resnet20", "epochs": 4, "checkpoint_every": 1, "batch_size": 32,
-                                  "log_every": 3}}).run("r")
+    run = make_params(
+        runs={"r": {"model": "resnet20", "epochs": 4, "checkpoint_every": 1, "batch_size": 32, "log_every": 3}}
+    ).run("r")
     reference = train(run, synthetic_data, tmp_path / "reference")
 
     class Interrupt(Exception):
@@ -76,7 +79,7 @@ import sys
 from conftest import make_params
 from pipeline.config import DataConfig
 from pipeline.data import prepare_dataset
-from pipeline.training import train
+from pipeline.training.trainer import train
 data = prepare_dataset(DataConfig(dataset="synthetic", synthetic_samples=240, probe_size=32))
 run = make_params(runs={"r": {"model": "resnet20", "epochs": 8, "checkpoint_every": 1, "batch_size": 16}}).run("r")
 train(run, data, sys.argv[1])
@@ -121,8 +124,9 @@ def test_a_completed_run_is_not_trained_again(synthetic_data, tmp_path):
 
 
 def test_non_finite_loss_is_recorded_as_diverged(synthetic_data, tmp_path):
-    run = make_params(train={"epochs": 5, "lr": 1e6, "momentum": 0.0, "schedule": "constant",
-                             "weight_decay": 0.0}).run("mlp")
+    run = make_params(train={"epochs": 5, "lr": 1e6, "momentum": 0.0, "schedule": "constant", "weight_decay": 0.0}).run(
+        "mlp"
+    )
     trainer = train(run, synthetic_data, tmp_path)
     summary = trainer.summary()
     assert summary["status"] == "diverged"
@@ -174,5 +178,5 @@ def test_requesting_an_absent_accelerator_is_a_config_error():
 def test_checkpoints_of_other_training_code_are_discarded(synthetic_data, tmp_path, monkeypatch):
     run = make_params(train={"epochs": 1}).run("mlp")
     train(run, synthetic_data, tmp_path)
-    monkeypatch.setattr("pipeline.training.code_fingerprint", lambda: "edited training code")
+    monkeypatch.setattr("pipeline.training.checkpoints.code_fingerprint", lambda: "edited training code")
     assert "discarded" in Trainer(run, synthetic_data, tmp_path).start()

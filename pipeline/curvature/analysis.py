@@ -1,13 +1,14 @@
 """The curvature report of one model at one point: eigenvalues, trace, spectral density, GGN and per-group spectra.
 
 This is the glue between the operators (:mod:`pipeline.curvature.operators`) and the matrix-free solvers
-(:mod:`pipeline.curvature.spectral`), driven by a :class:`~pipeline.config.HessianConfig`. It returns tidy rows
+(:mod:`pipeline.curvature.eigen`), driven by a :class:`~pipeline.config.HessianConfig`. It returns tidy rows
 (the ``hessian_spectrum`` and ``hessian_density`` schemas of :mod:`pipeline.tables`) and the top eigenvectors as a
 ``dict[str, Tensor]``; it knows nothing about checkpoints, files, DVC or Prefect.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -18,10 +19,12 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.config import ConfigError, HessianConfig
-from pipeline.curvature import spectral
+from pipeline.curvature.density import slq, smooth_density
 from pipeline.curvature.dynamics import gradient_noise, gradient_sharpness
+from pipeline.curvature.eigen import arpack, lanczos, power_iteration
 from pipeline.curvature.flatness import epsilon_sharpness, pac_bayes_sigma
 from pipeline.curvature.operators import BN_MODE, OPERATORS, CurvatureOperator, ProbeSet, parameter_groups  # noqa: F401
+from pipeline.curvature.trace import hutchinson, hutchpp
 
 ALL = "all"  # the `group` of quantities over the whole parameter vector
 
@@ -52,27 +55,42 @@ def check_dimensions(model: nn.Module, cfg: HessianConfig, what: str = "the mode
     wanted = cfg.top_k + int(cfg.lambda_min)
     if wanted > dim:
         extra = " less one for lambda_min" if cfg.lambda_min else ""
-        raise ConfigError("hessian.top_k", f"must be <= {dim - int(cfg.lambda_min)} (the {dim} parameters of {what}"
-                                           f"{extra}), got {cfg.top_k}")
-    basis = min(max(2 * wanted + 10, 30), dim) * dim * 8  # spectral.lanczos's default basis, float64
+        raise ConfigError(
+            "hessian.top_k",
+            f"must be <= {dim - int(cfg.lambda_min)} (the {dim} parameters of {what}{extra}), got {cfg.top_k}",
+        )
+    basis = min(max(2 * wanted + 10, 30), dim) * dim * 8  # lanczos's default basis, float64
     if cfg.method == "lanczos" and basis > KRYLOV_MEMORY_LIMIT:
-        raise ConfigError("hessian.top_k", f"{cfg.top_k} needs a Lanczos basis of about {_gib(basis)} for the {dim} "
-                                           f"parameters of {what}; allowed up to {_gib(KRYLOV_MEMORY_LIMIT)}")
+        raise ConfigError(
+            "hessian.top_k",
+            f"{cfg.top_k} needs a Lanczos basis of about {_gib(basis)} for the {dim} "
+            f"parameters of {what}; allowed up to {_gib(KRYLOV_MEMORY_LIMIT)}",
+        )
     if cfg.density_runs and cfg.density_steps > dim:
-        raise ConfigError("hessian.density_steps", f"must be <= {dim} (the parameters of {what}: a Krylov space has "
-                                                   f"no more dimensions), got {cfg.density_steps}")
+        raise ConfigError(
+            "hessian.density_steps",
+            f"must be <= {dim} (the parameters of {what}: a Krylov space has "
+            f"no more dimensions), got {cfg.density_steps}",
+        )
     if cfg.density_runs and cfg.density_steps * dim * 8 > KRYLOV_MEMORY_LIMIT:
-        raise ConfigError("hessian.density_steps", f"{cfg.density_steps} steps need a basis of about "
-                                                   f"{_gib(cfg.density_steps * dim * 8)} for the {dim} parameters of "
-                                                   f"{what}; allowed up to {_gib(KRYLOV_MEMORY_LIMIT)}")
+        raise ConfigError(
+            "hessian.density_steps",
+            f"{cfg.density_steps} steps need a basis of about "
+            f"{_gib(cfg.density_steps * dim * 8)} for the {dim} parameters of "
+            f"{what}; allowed up to {_gib(KRYLOV_MEMORY_LIMIT)}",
+        )
     if cfg.groups != "none":
-        sizes = {group: sum(named[n].numel() for n in names)
-                 for group, names in parameter_groups(model, cfg.groups).items()}
+        sizes = {
+            group: sum(named[n].numel() for n in names) for group, names in parameter_groups(model, cfg.groups).items()
+        }
         group = min(sizes, key=sizes.get)
         if cfg.group_top_k > sizes[group]:
-            raise ConfigError("hessian.group_top_k", f"must be <= {sizes[group]} (the parameters of group {group!r} "
-                                                     f"of {what}, the smallest at groups: {cfg.groups}), got "
-                                                     f"{cfg.group_top_k}")
+            raise ConfigError(
+                "hessian.group_top_k",
+                f"must be <= {sizes[group]} (the parameters of group {group!r} "
+                f"of {what}, the smallest at groups: {cfg.groups}), got "
+                f"{cfg.group_top_k}",
+            )
     return dim
 
 
@@ -87,18 +105,41 @@ class CurvatureReport:
     hvps: int = 0  # products spent, all operators together
 
 
-def _row(operator: str, group: str, quantity: str, index: int, value: float, *, stderr=math.nan, residual=math.nan,
-         hvps: int = 0, method: str = "", seconds: float = 0.0, converged: bool = True) -> dict:
-    return {"operator": operator, "group": group, "quantity": quantity, "index": index, "value": float(value),
-            "stderr": float(stderr), "residual": float(residual), "hvps": int(hvps), "method": method,
-            "converged": bool(converged), "seconds": float(seconds)}
+def _row(
+    operator: str,
+    group: str,
+    quantity: str,
+    index: int,
+    value: float,
+    *,
+    stderr=math.nan,
+    residual=math.nan,
+    hvps: int = 0,
+    method: str = "",
+    seconds: float = 0.0,
+    converged: bool = True,
+) -> dict:
+    return {
+        "operator": operator,
+        "group": group,
+        "quantity": quantity,
+        "index": index,
+        "value": float(value),
+        "stderr": float(stderr),
+        "residual": float(residual),
+        "hvps": int(hvps),
+        "method": method,
+        "converged": bool(converged),
+        "seconds": float(seconds),
+    }
 
 
-def eigen_solve(op: CurvatureOperator, cfg: HessianConfig, k: int, smallest: bool, seed: int,
-                key: str = "hessian.top_k"):
+def eigen_solve(
+    op: CurvatureOperator, cfg: HessianConfig, k: int, smallest: bool, seed: int, key: str = "hessian.top_k"
+):
     """Top ``k`` eigenpairs (and the smallest one when ``smallest``) of ``op`` by ``cfg.method``.
 
-    Returns ``(largest, smallest_or_None)`` :class:`~pipeline.curvature.spectral.EigenResult` s. ``power`` finds
+    Returns ``(largest, smallest_or_None)`` :class:`~pipeline.curvature.EigenResult` s. ``power`` finds
     the eigenvalues of largest magnitude (as PyHessian does); its smallest eigenvalue comes from power iteration
     on the shifted operator :math:`H - \\lambda_1 I`, whose dominant eigenvalue is :math:`\\lambda_{min} - \\lambda_1`.
 
@@ -107,28 +148,51 @@ def eigen_solve(op: CurvatureOperator, cfg: HessianConfig, k: int, smallest: boo
     """
     if k + int(smallest) > op.dim:
         extra = " less one for lambda_min" if smallest else ""
-        raise ConfigError(key, f"must be <= {op.dim - int(smallest)} (the operator's {op.dim} parameters{extra}), "
-                               f"got {k}")
+        raise ConfigError(
+            key, f"must be <= {op.dim - int(smallest)} (the operator's {op.dim} parameters{extra}), got {k}"
+        )
     if cfg.method == "lanczos":
-        return spectral.lanczos(op.matvec, op.dim, k_largest=k, k_smallest=int(smallest), tol=cfg.tol,
-                                max_matvecs=cfg.max_hvps, seed=seed, device=op.device)
+        return lanczos(
+            op.matvec,
+            op.dim,
+            k_largest=k,
+            k_smallest=int(smallest),
+            tol=cfg.tol,
+            max_matvecs=cfg.max_hvps,
+            seed=seed,
+            device=op.device,
+        )
     if cfg.method == "arpack":
-        return spectral.arpack(op.matvec, op.dim, k_largest=k, k_smallest=int(smallest), tol=cfg.tol, seed=seed,
-                               device=op.device)
-    top = spectral.power_iteration(op.matvec, op.dim, k=k, max_iter=cfg.power_iters, tol=cfg.tol, seed=seed,
-                                   device=op.device)
+        return arpack(
+            op.matvec, op.dim, k_largest=k, k_smallest=int(smallest), tol=cfg.tol, seed=seed, device=op.device
+        )
+    top = power_iteration(op.matvec, op.dim, k=k, max_iter=cfg.power_iters, tol=cfg.tol, seed=seed, device=op.device)
     if not smallest:
         return top, None
     shift = float(top.eigenvalues.abs().max())
-    shifted = spectral.power_iteration(lambda v: op.matvec(v) - shift * v, op.dim, k=1, max_iter=cfg.power_iters,
-                                       tol=cfg.tol, seed=seed + 1, device=op.device)
+    shifted = power_iteration(
+        lambda v: op.matvec(v) - shift * v,
+        op.dim,
+        k=1,
+        max_iter=cfg.power_iters,
+        tol=cfg.tol,
+        seed=seed + 1,
+        device=op.device,
+    )
     shifted.eigenvalues = shifted.eigenvalues + shift
     shifted.matvecs += top.matvecs
     return top, shifted
 
 
-def analyse(model: nn.Module, probe: ProbeSet, cfg: HessianConfig, *, details: bool,
-            on_step: Callable[[str], None] | None = None, loss: str = "cross_entropy") -> CurvatureReport:
+def analyse(
+    model: nn.Module,
+    probe: ProbeSet,
+    cfg: HessianConfig,
+    *,
+    details: bool,
+    on_step: Callable[[str], None] | None = None,
+    loss: str = "cross_entropy",
+) -> CurvatureReport:
     """Curvature of the probe-set loss of ``model`` (already in eval mode, on its device and dtype).
 
     Always: probe loss and gradient norm, top ``cfg.top_k`` Hessian eigenpairs and (``cfg.lambda_min``) the
@@ -166,46 +230,89 @@ def analyse(model: nn.Module, probe: ProbeSet, cfg: HessianConfig, *, details: b
     if details and cfg.flatness:
         _flatness(report, model, probe, hessian, cfg, say)
     report.hvps += sum(op.products for _, op in operators)
-    report.rows.append(_row("hessian", ALL, "products", 0, report.hvps, hvps=report.hvps,
-                            seconds=time.perf_counter() - start))
+    report.rows.append(
+        _row("hessian", ALL, "products", 0, report.hvps, hvps=report.hvps, seconds=time.perf_counter() - start)
+    )
     return report
 
 
 def _spectrum(report, name, group, op, cfg, k, smallest, say, keep_vectors) -> None:
     start = time.perf_counter()
     before = op.products
-    top, bottom = eigen_solve(op, cfg, k, smallest, cfg.seed, "hessian.top_k" if group == ALL else "hessian.group_top_k")
+    top, bottom = eigen_solve(
+        op, cfg, k, smallest, cfg.seed, "hessian.top_k" if group == ALL else "hessian.group_top_k"
+    )
     seconds = time.perf_counter() - start
     hvps = op.products - before
     for i, (value, residual, ok) in enumerate(zip(top.eigenvalues, top.residuals, top.converged)):
-        report.rows.append(_row(name, group, "eigenvalue", i, value, residual=residual, hvps=hvps,
-                                method=top.method, seconds=seconds, converged=bool(ok)))
+        report.rows.append(
+            _row(
+                name,
+                group,
+                "eigenvalue",
+                i,
+                value,
+                residual=residual,
+                hvps=hvps,
+                method=top.method,
+                seconds=seconds,
+                converged=bool(ok),
+            )
+        )
     if bottom is not None:
-        report.rows.append(_row(name, group, "lambda_min", 0, bottom.eigenvalues[0], residual=bottom.residuals[0],
-                                hvps=hvps, method=bottom.method, seconds=seconds, converged=bool(bottom.converged[0])))
+        report.rows.append(
+            _row(
+                name,
+                group,
+                "lambda_min",
+                0,
+                bottom.eigenvalues[0],
+                residual=bottom.residuals[0],
+                hvps=hvps,
+                method=bottom.method,
+                seconds=seconds,
+                converged=bool(bottom.converged[0]),
+            )
+        )
     where = f"{name}" + ("" if group == ALL else f"[{group}]")
     text = ", ".join(f"{float(v):.4g}" for v in top.eigenvalues)
     extra = f"; lambda_min {float(bottom.eigenvalues[0]):.4g}" if bottom is not None else ""
-    say(f"{where}: top {len(top.eigenvalues)} eigenvalues {text}{extra} ({top.method}, {hvps} products, {seconds:.1f} s)")
+    say(
+        f"{where}: top {len(top.eigenvalues)} eigenvalues {text}{extra} ({top.method}, {hvps} products, {seconds:.1f} s)"  # noqa: E501
+    )
     if not bool(top.converged.all()) or (bottom is not None and not bool(bottom.converged.all())):
-        say(f"warning: {where}: not converged to tol {cfg.tol} within {cfg.max_hvps} products; residuals are in the table")
+        say(
+            f"warning: {where}: not converged to tol {cfg.tol} within {cfg.max_hvps} products; residuals are in the table"  # noqa: E501
+        )
     if keep_vectors:
         report.eigenvalues = top.eigenvalues.clone()
         vectors = [op.unflatten(v) for v in top.eigenvectors]
-        report.eigenvectors = {n: torch.stack([v[n] for v in vectors]).detach().to("cpu", torch.float32)
-                               for n in op.names}
+        report.eigenvectors = {
+            n: torch.stack([v[n] for v in vectors]).detach().to("cpu", torch.float32) for n in op.names
+        }
 
 
 def _trace(report, name, op, cfg, say) -> None:
     for method in cfg.trace:
         start = time.perf_counter()
         if method == "hutchinson":
-            est = spectral.hutchinson(op.matvec, op.dim, samples=cfg.trace_hvps, seed=cfg.seed + 11, device=op.device)
+            est = hutchinson(op.matvec, op.dim, samples=cfg.trace_hvps, seed=cfg.seed + 11, device=op.device)
         else:
-            est = spectral.hutchpp(op.matvec, op.dim, matvecs=cfg.trace_hvps, seed=cfg.seed + 13, device=op.device)
+            est = hutchpp(op.matvec, op.dim, matvecs=cfg.trace_hvps, seed=cfg.seed + 13, device=op.device)
         seconds = time.perf_counter() - start
-        report.rows.append(_row(name, ALL, "trace", 0, est.value, stderr=est.stderr, hvps=est.matvecs,
-                                method=est.method, seconds=seconds))
+        report.rows.append(
+            _row(
+                name,
+                ALL,
+                "trace",
+                0,
+                est.value,
+                stderr=est.stderr,
+                hvps=est.matvecs,
+                method=est.method,
+                seconds=seconds,
+            )
+        )
         say(f"{name}: trace {est.value:.5g} ± {est.stderr:.2g} ({est.method}, {est.matvecs} products, {seconds:.1f} s)")
 
 
@@ -213,19 +320,35 @@ def _density(report, name, op, cfg, say) -> None:
     if cfg.density_runs == 0:
         return
     start = time.perf_counter()
-    density = spectral.slq(op.matvec, op.dim, runs=cfg.density_runs, steps=cfg.density_steps, seed=cfg.seed + 17,
-                           device=op.device)
-    grid, values = spectral.smooth_density(density, points=cfg.density_points, relative_sigma=cfg.density_sigma)
+    density = slq(
+        op.matvec, op.dim, runs=cfg.density_runs, steps=cfg.density_steps, seed=cfg.seed + 17, device=op.device
+    )
+    grid, values = smooth_density(density, points=cfg.density_points, relative_sigma=cfg.density_sigma)
     seconds = time.perf_counter() - start
-    report.density += [{"operator": name, "kind": "node", "lambda": float(node), "density": math.nan,
-                        "weight": float(weight)}
-                       for node, weight in zip(density.nodes.reshape(-1), density.weights.reshape(-1))]
-    report.density += [{"operator": name, "kind": "smoothed", "lambda": float(x), "density": float(d),
-                        "weight": math.nan} for x, d in zip(grid, values)]
-    report.rows.append(_row(name, ALL, "density_mass", 0, float(density.weights.sum()), hvps=density.matvecs,
-                            method="slq", seconds=seconds))
-    say(f"{name}: spectral density from {cfg.density_runs} x {cfg.density_steps} Lanczos steps "
-        f"({density.matvecs} products, {seconds:.1f} s)")
+    report.density += [
+        {"operator": name, "kind": "node", "lambda": float(node), "density": math.nan, "weight": float(weight)}
+        for node, weight in zip(density.nodes.reshape(-1), density.weights.reshape(-1))
+    ]
+    report.density += [
+        {"operator": name, "kind": "smoothed", "lambda": float(x), "density": float(d), "weight": math.nan}
+        for x, d in zip(grid, values)
+    ]
+    report.rows.append(
+        _row(
+            name,
+            ALL,
+            "density_mass",
+            0,
+            float(density.weights.sum()),
+            hvps=density.matvecs,
+            method="slq",
+            seconds=seconds,
+        )
+    )
+    say(
+        f"{name}: spectral density from {cfg.density_runs} x {cfg.density_steps} Lanczos steps "
+        f"({density.matvecs} products, {seconds:.1f} s)"
+    )
 
 
 def _noise(report, model, probe, hessian, say) -> None:
@@ -239,10 +362,22 @@ def _noise(report, model, probe, hessian, say) -> None:
     ]
     start, before = time.perf_counter(), hessian.products
     value = gradient_sharpness(hessian) if noise.grad_norm_sq > 0 else math.nan
-    report.rows.append(_row("hessian", ALL, "grad_sharpness", 0, value, hvps=hessian.products - before,
-                            method="rayleigh", seconds=time.perf_counter() - start))
-    say(f"gradient noise: tr(Sigma) {noise.trace_covariance:.4g}, B_simple {noise.noise_scale:.4g} samples; "
-        f"g'Hg/|g|^2 {value:.4g} ({seconds:.1f} s)")
+    report.rows.append(
+        _row(
+            "hessian",
+            ALL,
+            "grad_sharpness",
+            0,
+            value,
+            hvps=hessian.products - before,
+            method="rayleigh",
+            seconds=time.perf_counter() - start,
+        )
+    )
+    say(
+        f"gradient noise: tr(Sigma) {noise.trace_covariance:.4g}, B_simple {noise.noise_scale:.4g} samples; "
+        f"g'Hg/|g|^2 {value:.4g} ({seconds:.1f} s)"
+    )
 
 
 def _flatness(report, model, probe, hessian, cfg, say) -> None:
@@ -253,22 +388,63 @@ def _flatness(report, model, probe, hessian, cfg, say) -> None:
             v1 = (hessian.flatten({n: vectors[0] for n, vectors in report.eigenvectors.items()}),)
         for neighbourhood, epsilon in (("absolute", cfg.flatness_radius), ("relative", cfg.flatness_box)):
             start = time.perf_counter()
-            sharp = epsilon_sharpness(model, probe, epsilon=epsilon, neighbourhood=neighbourhood,
-                                      steps=cfg.flatness_steps, directions=v1, seed=cfg.seed + 19, loss=hessian.loss)
+            sharp = epsilon_sharpness(
+                model,
+                probe,
+                epsilon=epsilon,
+                neighbourhood=neighbourhood,
+                steps=cfg.flatness_steps,
+                directions=v1,
+                seed=cfg.seed + 19,
+                loss=hessian.loss,
+            )
             seconds = time.perf_counter() - start
-            report.rows += [_row("hessian", ALL, "epsilon_sharpness", 0, sharp.increase, method=neighbourhood,
-                                 seconds=seconds),
-                            _row("hessian", ALL, "epsilon_sharpness_keskar", 0, sharp.keskar, method=neighbourhood,
-                                 seconds=seconds)]
-            say(f"epsilon-sharpness ({neighbourhood}, epsilon {epsilon:g}): loss +{sharp.increase:.4g} "
-                f"(Keskar {sharp.keskar:.4g}; {sharp.gradient_evaluations} gradients, {seconds:.1f} s)")
+            report.rows += [
+                _row("hessian", ALL, "epsilon_sharpness", 0, sharp.increase, method=neighbourhood, seconds=seconds),
+                _row(
+                    "hessian", ALL, "epsilon_sharpness_keskar", 0, sharp.keskar, method=neighbourhood, seconds=seconds
+                ),
+            ]
+            say(
+                f"epsilon-sharpness ({neighbourhood}, epsilon {epsilon:g}): loss +{sharp.increase:.4g} "
+                f"(Keskar {sharp.keskar:.4g}; {sharp.gradient_evaluations} gradients, {seconds:.1f} s)"
+            )
     if "pac_bayes" in cfg.flatness:
         for magnitude in (False, True):
             start = time.perf_counter()
-            flat = pac_bayes_sigma(model, probe, bound=cfg.pac_bayes_bound, magnitude_aware=magnitude,
-                                   draws=cfg.pac_bayes_draws, seed=cfg.seed + 23, loss=hessian.loss)
+            flat = pac_bayes_sigma(
+                model,
+                probe,
+                bound=cfg.pac_bayes_bound,
+                magnitude_aware=magnitude,
+                draws=cfg.pac_bayes_draws,
+                seed=cfg.seed + 23,
+                loss=hessian.loss,
+            )
             seconds = time.perf_counter() - start
             method = "magnitude" if magnitude else "isotropic"
             report.rows.append(_row("hessian", ALL, "pac_bayes_sigma", 0, flat.sigma, method=method, seconds=seconds))
-            say(f"PAC-Bayes sigma ({method}): {flat.sigma:.4g} keeps the expected loss within "
-                f"+{cfg.pac_bayes_bound:g} ({flat.loss_evaluations} loss evaluations, {seconds:.1f} s)")
+            say(
+                f"PAC-Bayes sigma ({method}): {flat.sigma:.4g} keeps the expected loss within "
+                f"+{cfg.pac_bayes_bound:g} ({flat.loss_evaluations} loss evaluations, {seconds:.1f} s)"
+            )
+
+
+def eigen_settings(cfg: HessianConfig) -> dict:
+    """The ``hessian`` keys the eigenvectors depend on. Only these go into ``eigenvectors.pt`` (no provenance or
+    timing), so a change of another key (trace, density, GGN) leaves the file's bytes, and the scans that read it,
+    unchanged for DVC."""
+    keep = (
+        "method",
+        "top_k",
+        "lambda_min",
+        "tol",
+        "max_hvps",
+        "power_iters",
+        "hvp",
+        "batch_size",
+        "dtype",
+        "device",
+        "seed",
+    )
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k in keep}

@@ -27,8 +27,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
-from pipeline.curvature.operators import (BN_MODE, CurvatureError, CurvatureOperator, HessianOperator, ProbeSet,
-                                          loss_sum)
+from pipeline.curvature._checks import CurvatureError
+from pipeline.curvature.operators import BN_MODE, CurvatureOperator, HessianOperator, ProbeSet, loss_sum
 
 # --------------------------------------------------------------------------------------------------------------
 # Per-sample gradients and the gradient noise scale
@@ -86,8 +86,9 @@ def _operator(model: nn.Module, probe: ProbeSet, wrt, loss: str) -> HessianOpera
     return HessianOperator(model, probe, wrt=wrt, loss=loss, hvp="double_backward")
 
 
-def per_sample_gradients(model: nn.Module, x: Tensor, y: Tensor, *, loss: str = "cross_entropy",
-                         wrt: list[str] | None = None) -> dict[str, Tensor]:
+def per_sample_gradients(
+    model: nn.Module, x: Tensor, y: Tensor, *, loss: str = "cross_entropy", wrt: list[str] | None = None
+) -> dict[str, Tensor]:
     r"""Gradients :math:`\nabla \ell_i` of each sample's loss (not divided by N), by ``vmap`` over the samples.
 
     Args:
@@ -103,13 +104,19 @@ def per_sample_gradients(model: nn.Module, x: Tensor, y: Tensor, *, loss: str = 
         CurvatureError: unknown loss or names, mismatched ``x``/``y``, a model in training mode.
     """
     op = _operator(model, ProbeSet.from_tensors(x, y, max(len(x), 1)), wrt, loss)
-    (xs, ys), = op.probe.batches
+    ((xs, ys),) = op.probe.batches
     grads, _ = _per_sample_fn(op)(op.point, xs, ys)
     return grads
 
 
-def gradient_noise(model: nn.Module, probe: ProbeSet, *, loss: str = "cross_entropy", wrt: list[str] | None = None,
-                   chunk_size: int | None = None) -> GradientNoise:
+def gradient_noise(
+    model: nn.Module,
+    probe: ProbeSet,
+    *,
+    loss: str = "cross_entropy",
+    wrt: list[str] | None = None,
+    chunk_size: int | None = None,
+) -> GradientNoise:
     r"""Mean gradient, per-sample gradient covariance trace and simple noise scale over the probe set.
 
     .. math::
@@ -157,20 +164,25 @@ def gradient_noise(model: nn.Module, probe: ProbeSet, *, loss: str = "cross_entr
                 chunk_mean = g.mean(dim=0)
                 chunk_deviations += float((g - chunk_mean).pow_(2).sum())
                 delta = chunk_mean.to(torch.float64) - mean[name]
-                shift += float((delta ** 2).sum())
+                shift += float((delta**2).sum())
                 mean[name] += delta * (b / (count + b))
             squared_deviations += chunk_deviations + shift * count * b / (count + b)
             count += b
     n = count
-    grad_norm_sq = float(sum((g ** 2).sum() for g in mean.values()))
+    grad_norm_sq = float(sum((g**2).sum() for g in mean.values()))
     trace = squared_deviations / (n - 1)
     true_norm_sq = grad_norm_sq - trace / n
     return GradientNoise(
-        n=n, loss=loss_total / n, gradient=mean, grad_norm_sq=grad_norm_sq, trace_covariance=trace,
+        n=n,
+        loss=loss_total / n,
+        gradient=mean,
+        grad_norm_sq=grad_norm_sq,
+        trace_covariance=trace,
         noise_scale=trace / grad_norm_sq if grad_norm_sq > 0 else math.inf,
         true_grad_norm_sq=true_norm_sq,
         noise_scale_debiased=trace / true_norm_sq if true_norm_sq > 0 else math.inf,
-        seconds=time.perf_counter() - start)
+        seconds=time.perf_counter() - start,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -184,10 +196,12 @@ def _flat(op: CurvatureOperator, vector: Tensor | Mapping[str, Tensor], what: st
         missing = [n for n in op.names if n not in vector]
         extra = [n for n in vector if n not in op.names]
         if missing or extra:
-            raise CurvatureError(f"{what}: names must be the operator's parameters; missing {missing[:4]}, "
-                                 f"unexpected {extra[:4]}")
-        wrong = [f"{n} {tuple(vector[n].shape)} vs {tuple(s)}" for n, s in zip(op.names, op.shapes)
-                 if vector[n].shape != s]
+            raise CurvatureError(
+                f"{what}: names must be the operator's parameters; missing {missing[:4]}, unexpected {extra[:4]}"
+            )
+        wrong = [
+            f"{n} {tuple(vector[n].shape)} vs {tuple(s)}" for n, s in zip(op.names, op.shapes) if vector[n].shape != s
+        ]
         if wrong:
             raise CurvatureError(f"{what}: shapes differ from the parameters': {', '.join(wrong[:3])}")
         flat = op.flatten({n: vector[n].detach().to(op.device) for n in op.names})
@@ -275,17 +289,24 @@ def _move_to(op: CurvatureOperator, params: Mapping[str, Tensor]) -> None:
         for where in (op.point, op.fixed, op.buffers):
             if name in where:
                 if value.shape != where[name].shape:
-                    raise CurvatureError(f"params: {name} has shape {tuple(value.shape)}, the model's is "
-                                         f"{tuple(where[name].shape)}")
+                    raise CurvatureError(
+                        f"params: {name} has shape {tuple(value.shape)}, the model's is {tuple(where[name].shape)}"
+                    )
                 where[name] = value.detach().to(device=where[name].device, dtype=where[name].dtype).clone()
                 break
         else:
             raise CurvatureError(f"params: unknown name {name!r}; expected the model's parameter or buffer names")
 
 
-def quadratic_step_model(model: nn.Module, probe: ProbeSet, step: Mapping[str, Tensor], *,
-                         params: Mapping[str, Tensor] | None = None, loss: str = "cross_entropy",
-                         hvp: str = "double_backward") -> StepPrediction:
+def quadratic_step_model(
+    model: nn.Module,
+    probe: ProbeSet,
+    step: Mapping[str, Tensor],
+    *,
+    params: Mapping[str, Tensor] | None = None,
+    loss: str = "cross_entropy",
+    hvp: str = "double_backward",
+) -> StepPrediction:
     r"""Predicted and actual change of the probe loss for the step ``step`` taken from the model's parameters.
 
     Cost: one gradient, one Hessian-vector product and two loss evaluations over the probe set. The Hessian and
@@ -318,9 +339,12 @@ def quadratic_step_model(model: nn.Module, probe: ProbeSet, step: Mapping[str, T
     buffers = {n for n, _ in model.named_buffers()}
     unknown = [n for n in step if n not in trainable]
     if unknown:
-        kind = "buffers, not parameters (the step moves parameters only)" if all(n in buffers for n in unknown) \
-            else f"not trainable parameters of the model; it has {', '.join(trainable[:6])}" + \
-            (", ..." if len(trainable) > 6 else "")
+        kind = (
+            "buffers, not parameters (the step moves parameters only)"
+            if all(n in buffers for n in unknown)
+            else f"not trainable parameters of the model; it has {', '.join(trainable[:6])}"
+            + (", ..." if len(trainable) > 6 else "")
+        )
         raise CurvatureError(f"step: {unknown[:4]} are {kind}")
     wrt = [n for n in trainable if n in step]
     if not isinstance(probe, ProbeSet):
@@ -342,9 +366,16 @@ def quadratic_step_model(model: nn.Module, probe: ProbeSet, step: Mapping[str, T
     actual, predicted = after - before, first + second
     step_norm, grad_norm = math.sqrt(step_norm_sq), float(g.norm())
     return StepPrediction(
-        loss_before=before, loss_after=after, actual=actual, first_order=first, second_order=second,
-        predicted=predicted, error=actual - predicted,
+        loss_before=before,
+        loss_after=after,
+        actual=actual,
+        first_order=first,
+        second_order=second,
+        predicted=predicted,
+        error=actual - predicted,
         ratio=actual / predicted if predicted != 0 else math.nan,
-        step_norm=step_norm, gradient_norm=grad_norm,
+        step_norm=step_norm,
+        gradient_norm=grad_norm,
         step_sharpness=curvature / step_norm_sq if step_norm_sq > 0 else math.nan,
-        cosine=-first / (grad_norm * step_norm) if grad_norm * step_norm > 0 else math.nan)
+        cosine=-first / (grad_norm * step_norm) if grad_norm * step_norm > 0 else math.nan,
+    )

@@ -22,7 +22,6 @@ ICLR 2017. Y. Jiang, B. Neyshabur et al., "Fantastic generalization measures and
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -30,7 +29,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from pipeline.curvature.operators import CurvatureError, CurvatureOperator, ProbeSet
+from pipeline.curvature._checks import CurvatureError, check_int, check_nonnegative, check_positive
+from pipeline.curvature.operators import CurvatureOperator, ProbeSet
 
 F64 = torch.float64
 NEIGHBOURHOODS = ("absolute", "relative")
@@ -77,28 +77,10 @@ class NoiseFlatness:
     @property
     def flatness(self) -> float:
         """Jiang et al.'s ``pacbayes.flatness`` (or ``pacbayes.mag.flatness``): :math:`1/\\sigma^2`."""
-        return 1.0 / self.sigma ** 2
+        return 1.0 / self.sigma**2
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-
-def _check_positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-        raise CurvatureError(f"{name}: must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def _check_nonnegative(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
-        raise CurvatureError(f"{name}: must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise CurvatureError(f"{name}: must be an int >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _loss_and_gradient(op: CurvatureOperator, u: Tensor) -> tuple[float, Tensor]:
@@ -122,8 +104,10 @@ def _perturbed_losses(op: CurvatureOperator, deltas: Tensor) -> list[float]:
     (``torch.func.vmap`` over the parameters).
     """
     c = deltas.shape[0]
-    stacked = {n: op.point[n] + chunk.reshape(c, *shape)
-               for n, chunk, shape in zip(op.names, deltas.split(op.numels, dim=1), op.shapes)}
+    stacked = {
+        n: op.point[n] + chunk.reshape(c, *shape)
+        for n, chunk, shape in zip(op.names, deltas.split(op.numels, dim=1), op.shapes)
+    }
     per_draw = torch.zeros(c, dtype=F64, device=op.device)
     with torch.no_grad():
         for x, y in op.probe.batches:
@@ -137,10 +121,20 @@ def _perturbed_losses(op: CurvatureOperator, deltas: Tensor) -> list[float]:
 # ----------------------------------------------------------------------------------------------- ε-sharpness
 
 
-def epsilon_sharpness(model: nn.Module, probe: ProbeSet, *, epsilon: float, neighbourhood: str = "absolute",
-                      steps: int = 20, step_size: float = 2.0, gradient_start: bool = True,
-                      directions: Sequence[Tensor] = (), seed: int = 0, wrt: Sequence[str] | None = None,
-                      loss: str = "cross_entropy") -> Sharpness:
+def epsilon_sharpness(
+    model: nn.Module,
+    probe: ProbeSet,
+    *,
+    epsilon: float,
+    neighbourhood: str = "absolute",
+    steps: int = 20,
+    step_size: float = 2.0,
+    gradient_start: bool = True,
+    directions: Sequence[Tensor] = (),
+    seed: int = 0,
+    wrt: Sequence[str] | None = None,
+    loss: str = "cross_entropy",
+) -> Sharpness:
     r"""Worst-case loss increase in an ε-neighbourhood of the weights, by projected gradient ascent (PGA).
 
     .. math:: \max_{u \in C_\epsilon} L(w + u) - L(w), \qquad
@@ -193,12 +187,12 @@ def epsilon_sharpness(model: nn.Module, probe: ProbeSet, *, epsilon: float, neig
         CurvatureError: a bad argument (the message names it), an unknown ``wrt`` name, a non-repeatable model, or
             a non-finite loss at ``w``.
     """
-    epsilon = _check_positive("epsilon", epsilon)
+    epsilon = check_positive("epsilon", epsilon)
     if neighbourhood not in NEIGHBOURHOODS:
         raise CurvatureError(f"neighbourhood: unknown name {neighbourhood!r}; allowed: {', '.join(NEIGHBOURHOODS)}")
-    steps = _check_int("steps", steps, 1)
-    step_size = _check_positive("step_size", step_size)
-    seed = _check_int("seed", seed, 0)
+    steps = check_int("steps", steps, 1)
+    step_size = check_positive("step_size", step_size)
+    seed = check_int("seed", seed, 0)
     op = CurvatureOperator(model, probe, wrt=wrt, loss=loss)
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
@@ -270,10 +264,19 @@ def epsilon_sharpness(model: nn.Module, probe: ProbeSet, *, epsilon: float, neig
             best_loss, best_u = value, u
 
     increase = best_loss - loss0
-    return Sharpness(neighbourhood=neighbourhood, epsilon=epsilon, loss=loss0, max_loss=best_loss,
-                     increase=increase, keskar=100.0 * increase / (1.0 + loss0), steps=taken_total,
-                     starts=len(starts), gradient_evaluations=evaluations, names=tuple(op.names),
-                     perturbation=best_u.detach().clone())
+    return Sharpness(
+        neighbourhood=neighbourhood,
+        epsilon=epsilon,
+        loss=loss0,
+        max_loss=best_loss,
+        increase=increase,
+        keskar=100.0 * increase / (1.0 + loss0),
+        steps=taken_total,
+        starts=len(starts),
+        gradient_evaluations=evaluations,
+        names=tuple(op.names),
+        perturbation=best_u.detach().clone(),
+    )
 
 
 # ----------------------------------------------------------------------------------------------- PAC-Bayes σ
@@ -285,14 +288,25 @@ def noise_draws(dim: int, draws: int, seed: int) -> Tensor:
     Drawn once from a CPU generator seeded with ``seed``, so they do not depend on the device. A different
     ``draws`` gives different rows throughout (torch fills the whole tensor at once), not a prefix.
     """
-    gen = torch.Generator(device="cpu").manual_seed(_check_int("seed", seed, 0))
-    return torch.randn(_check_int("draws", draws, 1), _check_int("dim", dim, 1), generator=gen, dtype=F64)
+    gen = torch.Generator(device="cpu").manual_seed(check_int("seed", seed, 0))
+    return torch.randn(check_int("draws", draws, 1), check_int("dim", dim, 1), generator=gen, dtype=F64)
 
 
-def pac_bayes_sigma(model: nn.Module, probe: ProbeSet, *, bound: float = 0.1, magnitude_aware: bool = False,
-                    magnitude_epsilon: float = 1e-3, draws: int = 10, rtol: float = 1e-2,
-                    sigma_start: float = 1e-2, draws_per_pass: int = 1, seed: int = 0,
-                    wrt: Sequence[str] | None = None, loss: str = "cross_entropy") -> NoiseFlatness:
+def pac_bayes_sigma(
+    model: nn.Module,
+    probe: ProbeSet,
+    *,
+    bound: float = 0.1,
+    magnitude_aware: bool = False,
+    magnitude_epsilon: float = 1e-3,
+    draws: int = 10,
+    rtol: float = 1e-2,
+    sigma_start: float = 1e-2,
+    draws_per_pass: int = 1,
+    seed: int = 0,
+    wrt: Sequence[str] | None = None,
+    loss: str = "cross_entropy",
+) -> NoiseFlatness:
     r"""The largest Gaussian noise scale σ whose expected loss increase stays within ``bound``, by bisection.
 
     .. math:: \hat\Delta(\sigma) = \frac1K \sum_{k=1}^K L(w + \sigma\, s \odot z_k) - L(w) \le \text{bound}
@@ -346,18 +360,18 @@ def pac_bayes_sigma(model: nn.Module, probe: ProbeSet, *, bound: float = 0.1, ma
             non-finite loss at ``w``, or no bracket within 40 decades of ``sigma_start`` (e.g. a loss that stays
             within the bound for any noise).
     """
-    bound = _check_positive("bound", bound)
-    magnitude_epsilon = _check_nonnegative("magnitude_epsilon", magnitude_epsilon) if magnitude_aware else 0.0
-    draws = _check_int("draws", draws, 1)
-    rtol = _check_positive("rtol", rtol)
-    sigma_start = _check_positive("sigma_start", sigma_start)
-    draws_per_pass = _check_int("draws_per_pass", draws_per_pass, 1)
-    seed = _check_int("seed", seed, 0)
+    bound = check_positive("bound", bound)
+    magnitude_epsilon = check_nonnegative("magnitude_epsilon", magnitude_epsilon) if magnitude_aware else 0.0
+    draws = check_int("draws", draws, 1)
+    rtol = check_positive("rtol", rtol)
+    sigma_start = check_positive("sigma_start", sigma_start)
+    draws_per_pass = check_int("draws_per_pass", draws_per_pass, 1)
+    seed = check_int("seed", seed, 0)
     op = CurvatureOperator(model, probe, wrt=wrt, loss=loss)
 
     z = noise_draws(op.dim, draws, seed).to(op.device)
     if magnitude_aware:
-        z = z * torch.sqrt(op.flatten(op.point) ** 2 + magnitude_epsilon ** 2)
+        z = z * torch.sqrt(op.flatten(op.point) ** 2 + magnitude_epsilon**2)
     noise = z.to(op.dtype)  # (K, dim): s ⊙ z_k, scaled by σ at each evaluation
     loss0 = _perturbed_losses(op, torch.zeros(1, op.dim, dtype=op.dtype, device=op.device))[0]
     if not math.isfinite(loss0):
@@ -379,8 +393,10 @@ def pac_bayes_sigma(model: nn.Module, probe: ProbeSet, *, bound: float = 0.1, ma
         if bracketing == _BRACKET_EVALUATIONS:
             side = "stays within" if hi is None else "exceeds"
             tried = sigma / _BRACKET_FACTOR if hi is None else sigma * _BRACKET_FACTOR
-            raise CurvatureError(f"pac_bayes_sigma: the expected loss increase {side} bound={bound} for every sigma "
-                                 f"tried from {sigma_start:g} to {tried:g}; no crossing to bisect")
+            raise CurvatureError(
+                f"pac_bayes_sigma: the expected loss increase {side} bound={bound} for every sigma "
+                f"tried from {sigma_start:g} to {tried:g}; no crossing to bisect"
+            )
         value = increase(sigma)
         bracketing += 1
         if feasible(value):  # go up until infeasible (lo only grows, so the bracket is lo < hi)
@@ -402,6 +418,16 @@ def pac_bayes_sigma(model: nn.Module, probe: ProbeSet, *, bound: float = 0.1, ma
         else:
             hi = (mid, value)
 
-    return NoiseFlatness(sigma=lo[0], sigma_upper=hi[0], increase=lo[1], loss=loss0, bound=bound,
-                         magnitude_aware=magnitude_aware, magnitude_epsilon=magnitude_epsilon, draws=draws,
-                         iterations=iterations, bracket_evaluations=bracketing, loss_evaluations=evaluations)
+    return NoiseFlatness(
+        sigma=lo[0],
+        sigma_upper=hi[0],
+        increase=lo[1],
+        loss=loss0,
+        bound=bound,
+        magnitude_aware=magnitude_aware,
+        magnitude_epsilon=magnitude_epsilon,
+        draws=draws,
+        iterations=iterations,
+        bracket_evaluations=bracketing,
+        loss_evaluations=evaluations,
+    )

@@ -3,7 +3,7 @@
 The loss is the mean over the *whole* probe set, :math:`L(\\theta) = \\frac1N \\sum_{i=1}^N \\ell(f(x_i;\\theta), y_i)`,
 whatever its split into batches: each batch contributes its per-sample *sum* divided by the total ``N``, so batches of
 unequal size are weighted exactly (no mean of batch means). The operators act on flat ``float64`` vectors, so the
-solvers in :mod:`pipeline.curvature.spectral` see only ``matvec`` and ``dim``.
+solvers in :mod:`pipeline.curvature.eigen` see only ``matvec`` and ``dim``.
 
 Parameters are a ``dict[str, Tensor]`` evaluated through ``torch.func.functional_call``; the module is never
 mutated. Buffers (BatchNorm statistics) are passed as clones, and a repeatability probe at construction refuses a
@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
+from pipeline.curvature._checks import CurvatureError
+
 # torch's forward-mode decompositions script themselves on first use and warn about torch.jit.script (torch's own
 # internals, nothing to act on here); keep the users' logs clean.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
@@ -39,10 +41,6 @@ warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
 HVP_IMPLEMENTATIONS = ("reverse_over_reverse", "forward_over_reverse", "double_backward")
 LOSSES = ("cross_entropy", "mse")
 BN_MODE = "eval"  # BatchNorm uses its running statistics; recorded with every result
-
-
-class CurvatureError(ValueError):
-    """The operator cannot be built as asked (non-repeatable model, unknown names, empty probe set)."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -59,7 +57,9 @@ class ProbeSet:
     @classmethod
     def from_tensors(cls, x: Tensor, y: Tensor, batch_size: int) -> "ProbeSet":
         if len(x) != len(y) or len(x) == 0:
-            raise CurvatureError(f"probe set: need as many targets as inputs (> 0), got {len(x)} inputs, {len(y)} targets")
+            raise CurvatureError(
+                f"probe set: need as many targets as inputs (> 0), got {len(x)} inputs, {len(y)} targets"
+            )
         if batch_size < 1:
             raise CurvatureError(f"probe set: batch_size must be >= 1, got {batch_size}")
         return cls(tuple(zip(x.split(batch_size), y.split(batch_size))))
@@ -69,8 +69,12 @@ class ProbeSet:
         return sum(len(x) for x, _ in self.batches)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "ProbeSet":
-        return ProbeSet(tuple((x.to(device=device, dtype=dtype if x.is_floating_point() else None), y.to(device))
-                              for x, y in self.batches))
+        return ProbeSet(
+            tuple(
+                (x.to(device=device, dtype=dtype if x.is_floating_point() else None), y.to(device))
+                for x, y in self.batches
+            )
+        )
 
 
 def loss_sum(outputs: Tensor, targets: Tensor, loss: str) -> Tensor:
@@ -83,8 +87,11 @@ def loss_sum(outputs: Tensor, targets: Tensor, loss: str) -> Tensor:
     if loss == "cross_entropy":
         return F.cross_entropy(outputs, targets, reduction="sum")
     if loss == "mse":
-        target = targets.to(outputs.dtype).reshape(outputs.shape) if targets.is_floating_point() \
+        target = (
+            targets.to(outputs.dtype).reshape(outputs.shape)
+            if targets.is_floating_point()
             else F.one_hot(targets, outputs.shape[-1]).to(outputs.dtype)
+        )
         return ((outputs - target) ** 2).sum()
     raise CurvatureError(f"loss: unknown name {loss!r}; allowed: {', '.join(LOSSES)}")
 
@@ -160,8 +167,10 @@ class EvalBatchNorm(nn.Module):
 def eval_batchnorm_view(model: nn.Module) -> nn.Module:
     """``model`` itself when it has no BatchNorm in eval mode, else a shallow copy whose eval-mode BatchNorms are
     :class:`EvalBatchNorm` (sharing the same parameter and buffer tensors; the original module is not modified)."""
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training and m.track_running_stats
-               for m in model.modules()):
+    if not any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training and m.track_running_stats
+        for m in model.modules()
+    ):
         return model
     import copy
 
@@ -186,8 +195,15 @@ class CurvatureOperator:
 
     kind = "operator"
 
-    def __init__(self, model: nn.Module, probe: ProbeSet, *, wrt: Sequence[str] | None = None,
-                 loss: str = "cross_entropy", check: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        probe: ProbeSet,
+        *,
+        wrt: Sequence[str] | None = None,
+        loss: str = "cross_entropy",
+        check: bool = True,
+    ):
         if loss not in LOSSES:
             raise CurvatureError(f"loss: unknown name {loss!r}; allowed: {', '.join(LOSSES)}")
         if probe.size == 0:
@@ -276,13 +292,17 @@ class CurvatureOperator:
             second = functional_call(self.model, {**self.fixed, **self.point, **buffers}, (x,))
         moved = [n for n, b in buffers.items() if b.is_floating_point() and not torch.equal(b, self.buffers[n])]
         if moved or not torch.equal(first, second):
-            culprits = [f"{type(m).__name__} '{name}'" for name, m in self.module.named_modules()
-                        if m.training and isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))]
+            culprits = [
+                f"{type(m).__name__} '{name}'"
+                for name, m in self.module.named_modules()
+                if m.training and isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))
+            ]
             why = "forward updates buffers " + ", ".join(moved[:3]) if moved else "two forward passes differ"
             raise CurvatureError(
                 f"curvature matvec is not repeatable ({why}); modules in training mode: "
                 f"{', '.join(culprits[:4]) or 'none found'}; put the model in eval mode (BatchNorm statistics fixed, "
-                "no dropout) before computing curvature")
+                "no dropout) before computing curvature"
+            )
 
 
 class HessianOperator(CurvatureOperator):
@@ -299,8 +319,16 @@ class HessianOperator(CurvatureOperator):
 
     kind = "hessian"
 
-    def __init__(self, model: nn.Module, probe: ProbeSet, *, wrt: Sequence[str] | None = None,
-                 loss: str = "cross_entropy", hvp: str = "reverse_over_reverse", check: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        probe: ProbeSet,
+        *,
+        wrt: Sequence[str] | None = None,
+        loss: str = "cross_entropy",
+        hvp: str = "reverse_over_reverse",
+        check: bool = True,
+    ):
         if hvp not in HVP_IMPLEMENTATIONS:
             raise CurvatureError(f"hvp: unknown implementation {hvp!r}; allowed: {', '.join(HVP_IMPLEMENTATIONS)}")
         super().__init__(model, probe, wrt=wrt, loss=loss, check=check)
@@ -345,7 +373,8 @@ class HessianOperator(CurvatureOperator):
 
 
 class GGNOperator(CurvatureOperator):
-    """Generalised Gauss-Newton matrix :math:`G = \\frac1N \\sum_i J_i^\\top \\nabla^2_f \\ell_i \\, J_i` (positive semi-definite).
+    """Generalised Gauss-Newton matrix :math:`G = \\frac1N \\sum_i J_i^\\top \\nabla^2_f \\ell_i \\, J_i`
+    (positive semi-definite).
 
     ``J_i`` is the Jacobian of the network output for sample ``i`` with respect to the parameters ``wrt``. Each
     product: :math:`J v` by forward mode (``torch.func.jvp``), the loss Hessian in closed form, and :math:`J^\\top`
@@ -354,8 +383,15 @@ class GGNOperator(CurvatureOperator):
 
     kind = "ggn"
 
-    def __init__(self, model: nn.Module, probe: ProbeSet, *, wrt: Sequence[str] | None = None,
-                 loss: str = "cross_entropy", check: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        probe: ProbeSet,
+        *,
+        wrt: Sequence[str] | None = None,
+        loss: str = "cross_entropy",
+        check: bool = True,
+    ):
         super().__init__(model, probe, wrt=wrt, loss=loss, check=check)
         self._graphs: list[tuple[list[Tensor], Tensor]] | None = None
 

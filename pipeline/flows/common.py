@@ -7,8 +7,12 @@ import sys
 from typing import Any, Callable
 
 from prefect import task
-from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
-                               update_progress_artifact)
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
@@ -18,11 +22,6 @@ quiet_user_errors_on_console()  # Prefect set up its console handler on import: 
 
 # DVC caches the outputs; Prefect must not cache or persist task results on top of it.
 unit_of_work = task(cache_policy=NO_CACHE, persist_result=False)
-
-
-def server_lost() -> str | None:
-    """The API URL of the Prefect server that went away during this stage, or None."""
-    return SERVER_LOST[0] if SERVER_LOST else None
 
 
 def _api_call(fn: Callable[..., Any], *args, **kwargs) -> Any:
@@ -56,10 +55,12 @@ class Progress:
 
     def __init__(self, total: int, initial: int, description: str, unit: str):
         self.total = max(total, 1)
-        self.bar = tqdm(total=total, initial=initial, desc=description, unit=unit, file=sys.stderr,
-                        dynamic_ncols=True, disable=None)
-        self.artifact_id = _api_call(create_progress_artifact, progress=100.0 * initial / self.total,
-                                     description=f"{description}: {unit}s done")
+        self.bar = tqdm(
+            total=total, initial=initial, desc=description, unit=unit, file=sys.stderr, dynamic_ncols=True, disable=None
+        )
+        self.artifact_id = _api_call(
+            create_progress_artifact, progress=100.0 * initial / self.total, description=f"{description}: {unit}s done"
+        )
         self.done = initial
 
     def advance(self, n: int = 1, postfix: dict | None = None) -> None:

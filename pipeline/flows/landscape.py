@@ -17,24 +17,36 @@ import torch
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 
-from pipeline.checkpoints import (expected_fingerprint, load_verified, model_from_checkpoint, parameters_finite,
-                                  require_checkpoints)
 from pipeline.config import LandscapeConfig, Params, resolve_device
 from pipeline.curvature.operators import ProbeSet
 from pipeline.data import DataError, PreparedData, load_prepared
-
 from pipeline.flows.common import Progress, table_artifact, unit_of_work
-from pipeline.io import save_torch, write_json
+from pipeline.io import plot_placeholder, save_torch, write_json
+from pipeline.landscape import tiles
 from pipeline.landscape.directions import direction_id
-from pipeline.landscape.evaluate import choose_chunk, choose_layout, evaluate_points
-from pipeline.landscape.figures import (plot_interpolation, plot_interpolations_side_by_side, plot_placeholder,
-                                        plot_surface, plot_surfaces_side_by_side)
-from pipeline.landscape.plan import (LineScan, curvature_at, curvature_coords, line_scans, plane_directions, state,
-                                     surface_coords)
-from pipeline.landscape.scan import Tile, TileStore, barrier, make_tiles, max_rise, scan_fingerprint
+from pipeline.landscape.engine import choose_chunk, choose_layout
+from pipeline.landscape.figures import plot_interpolation, plot_surface
+from pipeline.landscape.measures import path_summary, surface_summary
+from pipeline.landscape.plan import curvature_at, curvature_coords, line_scans, plane_directions, state, surface_coords
+from pipeline.landscape.tiles import Job, Tile, TileStore, scan_fingerprint
 from pipeline.provenance import provenance
-from pipeline.tables import INTERPOLATION_1D, SURFACE_2D, SURFACE_CURVATURE, write_table
-
+from pipeline.tables import (
+    ARTIFACT_FORMAT,
+    EIGENVECTORS,
+    INTERPOLATE_DIRECTIONS,
+    INTERPOLATION_1D,
+    SURFACE_2D,
+    SURFACE_CURVATURE,
+    SURFACE_DIRECTIONS,
+    write_table,
+)
+from pipeline.training.checkpoints import (
+    expected_fingerprint,
+    load_verified,
+    model_from_checkpoint,
+    parameters_finite,
+    require_checkpoints,
+)
 
 # --------------------------------------------------------------------------------------------------------------
 # Executors
@@ -52,8 +64,15 @@ def task_runner(cfg: LandscapeConfig):
     logging.getLogger("distributed").setLevel(logging.WARNING)  # per-worker and per-connection lines at INFO
     if cfg.scheduler:
         return DaskTaskRunner(address=cfg.scheduler)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.workers, "threads_per_worker": 1, "processes": True,
-                                          "host": "127.0.0.1", "dashboard_address": None})
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": cfg.workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "host": "127.0.0.1",
+            "dashboard_address": None,
+        }
+    )
 
 
 def _worker_threads(cfg: LandscapeConfig) -> int | None:
@@ -68,81 +87,114 @@ def _loss(payload: dict) -> str:
     return payload["config"]["train"].get("loss", "cross_entropy")
 
 
-@dataclasses.dataclass
-class Job:
-    """One scan to evaluate tile by tile: ``theta = params + sum_j coords[:, j] d_j`` on ``(x, y)``."""
-
-    name: str  # task-name prefix, e.g. "random-train"
-    model: torch.nn.Module
-    params: dict
-    buffers: dict
-    directions: list
-    buffer_directions: list | None
-    coords: torch.Tensor
-    x: torch.Tensor
-    y: torch.Tensor
-    store: TileStore
-    loss: str = "cross_entropy"  # the run's training loss (train.loss)
-
-
 @unit_of_work
-def evaluate_tile(model, params, buffers, directions, buffer_directions, coords, x, y, tile: Tile, chunk: int,
-                  batch_size: int, channels_last: bool, threads: int | None,
-                  loss: str = "cross_entropy") -> tuple[int, torch.Tensor, torch.Tensor]:
-    """Loss and accuracy at the rows of one tile (the unit of work of a scan)."""
+def evaluate_tile(
+    model,
+    params,
+    buffers,
+    directions,
+    buffer_directions,
+    coords,
+    x,
+    y,
+    tile: Tile,
+    chunk: int,
+    batch_size: int,
+    channels_last: bool,
+    threads: int | None,
+    loss: str = "cross_entropy",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and accuracy at the rows of one tile (the unit of work of a scan: :func:`tiles.evaluate_tile`)."""
     if threads is not None:
         torch.set_num_threads(threads)
-    loss, accuracy = evaluate_points(model, params, buffers, directions, coords[tile.rows], x, y,
-                                     batch_size=batch_size, chunk=chunk, buffer_directions=buffer_directions,
-                                     channels_last=channels_last, loss=loss)
-    return tile.index, loss, accuracy
+    return tiles.evaluate_tile(
+        model,
+        params,
+        buffers,
+        directions,
+        coords,
+        x,
+        y,
+        tile,
+        batch_size=batch_size,
+        chunk=chunk,
+        buffer_directions=buffer_directions,
+        loss=loss,
+        channels_last=channels_last,
+    )
+
+
+def _on_dask(evaluate, pending):
+    """:func:`tiles.run_tiles`'s executor on a Dask cluster: every tile submitted at once, taken as it finishes."""
+    futures = {evaluate(job, tile, submit=True): (job, tile) for job, tile in pending}
+    for future in as_completed(list(futures)):
+        job, tile = futures[future]
+        yield (job, tile, *future.result())
 
 
 def run_jobs(jobs: Sequence[Job], cfg: LandscapeConfig, *, chunk: int, channels_last: bool, description: str) -> dict:
-    """Evaluate every missing tile of ``jobs`` (one task each; finished tiles are saved as they arrive, so an
-    interrupted scan resumes) and return ``{job name: (loss, accuracy)}`` assembled from the stores."""
+    """Evaluate every missing tile of ``jobs`` (one task each, through :func:`tiles.run_tiles`: finished tiles are
+    saved as they arrive, so an interrupted scan resumes) and return ``{job name: (loss, accuracy)}``."""
     logger = get_run_logger()
-    tiles = {job.name: make_tiles(len(job.coords), cfg.tile_size) for job in jobs}
-    total = sum(len(t) for t in tiles.values())
-    pending = [(job, tile) for job in jobs for tile in tiles[job.name] if tile.index not in job.store.done()]
-    found = total - len(pending)
-    if found:
-        logger.info("%s: %d of %d tiles found on disk (resuming)", description, found, total)
-    progress = Progress(total, found, description, "tile")
     threads = _worker_threads(cfg)
-    start = time.perf_counter()
-
-    def call(job: Job, tile: Tile):
-        return evaluate_tile.with_options(task_run_name=f"{job.name}-tile-{tile.index:04d}")
-
-    def arguments(job: Job, tile: Tile) -> tuple:
-        return (job.model, job.params, job.buffers, job.directions, job.buffer_directions, job.coords, job.x, job.y,
-                tile, chunk, cfg.batch_size, channels_last, threads, job.loss)
-
+    progress: list[Progress] = []
     points = 0
+
+    def evaluate(job: Job, tile: Tile, submit: bool = False):
+        task = evaluate_tile.with_options(task_run_name=f"{job.name}-tile-{tile.index:04d}")
+        arguments = (
+            job.model,
+            job.params,
+            job.buffers,
+            job.directions,
+            job.buffer_directions,
+            job.coords,
+            job.x,
+            job.y,
+            tile,
+            chunk,
+            cfg.batch_size,
+            channels_last,
+            threads,
+            job.loss,
+        )
+        return task.submit(*arguments) if submit else task(*arguments)
+
+    def on_start(found: int, total: int) -> None:
+        if found:
+            logger.info("%s: %d of %d tiles found on disk (resuming)", description, found, total)
+        progress.append(Progress(total, found, description, "tile"))
+
+    def on_tile(tile: Tile, done: int, total: int) -> None:
+        nonlocal points
+        points += len(tile)
+        progress[0].advance(1)
+
+    start = time.perf_counter()
     try:
-        if cfg.executor == "dask":
-            futures = {call(job, tile).submit(*arguments(job, tile)): (job, tile) for job, tile in pending}
-            for future in as_completed(list(futures)):
-                job, tile = futures[future]
-                _, loss, accuracy = future.result()
-                job.store.save(tile, loss, accuracy)
-                points += len(tile)
-                progress.advance(1)
-        else:
-            for job, tile in pending:
-                _, loss, accuracy = call(job, tile)(*arguments(job, tile))
-                job.store.save(tile, loss, accuracy)
-                points += len(tile)
-                progress.advance(1)
+        results = tiles.run_tiles(
+            jobs,
+            cfg.tile_size,
+            evaluate,
+            execute=_on_dask if cfg.executor == "dask" else tiles.in_order,
+            on_start=on_start,
+            on_tile=on_tile,
+        )
     finally:
-        progress.close()
+        if progress:
+            progress[0].close()
     seconds = time.perf_counter() - start
     if points:
-        logger.info("%s: %d points in %.1f s (%.1f points/s, chunk %d%s, %s)", description, points, seconds,
-                    points / seconds, chunk, ", channels-last" if channels_last else "",
-                    f"dask {cfg.scheduler or f'LocalCluster x{cfg.workers}'}" if cfg.executor == "dask" else "local")
-    results = {job.name: job.store.load_all(len(job.coords)) for job in jobs}
+        logger.info(
+            "%s: %d points in %.1f s (%.1f points/s, chunk %d%s, %s)",
+            description,
+            points,
+            seconds,
+            points / seconds,
+            chunk,
+            ", channels-last" if channels_last else "",
+            f"dask {cfg.scheduler or f'LocalCluster x{cfg.workers}'}" if cfg.executor == "dask" else "local",
+        )
     results["_timing"] = {"points": points, "seconds": seconds}
     return results
 
@@ -152,12 +204,17 @@ def run_jobs(jobs: Sequence[Job], cfg: LandscapeConfig, *, chunk: int, channels_
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _final_model(checkpoint_dir: Path, params: Params, run_name: str, data: PreparedData, fingerprint: str, *,
-                 stage: str = "train"):
+def _final_model(
+    checkpoint_dir: Path, params: Params, run_name: str, data: PreparedData, fingerprint: str, *, stage: str = "train"
+):
     """The verified checkpoints of ``stage@run_name``, the newest's payload and its model (one-line DataError when
     a checkpoint is torn, foreign or not in the manifest)."""
-    entries = require_checkpoints(checkpoint_dir, run_name, stage=stage,
-                                  expected_fingerprint=expected_fingerprint(params, run_name, fingerprint, stage=stage))
+    entries = require_checkpoints(
+        checkpoint_dir,
+        run_name,
+        stage=stage,
+        expected_fingerprint=expected_fingerprint(params, run_name, fingerprint, stage=stage),
+    )
     payload = load_verified(checkpoint_dir, entries[-1], run_name, stage=stage)
     return entries, payload, model_from_checkpoint(payload, data, data_fingerprint=fingerprint)
 
@@ -186,14 +243,21 @@ def _inputs(params: Params, run_name: str, data_dir: Path, checkpoint_dir: Path)
     return Inputs(data, fingerprint, device, entries, payload, final)
 
 
-def _record_diverged(inputs: Inputs, run_name: str, tables: dict, metrics_path: Path, figures: list[Path],
-                     work_dir: Path, directions_path: Path) -> dict:
+def _record_diverged(
+    inputs: Inputs,
+    run_name: str,
+    tables: dict,
+    metrics_path: Path,
+    figures: list[Path],
+    work_dir: Path,
+    directions_path: Path,
+) -> dict:
     """A run whose final weights are not finite has no landscape: empty tables, a status in the metrics, and
     figures that say so (every declared output exists, and ``dvc repro`` goes on with the other runs)."""
     message = f"diverged (status {inputs.payload['status']}): no finite final weights, no landscape"
     get_run_logger().warning("%s: %s", run_name, message)
     Path(work_dir).mkdir(parents=True, exist_ok=True)
-    save_torch(directions_path, {"format": 1, "run": run_name, "status": "diverged", "directions": {}})
+    save_torch(directions_path, {"format": ARTIFACT_FORMAT, "run": run_name, "status": "diverged", "directions": {}})
     for path, schema in tables.items():
         write_table(pd.DataFrame(columns=schema.names), path, schema, {"provenance": provenance()})
     for path in figures:
@@ -204,7 +268,7 @@ def _record_diverged(inputs: Inputs, run_name: str, tables: dict, metrics_path: 
 
 
 def _eigenvectors(vectors_dir: Path, run_name: str, final_payload: dict) -> dict:
-    path = Path(vectors_dir) / "eigenvectors.pt"
+    path = Path(vectors_dir) / EIGENVECTORS
     if not path.is_file():
         raise DataError(f"{path}: missing; run `dvc repro hessian@{run_name}` first")
     try:
@@ -214,8 +278,10 @@ def _eigenvectors(vectors_dir: Path, run_name: str, final_payload: dict) -> dict
     if not isinstance(payload, dict) or "vectors" not in payload:
         raise DataError(f"{path}: not an eigenvector file; rerun `dvc repro hessian@{run_name}`")
     if payload.get("epoch") != final_payload["epoch"]:
-        raise DataError(f"{path}: eigenvectors of epoch {payload.get('epoch')}, but the final checkpoint is epoch "
-                        f"{final_payload['epoch']}; run `dvc repro hessian@{run_name}`")
+        raise DataError(
+            f"{path}: eigenvectors of epoch {payload.get('epoch')}, but the final checkpoint is epoch "
+            f"{final_payload['epoch']}; run `dvc repro hessian@{run_name}`"
+        )
     return payload
 
 
@@ -244,18 +310,23 @@ def _warn(logger):
     return lambda message: logger.warning("%s", message)
 
 
-def _finite(value: float) -> float | None:
-    return value if isinstance(value, float) and math.isfinite(value) else None
-
-
 # --------------------------------------------------------------------------------------------------------------
 # interpolate
 # --------------------------------------------------------------------------------------------------------------
 
 
 @flow(name="interpolate", flow_run_name="interpolate-{run_name}")
-def interpolate_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: Path, partner_dir: Path,
-                     vectors_dir: Path, tables_dir: Path, work_dir: Path, figures_dir: Path) -> dict:
+def interpolate_flow(
+    params: Params,
+    run_name: str,
+    data_dir: Path,
+    checkpoint_dir: Path,
+    partner_dir: Path,
+    vectors_dir: Path,
+    tables_dir: Path,
+    work_dir: Path,
+    figures_dir: Path,
+) -> dict:
     """1-D scans of run ``run_name`` around its final checkpoint: init -> final, a filter-normalised random
     direction, the top Hessian eigenvector, and the path to the run retrained from another seed (with its loss
     barrier), each on the splits of ``params.landscape.splits``."""
@@ -263,13 +334,20 @@ def interpolate_flow(params: Params, run_name: str, data_dir: Path, checkpoint_d
     cfg = params.landscape
     inputs = _inputs(params, run_name, data_dir, checkpoint_dir)
     if inputs.diverged:
-        return _record_diverged(inputs, run_name, {Path(tables_dir) / "interpolation_1d.parquet": INTERPOLATION_1D},
-                                Path(tables_dir) / "interpolate_metrics.json", [Path(figures_dir) / "interpolation_1d.png"],
-                                Path(work_dir), Path(work_dir).parent / "interpolate_directions.pt")
+        return _record_diverged(
+            inputs,
+            run_name,
+            {Path(tables_dir) / "interpolation_1d.parquet": INTERPOLATION_1D},
+            Path(tables_dir) / "interpolate_metrics.json",
+            [Path(figures_dir) / "interpolation_1d.png"],
+            Path(work_dir),
+            Path(work_dir).parent / INTERPOLATE_DIRECTIONS,
+        )
     data, fingerprint, device = inputs.data, inputs.fingerprint, inputs.device
     entries, final_payload, final = inputs.entries, inputs.payload, inputs.final
-    init = model_from_checkpoint(load_verified(checkpoint_dir, entries[0], run_name), data,
-                                 data_fingerprint=fingerprint)
+    init = model_from_checkpoint(
+        load_verified(checkpoint_dir, entries[0], run_name), data, data_fingerprint=fingerprint
+    )
     _, partner_payload, partner = _final_model(partner_dir, params, run_name, data, fingerprint, stage="partner")
     eigen = _eigenvectors(vectors_dir, run_name, final_payload)
     final, init, partner = (m.to(device) for m in (final, init, partner))
@@ -279,83 +357,146 @@ def interpolate_flow(params: Params, run_name: str, data_dir: Path, checkpoint_d
 
     splits = {"train": data.train_tensors, "test": data.test_tensors}
     tensors = {name: tuple(t.to(device) for t in splits[name]()) for name in cfg.splits}
-    engine_key = scan_fingerprint(final=final_payload["fingerprint"], data=fingerprint, device=str(device),
-                                  batch_size=cfg.batch_size, split=cfg.splits[0])
-    chunk, channels_last = _engine_choice(final, params_final, buffers_final, tensors[cfg.splits[0]][0], cfg,
-                                          Path(work_dir), engine_key)
-    logger.info("%s: %d scans x %d splits; chunk %d, %s; partner trained with seed %d (test accuracy %.4f)",
-                run_name, len(scans), len(cfg.splits), chunk, "channels-last" if channels_last else "default layout",
-                partner_payload["config"]["train"]["seed"],
-                next((r["test_accuracy"] for r in reversed(partner_payload["history"]) if r.get("scope") == "epoch"),
-                     math.nan))
+    engine_key = scan_fingerprint(
+        final=final_payload["fingerprint"],
+        data=fingerprint,
+        device=str(device),
+        batch_size=cfg.batch_size,
+        split=cfg.splits[0],
+    )
+    chunk, channels_last = _engine_choice(
+        final, params_final, buffers_final, tensors[cfg.splits[0]][0], cfg, Path(work_dir), engine_key
+    )
+    logger.info(
+        "%s: %d scans x %d splits; chunk %d, %s; partner trained with seed %d (test accuracy %.4f)",
+        run_name,
+        len(scans),
+        len(cfg.splits),
+        chunk,
+        "channels-last" if channels_last else "default layout",
+        partner_payload["config"]["train"]["seed"],
+        next((r["test_accuracy"] for r in reversed(partner_payload["history"]) if r.get("scope") == "epoch"), math.nan),
+    )
     weights_digest = scan_fingerprint(**params_final, **buffers_final)  # the weights themselves, not their config
     jobs = []
     for scan in scans:
         for split, (x, y) in tensors.items():
-            key = scan_fingerprint(run=run_name, path=scan.path, direction=scan.direction_id, coords=scan.coords,
-                                   split=split, data=fingerprint, final=final_payload["fingerprint"],
-                                   weights=weights_digest,
-                                   final_epoch=final_payload["epoch"], tile_size=cfg.tile_size,
-                                   batch_size=cfg.batch_size, buffers=scan.buffer_direction is not None,
-                                   other=scan_fingerprint(**scan.buffer_direction or {}) if scan.buffer_direction
-                                   else None)
-            jobs.append(Job(f"{scan.path}-{split}", final, params_final, buffers_final, [scan.direction],
-                            [scan.buffer_direction] if scan.buffer_direction else None, scan.coords, x, y,
-                            TileStore(Path(work_dir) / f"{scan.path}_{split}", key, warn=_warn(logger)),
-                            _loss(final_payload)))
+            key = scan_fingerprint(
+                run=run_name,
+                path=scan.path,
+                direction=scan.direction_id,
+                coords=scan.coords,
+                split=split,
+                data=fingerprint,
+                final=final_payload["fingerprint"],
+                weights=weights_digest,
+                final_epoch=final_payload["epoch"],
+                tile_size=cfg.tile_size,
+                batch_size=cfg.batch_size,
+                buffers=scan.buffer_direction is not None,
+                other=scan_fingerprint(**scan.buffer_direction or {}) if scan.buffer_direction else None,
+            )
+            jobs.append(
+                Job(
+                    f"{scan.path}-{split}",
+                    final,
+                    params_final,
+                    buffers_final,
+                    [scan.direction],
+                    [scan.buffer_direction] if scan.buffer_direction else None,
+                    scan.coords,
+                    x,
+                    y,
+                    TileStore(Path(work_dir) / f"{scan.path}_{split}", key, warn=_warn(logger)),
+                    _loss(final_payload),
+                )
+            )
     results = run_jobs(jobs, cfg, chunk=chunk, channels_last=channels_last, description=f"interpolate {run_name}")
 
     rows, summary = [], {"splits": list(cfg.splits)}
     for scan in scans:
         for split in cfg.splits:
             loss, accuracy = results[f"{scan.path}-{split}"]
-            rows += [{"run": run_name, "path": scan.path, "direction": scan.direction_id, "alpha": float(a),
-                      "distance": float(d), "split": split, "loss": float(l), "accuracy": float(c)}
-                     for a, d, l, c in zip(scan.alpha, scan.distance, loss, accuracy)]
-            summary.setdefault(scan.path, {})[split] = _path_summary(scan, loss, accuracy)
+            rows += [
+                {
+                    "run": run_name,
+                    "path": scan.path,
+                    "direction": scan.direction_id,
+                    "alpha": float(a),
+                    "distance": float(d),
+                    "split": split,
+                    "loss": float(v),
+                    "accuracy": float(c),
+                }
+                for a, d, v, c in zip(scan.alpha, scan.distance, loss, accuracy)
+            ]
+            summary.setdefault(scan.path, {})[split] = path_summary(scan, loss, accuracy)
         summary[scan.path]["length"] = scan.info.get("length")
     table = pd.DataFrame(rows, columns=INTERPOLATION_1D.names)
-    metadata = {"provenance": provenance(), "landscape": dataclasses.asdict(cfg), "data_fingerprint": fingerprint,
-                "checkpoint": entries[-1]["file"], "chunk": chunk, "channels_last": channels_last,
-                "directions": {s.path: {"id": s.direction_id, **s.info} for s in scans}}
+    metadata = {
+        "provenance": provenance(),
+        "landscape": dataclasses.asdict(cfg),
+        "data_fingerprint": fingerprint,
+        "checkpoint": entries[-1]["file"],
+        "chunk": chunk,
+        "channels_last": channels_last,
+        "directions": {s.path: {"id": s.direction_id, **s.info} for s in scans},
+    }
     write_table(table, Path(tables_dir) / "interpolation_1d.parquet", INTERPOLATION_1D, metadata)
-    save_torch(Path(work_dir).parent / "interpolate_directions.pt", {
-        "format": 1, "run": run_name, "checkpoint": entries[-1]["file"],
-        "directions": {s.path: {"id": s.direction_id, "tensors": {n: t.cpu() for n, t in s.direction.items()},
-                                "buffers": ({n: t.cpu() for n, t in s.buffer_direction.items()}
-                                            if s.buffer_direction else None), **s.info} for s in scans},
-        "landscape": dataclasses.asdict(cfg), "provenance": provenance()})
+    save_torch(
+        Path(work_dir).parent / INTERPOLATE_DIRECTIONS,
+        {
+            "format": ARTIFACT_FORMAT,
+            "run": run_name,
+            "checkpoint": entries[-1]["file"],
+            "directions": {
+                s.path: {
+                    "id": s.direction_id,
+                    "tensors": {n: t.cpu() for n, t in s.direction.items()},
+                    "buffers": ({n: t.cpu() for n, t in s.buffer_direction.items()} if s.buffer_direction else None),
+                    **s.info,
+                }
+                for s in scans
+            },
+            "landscape": dataclasses.asdict(cfg),
+            "provenance": provenance(),
+        },
+    )
     first = cfg.splits[0]
-    metrics = {"barrier": summary["partner"][first]["barrier"],
-               **{f"barrier_{s}": summary["partner"][s]["barrier"] for s in cfg.splits},
-               "init_final_monotonic": summary["init_final"][first]["monotonic"],
-               "split": first, "paths": summary}
+    metrics = {
+        "barrier": summary["partner"][first]["barrier"],
+        **{f"barrier_{s}": summary["partner"][s]["barrier"] for s in cfg.splits},
+        "init_final_monotonic": summary["init_final"][first]["monotonic"],
+        "split": first,
+        "paths": summary,
+    }
     write_json(Path(tables_dir) / "interpolate_metrics.json", metrics)
-    plot_interpolation(table, Path(figures_dir) / "interpolation_1d.png", run=run_name,
-                       barriers={"partner": summary["partner"][first]["barrier"]})
-    logger.info("%s: loss barrier to the second-seed model %.4f (%s loss); init -> final %s", run_name,
-                metrics["barrier"], first, "monotone" if metrics["init_final_monotonic"] else
-                f"not monotone (rise {summary['init_final'][first]['max_rise']:.4g})")
-    table_artifact([{"run": run_name, "path": s.path, "split": split, **v} for s in scans
-                           for split, v in summary[s.path].items() if isinstance(v, dict)],
-                          key=f"interpolate-{run_name}".lower().replace("_", "-"),
-                          description=f"1-D scans of run {run_name}: endpoint losses and barriers")
+    plot_interpolation(
+        table,
+        Path(figures_dir) / "interpolation_1d.png",
+        run=run_name,
+        barriers={"partner": summary["partner"][first]["barrier"]},
+    )
+    logger.info(
+        "%s: loss barrier to the second-seed model %.4f (%s loss); init -> final %s",
+        run_name,
+        metrics["barrier"],
+        first,
+        "monotone"
+        if metrics["init_final_monotonic"]
+        else f"not monotone (rise {summary['init_final'][first]['max_rise']:.4g})",
+    )
+    table_artifact(
+        [
+            {"run": run_name, "path": s.path, "split": split, **v}
+            for s in scans
+            for split, v in summary[s.path].items()
+            if isinstance(v, dict)
+        ],
+        key=f"interpolate-{run_name}".lower().replace("_", "-"),
+        description=f"1-D scans of run {run_name}: endpoint losses and barriers",
+    )
     return metrics
-
-
-def _path_summary(scan: LineScan, loss: torch.Tensor, accuracy: torch.Tensor) -> dict:
-    """Trained-model loss, the loss at the scan's ends and, for paths, the barrier (max minus the endpoints' mean)."""
-    trained = int(torch.nonzero(scan.coefficient == 0)[0])
-    out = {"trained_loss": float(loss[trained]), "trained_accuracy": float(accuracy[trained]),
-           "max_loss": _finite(float(loss.max())), "start_loss": float(loss[0]), "end_loss": float(loss[-1])}
-    if scan.path == "partner":
-        out["barrier"] = _finite(barrier(loss))
-        out["min_accuracy"] = float(accuracy.min())
-    if scan.path == "init_final":  # Goodfellow et al. 2015: is the loss monotone from init to the trained model?
-        rise = max_rise(loss)
-        out["max_rise"] = _finite(rise)
-        out["monotonic"] = bool(rise <= 1e-6 * max(1.0, float(loss.abs().max())))
-    return {k: (_finite(v) if isinstance(v, float) else v) for k, v in out.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -364,15 +505,24 @@ def _path_summary(scan: LineScan, loss: torch.Tensor, accuracy: torch.Tensor) ->
 
 
 @unit_of_work
-def curvature_point(model, directions, coords: list[float], probe: ProbeSet, tol: float, seed: int,
-                    loss: str = "cross_entropy") -> dict:
+def curvature_point(
+    model, directions, coords: list[float], probe: ProbeSet, tol: float, seed: int, loss: str = "cross_entropy"
+) -> dict:
     """λmax, λmin and their ratio at one point of the curvature map."""
     return curvature_at(model, directions, coords, probe, tol=tol, seed=seed, loss=loss)
 
 
 @flow(name="surface", flow_run_name="surface-{run_name}")
-def surface_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: Path, vectors_dir: Path,
-                 tables_dir: Path, work_dir: Path, figures_dir: Path) -> dict:
+def surface_flow(
+    params: Params,
+    run_name: str,
+    data_dir: Path,
+    checkpoint_dir: Path,
+    vectors_dir: Path,
+    tables_dir: Path,
+    work_dir: Path,
+    figures_dir: Path,
+) -> dict:
     """The loss surface of run ``run_name`` on a grid of the plane ``params.landscape.plane`` through its final
     checkpoint, on the probe set, BatchNorm in eval mode; optionally the curvature map on a coarse sub-grid."""
     logger = get_run_logger()
@@ -380,18 +530,29 @@ def surface_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: 
     inputs = _inputs(params, run_name, data_dir, checkpoint_dir)
     tables_dir, figures_dir = Path(tables_dir), Path(figures_dir)
     if inputs.diverged:
-        return _record_diverged(inputs, run_name, {tables_dir / "surface_2d.parquet": SURFACE_2D,
-                                                   tables_dir / "surface_curvature.parquet": SURFACE_CURVATURE},
-                                tables_dir / "surface_metrics.json",
-                                [figures_dir / f"surface_{k}.png" for k in ("contour", "filled", "3d")],
-                                Path(work_dir), Path(work_dir).parent / "surface_directions.pt")
+        return _record_diverged(
+            inputs,
+            run_name,
+            {
+                tables_dir / "surface_2d.parquet": SURFACE_2D,
+                tables_dir / "surface_curvature.parquet": SURFACE_CURVATURE,
+            },
+            tables_dir / "surface_metrics.json",
+            [figures_dir / f"surface_{k}.png" for k in ("contour", "filled", "3d")],
+            Path(work_dir),
+            Path(work_dir).parent / SURFACE_DIRECTIONS,
+        )
     data, fingerprint, device = inputs.data, inputs.fingerprint, inputs.device
     entries, final_payload = inputs.entries, inputs.payload
     final = inputs.final.to(device)
     trajectory, eigen = [], None
     if cfg.plane == "pca":
-        trajectory = [model_from_checkpoint(load_verified(checkpoint_dir, e, run_name), data,
-                                            data_fingerprint=fingerprint).to(device) for e in entries[:-1]]
+        trajectory = [
+            model_from_checkpoint(load_verified(checkpoint_dir, e, run_name), data, data_fingerprint=fingerprint).to(
+                device
+            )
+            for e in entries[:-1]
+        ]
     elif cfg.plane == "eigen":
         eigen = _eigenvectors(vectors_dir, run_name, final_payload)
         eigen = {**eigen, "vectors": {n: v.to(device) for n, v in eigen["vectors"].items()}}
@@ -400,104 +561,135 @@ def surface_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: 
     axis, coords = surface_coords(cfg)
     x, y = (t.to(device) for t in data.probe_tensors())
     params_final, buffers_final = state(final)
-    engine_key = scan_fingerprint(final=final_payload["fingerprint"], data=fingerprint, device=str(device),
-                                  batch_size=cfg.batch_size, split="probe")
+    engine_key = scan_fingerprint(
+        final=final_payload["fingerprint"],
+        data=fingerprint,
+        device=str(device),
+        batch_size=cfg.batch_size,
+        split="probe",
+    )
     chunk, channels_last = _engine_choice(final, params_final, buffers_final, x, cfg, Path(work_dir), engine_key)
-    logger.info("%s: %s plane, %d x %d grid over [-%g, %g]^2 on the probe set (%d samples); chunk %d, %s", run_name,
-                cfg.plane, len(axis), len(axis), cfg.surface_range, cfg.surface_range, len(x), chunk,
-                "channels-last" if channels_last else "default layout")
-    key = scan_fingerprint(run=run_name, plane=cfg.plane, directions=ids, coords=coords, data=fingerprint,
-                           weights=scan_fingerprint(**params_final, **buffers_final),
-                           final=final_payload["fingerprint"], final_epoch=final_payload["epoch"],
-                           tile_size=cfg.tile_size, batch_size=cfg.batch_size)
-    job = Job("surface", final, params_final, buffers_final, directions, None, coords, x, y,
-              TileStore(Path(work_dir), key, warn=_warn(logger)), _loss(final_payload))
+    logger.info(
+        "%s: %s plane, %d x %d grid over [-%g, %g]^2 on the probe set (%d samples); chunk %d, %s",
+        run_name,
+        cfg.plane,
+        len(axis),
+        len(axis),
+        cfg.surface_range,
+        cfg.surface_range,
+        len(x),
+        chunk,
+        "channels-last" if channels_last else "default layout",
+    )
+    key = scan_fingerprint(
+        run=run_name,
+        plane=cfg.plane,
+        directions=ids,
+        coords=coords,
+        data=fingerprint,
+        weights=scan_fingerprint(**params_final, **buffers_final),
+        final=final_payload["fingerprint"],
+        final_epoch=final_payload["epoch"],
+        tile_size=cfg.tile_size,
+        batch_size=cfg.batch_size,
+    )
+    job = Job(
+        "surface",
+        final,
+        params_final,
+        buffers_final,
+        directions,
+        None,
+        coords,
+        x,
+        y,
+        TileStore(Path(work_dir), key, warn=_warn(logger)),
+        _loss(final_payload),
+    )
     results = run_jobs([job], cfg, chunk=chunk, channels_last=channels_last, description=f"surface {run_name}")
     loss, accuracy = results["surface"]
     timing = results["_timing"]
 
-    table = pd.DataFrame({"run": run_name, "plane": cfg.plane, "direction_x": ids[0], "direction_y": ids[1],
-                          "alpha": coords[:, 0].numpy(), "beta": coords[:, 1].numpy(), "split": "probe",
-                          "loss": loss.numpy(), "accuracy": accuracy.numpy()}, columns=SURFACE_2D.names)
+    table = pd.DataFrame(
+        {
+            "run": run_name,
+            "plane": cfg.plane,
+            "direction_x": ids[0],
+            "direction_y": ids[1],
+            "alpha": coords[:, 0].numpy(),
+            "beta": coords[:, 1].numpy(),
+            "split": "probe",
+            "loss": loss.numpy(),
+            "accuracy": accuracy.numpy(),
+        },
+        columns=SURFACE_2D.names,
+    )
     curvature_rows = []
     if cfg.curvature_map:
         probe = ProbeSet.from_tensors(x, y, cfg.batch_size)
         sub = curvature_coords(cfg)
         for i, c in enumerate(sub.tolist()):
             point = curvature_point.with_options(task_run_name=f"curvature-{i:03d}")(
-                final, directions, c, probe, cfg.curvature_tol, cfg.seed, _loss(final_payload))
+                final, directions, c, probe, cfg.curvature_tol, cfg.seed, _loss(final_payload)
+            )
             curvature_rows.append({"run": run_name, "plane": cfg.plane, "alpha": c[0], "beta": c[1], **point})
-            logger.info("curvature at (%.3f, %.3f): lambda_max %.4g, lambda_min %.4g, |ratio| %.3g (%d products)",
-                        c[0], c[1], point["lambda_max"], point["lambda_min"], point["ratio"], point["hvps"])
+            logger.info(
+                "curvature at (%.3f, %.3f): lambda_max %.4g, lambda_min %.4g, |ratio| %.3g (%d products)",
+                c[0],
+                c[1],
+                point["lambda_max"],
+                point["lambda_min"],
+                point["ratio"],
+                point["hvps"],
+            )
     curvature = pd.DataFrame(curvature_rows, columns=SURFACE_CURVATURE.names)
-    metadata = {"provenance": provenance(), "landscape": dataclasses.asdict(cfg), "data_fingerprint": fingerprint,
-                "checkpoint": entries[-1]["file"], "chunk": chunk, "channels_last": channels_last, "plane": info}
+    metadata = {
+        "provenance": provenance(),
+        "landscape": dataclasses.asdict(cfg),
+        "data_fingerprint": fingerprint,
+        "checkpoint": entries[-1]["file"],
+        "chunk": chunk,
+        "channels_last": channels_last,
+        "plane": info,
+    }
     write_table(table, tables_dir / "surface_2d.parquet", SURFACE_2D, metadata)
     write_table(curvature, tables_dir / "surface_curvature.parquet", SURFACE_CURVATURE, metadata)
-    save_torch(Path(work_dir).parent / "surface_directions.pt", {
-        "format": 1, "run": run_name, "checkpoint": entries[-1]["file"], "ids": ids,
-        "directions": [{n: t.cpu() for n, t in d.items()} for d in directions], "info": info,
-        "landscape": dataclasses.asdict(cfg), "provenance": provenance()})
+    save_torch(
+        Path(work_dir).parent / SURFACE_DIRECTIONS,
+        {
+            "format": ARTIFACT_FORMAT,
+            "run": run_name,
+            "checkpoint": entries[-1]["file"],
+            "ids": ids,
+            "directions": [{n: t.cpu() for n, t in d.items()} for d in directions],
+            "info": info,
+            "landscape": dataclasses.asdict(cfg),
+            "provenance": provenance(),
+        },
+    )
 
-    center = int(torch.nonzero((coords == 0).all(dim=1))[0])
-    finite = torch.isfinite(loss)
-    best = int(torch.where(finite, loss, torch.full_like(loss, math.inf)).argmin())
-    metrics = {"plane": cfg.plane, "points": len(coords), "loss_center": float(loss[center]),
-               "accuracy_center": float(accuracy[center]), "loss_min": float(loss[best]),
-               "loss_min_at": [float(coords[best, 0]), float(coords[best, 1])],
-               "loss_max": _finite(float(loss[finite].max())) if bool(finite.any()) else None,
-               "nonfinite_points": int((~finite).sum()),
-               # share of the grid within 0.1 nats of the trained model's loss: a plain width measure of the basin
-               "basin_fraction": float(((loss - loss[center]) <= 0.1).double().mean()),
-               "points_per_second": (timing["points"] / timing["seconds"]) if timing["points"] else None,
-               "chunk": chunk, **{k: v for k, v in info.items() if k != "plane"}}
-    if curvature_rows:
-        metrics["curvature_ratio_mean"] = float(curvature.ratio.mean())
-        metrics["curvature_ratio_center"] = float(curvature.ratio[(curvature.alpha == 0) & (curvature.beta == 0)]
-                                                  .iloc[0]) if ((curvature.alpha == 0) & (curvature.beta == 0)).any() else None
+    metrics = surface_summary(
+        loss,
+        accuracy,
+        coords,
+        plane=cfg.plane,
+        info=info,
+        timing=timing,
+        chunk=chunk,
+        curvature=curvature if curvature_rows else None,
+    )
     write_json(tables_dir / "surface_metrics.json", metrics)
     plot_surface(table, Path(figures_dir), run=run_name)
-    logger.info("%s: loss %.4f at the trained model, minimum %.4f at (%.3f, %.3f) of the grid", run_name,
-                metrics["loss_center"], metrics["loss_min"], *metrics["loss_min_at"])
-    table_artifact([{"run": run_name, **{k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}}],
-                          key=f"surface-{run_name}".lower().replace("_", "-"),
-                          description=f"2-D loss surface of run {run_name}")
+    logger.info(
+        "%s: loss %.4f at the trained model, minimum %.4f at (%.3f, %.3f) of the grid",
+        run_name,
+        metrics["loss_center"],
+        metrics["loss_min"],
+        *metrics["loss_min_at"],
+    )
+    table_artifact(
+        [{"run": run_name, **{k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}}],
+        key=f"surface-{run_name}".lower().replace("_", "-"),
+        description=f"2-D loss surface of run {run_name}",
+    )
     return metrics
-
-
-# --------------------------------------------------------------------------------------------------------------
-# figures across runs
-# --------------------------------------------------------------------------------------------------------------
-
-
-@flow(name="landscape-figures", flow_run_name="landscape-figures")
-def landscape_figures_flow(params: Params, tables_dir: Path, out_dir: Path) -> dict:
-    """The runs side by side: surfaces on one colour scale, 1-D curves along the random direction and the
-    mode-connectivity path."""
-    logger = get_run_logger()
-    surfaces, lines = {}, []
-    for run in params.runs:
-        folder = Path(tables_dir) / run.name
-        missing = [name for name in ("surface_2d.parquet", "interpolation_1d.parquet") if not (folder / name).is_file()]
-        if missing:
-            raise DataError(f"{folder / missing[0]}: missing; run `dvc repro surface@{run.name} interpolate@{run.name}` "
-                            "first")
-        surface, line = (pd.read_parquet(folder / name) for name in ("surface_2d.parquet", "interpolation_1d.parquet"))
-        if surface.empty or line.empty:  # a diverged run: said in its own figures and metrics
-            logger.warning("%s: no scan (diverged run); left out of the side-by-side figures", run.name)
-            continue
-        surfaces[run.name] = surface
-        lines.append(line)
-    out_dir = Path(out_dir)
-    figures = {"surfaces": out_dir / "surfaces.png", "random": out_dir / "interpolations_random.png",
-               "partner": out_dir / "interpolations_partner.png"}
-    if not surfaces:
-        for path in figures.values():
-            plot_placeholder(path, run="all runs", message="no run has a finite landscape")
-        return {k: str(v) for k, v in figures.items()}
-    written = {"surfaces": str(plot_surfaces_side_by_side(surfaces, figures["surfaces"]))}
-    table = pd.concat(lines, ignore_index=True)
-    for kind in ("random", "partner"):
-        written[kind] = str(plot_interpolations_side_by_side(table, figures[kind], path_kind=kind))
-    logger.info("figures: %s", ", ".join(written.values()))
-    return written

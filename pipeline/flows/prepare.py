@@ -19,6 +19,13 @@ def prepare_flow(params: Params, out_dir: Path) -> dict:
     data = unit_of_work(prepare_dataset, name="load-and-split")(params.data)
     unit_of_work(save_prepared, name="write-prepared")(data, out_dir)
     meta = json.loads((Path(out_dir) / "meta.json").read_text())
-    logger.info("%s: %d train, %d test, probe %d, input %s, %d classes", data.name, len(data.y_train),
-                len(data.y_test), len(data.probe_index), data.input_shape, data.num_classes)
+    logger.info(
+        "%s: %d train, %d test, probe %d, input %s, %d classes",
+        data.name,
+        len(data.y_train),
+        len(data.y_test),
+        len(data.probe_index),
+        data.input_shape,
+        data.num_classes,
+    )
     return meta

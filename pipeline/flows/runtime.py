@@ -89,14 +89,23 @@ def start_prefect_server(port: int, timeout: float = 90.0, *, register: bool = F
     url = f"http://127.0.0.1:{port}/api"
     # The UI asks the server where the API is; Prefect's default answer is port 4200 whatever `--port` says, so on
     # any other port the pages would show another server's runs (or none).
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "true",
-           "PREFECT_UI_API_URL": url}
+    env = {
+        **os.environ,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "true",
+        "PREFECT_UI_API_URL": url,
+    }
     env.pop("PREFECT_API_URL", None)
     prefect = shutil.which("prefect", path=str(Path(sys.executable).parent)) or "prefect"
     Path(".prefect").mkdir(exist_ok=True)
     log = open(Path(".prefect") / "server.log", "ab")
-    server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    server = subprocess.Popen(
+        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + timeout
     while not api_reachable(url):
         if server.poll() is not None or time.monotonic() > deadline:
@@ -150,8 +159,12 @@ def configure_prefect(*, need_server: bool = False) -> str | None:
     where = f"at {explicit}" if explicit else "for this project (start one with `landscape ui`)"
     if need_server:
         port = free_port()
-        print(f"note: no Prefect server reachable {where}; starting one on 127.0.0.1:{port} for this stage "
-              "(Dask workers report to it)", file=sys.stderr, flush=True)
+        print(
+            f"note: no Prefect server reachable {where}; starting one on 127.0.0.1:{port} for this stage "
+            "(Dask workers report to it)",
+            file=sys.stderr,
+            flush=True,
+        )
         server = start_prefect_server(port)
         atexit.register(stop_process, server)
         os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
@@ -161,7 +174,9 @@ def configure_prefect(*, need_server: bool = False) -> str | None:
 
 
 SERVER_LOST: list[str] = []  # the API URL, once the server stopped answering during this process
-STOPPING: list[bool] = []  # set by the stage's SIGINT/SIGTERM handler: Prefect's crash reports are not repeated
+# The signal stopping this stage, set by its SIGINT/SIGTERM handler (pipeline.stage): while it is set, Prefect's
+# crash reports are not repeated on the console.
+STOPPING: list[int] = []
 
 
 def is_connection_error(err: BaseException | None) -> bool:
@@ -184,8 +199,11 @@ def note_server_lost(err: BaseException | None = None) -> None:
     url = os.environ.get("PREFECT_API_URL", "the Prefect API")
     SERVER_LOST.append(url)
     what = f" ({type(err).__name__})" if err is not None else ""
-    print(f"warning: the Prefect server at {url} went away{what}; the stage goes on without it", file=sys.stderr,
-          flush=True)
+    print(
+        f"warning: the Prefect server at {url} went away{what}; the stage goes on without it",
+        file=sys.stderr,
+        flush=True,
+    )
     logging.raiseExceptions = False  # Prefect's log sender reports each failed batch on stderr unless this is off
     from prefect.logging.handlers import APILogHandler
 
@@ -211,7 +229,8 @@ class UserErrorConsoleFilter(logging.Filter):
     """Keeps Prefect's console quiet about errors a user fixes (ConfigError, DataError and their subclasses).
 
     Prefect logs a failing task or flow with a traceback on the console (twice, for the task and its flow) and its
-    final state naming the error; the stage then prints the one ``error: ...`` line itself (``pipeline.cli.stage_entry``). The records still reach
+    final state naming the error; the stage then prints the one ``error: ...`` line itself
+    (``pipeline.stage.stage_entry``). The records still reach
     the Prefect API, so the UI shows the failure with its traceback. A server that goes away is said once
     (:func:`note_server_lost`) instead of in every retry. ``LANDSCAPE_DEBUG=1`` shows everything.
     """
@@ -224,11 +243,15 @@ class UserErrorConsoleFilter(logging.Filter):
         if error is not None and is_connection_error(error):  # the server went away: one line, from note_server_lost
             note_server_lost(error)
             return False
-        if record.name.startswith("prefect") and (STOPPING and record.levelno >= logging.WARNING or any(
-                text in record.getMessage() for text in self._STOPPED)):
+        if record.name.startswith("prefect") and (
+            STOPPING and record.levelno >= logging.WARNING or any(text in record.getMessage() for text in self._STOPPED)
+        ):
             return False  # "Crash detected! Execution was aborted by a termination signal", thrice: the stage says it
-        if SERVER_LOST and record.levelno >= logging.WARNING and (
-                record.name not in ("prefect.flow_runs", "prefect.task_runs") or "Connect" in record.getMessage()):
+        if (
+            SERVER_LOST
+            and record.levelno >= logging.WARNING
+            and (record.name not in ("prefect.flow_runs", "prefect.task_runs") or "Connect" in record.getMessage())
+        ):
             return False  # Prefect's retries of the lost server (events, logs): said once already
         if not record.name.startswith("prefect"):
             return True
@@ -245,5 +268,6 @@ def quiet_user_errors_on_console() -> None:
     loggers = [logging.getLogger(), *(logging.getLogger(n) for n in ("prefect", "prefect._internal"))]
     for handler in [h for logger in loggers for h in logger.handlers]:
         if isinstance(handler, logging.StreamHandler) and not any(
-                isinstance(f, UserErrorConsoleFilter) for f in handler.filters):
+            isinstance(f, UserErrorConsoleFilter) for f in handler.filters
+        ):
             handler.addFilter(UserErrorConsoleFilter())

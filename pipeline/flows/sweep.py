@@ -1,6 +1,6 @@
 """The ``sweep`` flow: one Prefect task per grid point (train, then measure the final checkpoint), then one task that
 writes the tables, the ``dvc metrics`` file, the summary and the figure, and a markdown artifact with the Kendall
-table. Points run one after the other in this process (see :mod:`pipeline.sweep_run`)."""
+table. Points run one after the other in this process (see :mod:`pipeline.sweep.grid`)."""
 
 from __future__ import annotations
 
@@ -8,29 +8,49 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from pipeline.curvature.operators import ProbeSet
 from pipeline.config import HessianConfig
+from pipeline.curvature.operators import ProbeSet
 from pipeline.data import PreparedData
 from pipeline.flows.common import Progress, markdown_artifact, table_artifact, unit_of_work
-from pipeline.sweep import markdown_table, sweep_rows
-from pipeline.sweep_run import (SWEEP_MEASURES, Point, SweepParams, experiments, grid_points, load_result, make_probe,
-                                point_fingerprint, run_point, write_outputs)
+from pipeline.sweep.grid import (
+    SWEEP_MEASURES,
+    Point,
+    SweepParams,
+    experiments,
+    grid_points,
+    load_result,
+    make_probe,
+    point_fingerprint,
+    run_point,
+    write_outputs,
+)
+from pipeline.sweep.stats import markdown_table, sweep_rows
 
 
 @unit_of_work
-def measure_point(point: Point, data: PreparedData, probe: ProbeSet, folder: Path, cfg: HessianConfig,
-                  data_fingerprint: str) -> dict:
+def measure_point(
+    point: Point, data: PreparedData, probe: ProbeSet, folder: Path, cfg: HessianConfig, data_fingerprint: str
+) -> dict:
     """Train one point (resuming from its checkpoints) and measure its final checkpoint, or reuse its result."""
     logger = get_run_logger()
     result = run_point(point, data, probe, folder, cfg, data_fingerprint=data_fingerprint, log=logger.info)
     train, hessian = result["metrics"]["train"], result["metrics"].get("hessian") or {}
-    logger.info("%s: %s; gap %s, test accuracy %s", point.name, train["status"], train.get("generalization_gap"),
-                train.get("test_accuracy"))
-    measures = {k: hessian[k] for k in sorted(hessian) if not isinstance(hessian[k], list)
-                and k not in ("epoch", "checkpoint")}
+    logger.info(
+        "%s: %s; gap %s, test accuracy %s",
+        point.name,
+        train["status"],
+        train.get("generalization_gap"),
+        train.get("test_accuracy"),
+    )
+    measures = {
+        k: hessian[k] for k in sorted(hessian) if not isinstance(hessian[k], list) and k not in ("epoch", "checkpoint")
+    }
     if measures:
-        logger.info("%s: %s", point.name, ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                    for k, v in measures.items()))
+        logger.info(
+            "%s: %s",
+            point.name,
+            ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in measures.items()),
+        )
     return result
 
 
@@ -50,17 +70,30 @@ def sweep_flow(params: SweepParams, data: PreparedData, points_dir: Path, out_di
     data_fingerprint = data.fingerprint()
     probe = make_probe(data, params.hessian)
     points_dir = Path(points_dir)
-    done = sum(load_result(points_dir / p.name, point_fingerprint(p, params.hessian, data_fingerprint)) is not None
-               for p in points)
-    logger.info("sweep: %d points (%s x lr %s x batch size %s x seed %s), %d already measured; %s: %d train, "
-                "%d test, probe %d", len(points), "/".join(params.grid.model), list(params.grid.lr),
-                list(params.grid.batch_size), list(params.grid.seed), done, data.name, len(data.y_train), len(data.y_test), len(data.probe_index))
+    done = sum(
+        load_result(points_dir / p.name, point_fingerprint(p, params.hessian, data_fingerprint)) is not None
+        for p in points
+    )
+    logger.info(
+        "sweep: %d points (%s x lr %s x batch size %s x seed %s), %d already measured; %s: %d train, %d test, probe %d",
+        len(points),
+        "/".join(params.grid.model),
+        list(params.grid.lr),
+        list(params.grid.batch_size),
+        list(params.grid.seed),
+        done,
+        data.name,
+        len(data.y_train),
+        len(data.y_test),
+        len(data.probe_index),
+    )
     progress = Progress(len(points), 0, "sweep", "point")
     results: dict[str, dict] = {}
     try:
         for point in points:
             results[point.name] = measure_point.with_options(task_run_name=point.name)(
-                point, data, probe, points_dir / point.name, params.hessian, data_fingerprint)
+                point, data, probe, points_dir / point.name, params.hessian, data_fingerprint
+            )
             progress.advance(1, {"last": point.name})
     finally:
         progress.close()
@@ -69,18 +102,25 @@ def sweep_flow(params: SweepParams, data: PreparedData, points_dir: Path, out_di
     kendall, summary = outputs["kendall"], outputs["metrics"]
     diverged = [name for name, r in results.items() if r["metrics"]["train"]["status"] == "diverged"]
     if diverged:
-        logger.warning("%d point(s) diverged (recorded, left out of the correlations): %s", len(diverged),
-                       ", ".join(diverged))
+        logger.warning(
+            "%d point(s) diverged (recorded, left out of the correlations): %s", len(diverged), ", ".join(diverged)
+        )
     markdown_artifact(
         markdown=f"# Flatness sweep\n\n{summary['n_completed']} of {summary['n_points']} points completed. Kendall's "
-                 f"τ-b against the generalisation gap:\n\n{markdown_table(kendall)}\n\nFull summary: "
-                 f"`{Path(out_dir) / 'README.md'}`",
-        key="sweep-kendall", description="Do flatter minima generalise better? Kendall's tau per measure")
-    table_artifact([{k: v for k, v in row.items()} for row in kendall.to_dict("records")],
-                          key="sweep-kendall-table", description="Kendall's tau of each measure against the gap")
+        f"τ-b against the generalisation gap:\n\n{markdown_table(kendall)}\n\nFull summary: "
+        f"`{Path(out_dir) / 'README.md'}`",
+        key="sweep-kendall",
+        description="Do flatter minima generalise better? Kendall's tau per measure",
+    )
+    table_artifact(
+        [{k: v for k, v in row.items()} for row in kendall.to_dict("records")],
+        key="sweep-kendall-table",
+        description="Kendall's tau of each measure against the gap",
+    )
     for row in kendall.to_dict("records"):
         if row["measure"] in SWEEP_MEASURES:
-            logger.info("%s: tau %.3f, p %.3g, n %d: %s", row["measure"], row["tau"], row["p_value"], row["n"],
-                        row["verdict"])
+            logger.info(
+                "%s: tau %.3f, p %.3g, n %d: %s", row["measure"], row["tau"], row["p_value"], row["n"], row["verdict"]
+            )
     logger.info("sweep: wrote %s", ", ".join(str(p) for p in outputs["files"]))
     return summary

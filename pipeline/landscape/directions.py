@@ -32,8 +32,9 @@ def _rescaled(d: Tensor, target_norm: Tensor) -> Tensor:
     return d if norm == 0 else d * (target_norm / norm)
 
 
-def random_direction(params: Mapping[str, Tensor], *, seed: int, norm: str = "filter",
-                     ignore: str = "biasbn") -> Direction:
+def random_direction(
+    params: Mapping[str, Tensor], *, seed: int, norm: str = "filter", ignore: str = "biasbn"
+) -> Direction:
     """A Gaussian direction, normalised to the scale of ``params`` (Li et al. 2018, §4).
 
     Entries are :math:`\\mathcal N(0, 1)`, drawn on the CPU from ``torch.Generator().manual_seed(seed)`` in the
@@ -90,7 +91,7 @@ def _flat(d: Mapping[str, Tensor], names: Sequence[str]) -> Tensor:
 def _unflat(v: Tensor, like: Mapping[str, Tensor]) -> Direction:
     out, start = {}, 0
     for name, t in like.items():
-        out[name] = v[start:start + t.numel()].view(t.shape).to(device=t.device, dtype=t.dtype)
+        out[name] = v[start : start + t.numel()].view(t.shape).to(device=t.device, dtype=t.dtype)
         start += t.numel()
     return out
 
@@ -99,8 +100,9 @@ def _same_point(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[n].detach().cpu(), b[n].detach().cpu()) for n in a)
 
 
-def pca_directions(trajectory: Sequence[Mapping[str, Tensor]], final: Mapping[str, Tensor], k: int = 2, *,
-                   ignore: str = "biasbn") -> tuple[list[Direction], list[float]]:
+def pca_directions(
+    trajectory: Sequence[Mapping[str, Tensor]], final: Mapping[str, Tensor], k: int = 2, *, ignore: str = "biasbn"
+) -> tuple[list[Direction], list[float]]:
     """Top-``k`` principal directions of a training trajectory around its end point (Li et al. 2018, §7).
 
     Rows of :math:`M` are the flattened :math:`\\theta_i - \\theta_{\\mathrm{final}}` (not centred, as in Li et
@@ -137,7 +139,7 @@ def pca_directions(trajectory: Sequence[Mapping[str, Tensor]], final: Mapping[st
     _, sigma, vh = torch.linalg.svd(torch.stack(rows), full_matrices=False)
     if not sigma[k - 1] > sigma[0] * 1e-12:
         raise ValueError(f"trajectory: the differences span fewer than k = {k} dimensions")
-    total = float((sigma ** 2).sum())
+    total = float((sigma**2).sum())
     directions, ratios = [], []
     for i in range(k):
         v = vh[i]

@@ -30,10 +30,19 @@ from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import LogLocator, MaxNLocator  # noqa: E402
 
-from pipeline.plotting import save_figure  # noqa: E402
+from pipeline.io import save_figure  # noqa: E402
 
-__all__ = ["INTERPOLATION_COLUMNS", "SURFACE_COLUMNS", "PATH_TITLES", "grid_minimum", "shared_norm",
-           "plot_interpolation", "plot_surface", "plot_surfaces_side_by_side", "plot_interpolations_side_by_side"]
+__all__ = [
+    "INTERPOLATION_COLUMNS",
+    "SURFACE_COLUMNS",
+    "PATH_TITLES",
+    "grid_minimum",
+    "shared_norm",
+    "plot_interpolation",
+    "plot_surface",
+    "plot_surfaces_side_by_side",
+    "plot_interpolations_side_by_side",
+]
 
 INTERPOLATION_COLUMNS = ("run", "path", "direction", "alpha", "distance", "split", "loss", "accuracy")
 SURFACE_COLUMNS = ("run", "plane", "direction_x", "direction_y", "alpha", "beta", "split", "loss", "accuracy")
@@ -101,8 +110,7 @@ def _finite_positive(values) -> np.ndarray:
 class _Grid:
     """One run's surface on one plane: coordinates, the loss grid ``Z[i_beta, i_alpha]`` (non-finite → NaN)."""
 
-    def __init__(self, table: pd.DataFrame, *, name: str = "table", run: str | None = None,
-                 plane: str | None = None):
+    def __init__(self, table: pd.DataFrame, *, name: str = "table", run: str | None = None, plane: str | None = None):
         _check_table(table, SURFACE_COLUMNS, name)
         rows = table if run is None else _select_run(table, run, name)
         runs = rows["run"].unique()
@@ -122,8 +130,10 @@ class _Grid:
         self.alpha = np.sort(rows["alpha"].unique().astype(float))
         self.beta = np.sort(rows["beta"].unique().astype(float))
         if len(rows) != len(self.alpha) * len(self.beta) or len(self.alpha) < 2 or len(self.beta) < 2:
-            raise ValueError(f"{name}: grid of run {self.run!r} is not a full grid of at least 2x2 points "
-                             f"({len(rows)} rows for {len(self.alpha)} alphas x {len(self.beta)} betas)")
+            raise ValueError(
+                f"{name}: grid of run {self.run!r} is not a full grid of at least 2x2 points "
+                f"({len(rows)} rows for {len(self.alpha)} alphas x {len(self.beta)} betas)"
+            )
         wide = rows.pivot(index="beta", columns="alpha", values="loss").reindex(index=self.beta, columns=self.alpha)
         self.loss = _finite_positive(wide.to_numpy())  # shape (len(beta), len(alpha))
         if not np.isfinite(self.loss).any():
@@ -195,8 +205,17 @@ def _mark(ax, grid: _Grid, *, legend: bool = True) -> None:
         ax.plot([0.0], [0.0], label="trained model (0, 0)", **TRAINED_STYLE)
     masked = ~np.isfinite(grid.loss)
     if masked.any():
-        ax.plot(grid.A[masked], grid.B[masked], marker="s", ms=3, color="0.5", ls="none", zorder=4, clip_on=False,
-                label=f"diverged / non-finite loss ({int(masked.sum())} points)")
+        ax.plot(
+            grid.A[masked],
+            grid.B[masked],
+            marker="s",
+            ms=3,
+            color="0.5",
+            ls="none",
+            zorder=4,
+            clip_on=False,
+            label=f"diverged / non-finite loss ({int(masked.sum())} points)",
+        )
     if legend:
         ax.legend(fontsize=7, loc="upper right", framealpha=0.85)
     _few_ticks(ax)
@@ -208,18 +227,25 @@ def _few_ticks(ax, n: int = 5) -> None:
 
 
 def _filled(ax, grid: _Grid, norm: LogNorm, levels: int):
-    return ax.contourf(grid.A, grid.B, np.ma.masked_invalid(grid.loss), levels=_log_levels(norm, levels),
-                       norm=norm, cmap=CMAP, extend="neither")
+    return ax.contourf(
+        grid.A,
+        grid.B,
+        np.ma.masked_invalid(grid.loss),
+        levels=_log_levels(norm, levels),
+        norm=norm,
+        cmap=CMAP,
+        extend="neither",
+    )
 
 
 def _colorbar(fig, mappable, ax, label: str, **kwargs):
     """Colour bar of a log-scaled contour set, ticked at 1, 2, 5 x 10^k with plain labels."""
-    return fig.colorbar(mappable, ax=ax, label=label, ticks=LogLocator(subs=(1.0, 2.0, 5.0)), format="%.3g",
-                        **kwargs)
+    return fig.colorbar(mappable, ax=ax, label=label, ticks=LogLocator(subs=(1.0, 2.0, 5.0)), format="%.3g", **kwargs)
 
 
-def plot_surface(table: pd.DataFrame, folder: str | Path, *, run: str, levels: int = 30,
-                 plane: str | None = None) -> dict[str, Path]:
+def plot_surface(
+    table: pd.DataFrame, folder: str | Path, *, run: str, levels: int = 30, plane: str | None = None
+) -> dict[str, Path]:
     """Three views of one run's loss surface, written to ``folder``: ``surface_contour.png`` (contour lines spaced
     evenly in log10(loss)), ``surface_filled.png`` (filled contours, log colour scale and colour bar) and
     ``surface_3d.png`` (3-D surface of log10(loss), minimum starred). The first two mark the grid minimum (star)
@@ -234,13 +260,23 @@ def plot_surface(table: pd.DataFrame, folder: str | Path, *, run: str, levels: i
     folder.mkdir(parents=True, exist_ok=True)
     norm = _log_norm(*grid.range())
     xlabel, ylabel = grid.labels()
-    out = {"contour": folder / "surface_contour.png", "filled": folder / "surface_filled.png",
-           "3d": folder / "surface_3d.png"}
+    out = {
+        "contour": folder / "surface_contour.png",
+        "filled": folder / "surface_filled.png",
+        "3d": folder / "surface_3d.png",
+    }
 
     fig, ax = plt.subplots(figsize=(6.0, 5.2))
-    lines = ax.contour(grid.A, grid.B, np.ma.masked_invalid(grid.loss), levels=_log_levels(norm, levels),
-                       norm=norm, cmap=CMAP, linewidths=0.9)
-    ax.clabel(lines, lines.levels[::max(1, levels // 6)], fontsize=6, fmt="%.3g")
+    lines = ax.contour(
+        grid.A,
+        grid.B,
+        np.ma.masked_invalid(grid.loss),
+        levels=_log_levels(norm, levels),
+        norm=norm,
+        cmap=CMAP,
+        linewidths=0.9,
+    )
+    ax.clabel(lines, lines.levels[:: max(1, levels // 6)], fontsize=6, fmt="%.3g")
     _mark(ax, grid)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -261,8 +297,20 @@ def plot_surface(table: pd.DataFrame, folder: str | Path, *, run: str, levels: i
     fig = plt.figure(figsize=(7.0, 5.6))
     ax = fig.add_subplot(projection="3d")
     z = np.log10(grid.loss)  # NaN where the loss is not finite: drawn as holes
-    ax.plot_surface(grid.A, grid.B, z, cmap=CMAP, vmin=float(np.nanmin(z)), vmax=float(np.nanmax(z)),
-                    rstride=1, cstride=1, linewidth=0.1, edgecolor="k", alpha=0.95, antialiased=True)
+    ax.plot_surface(
+        grid.A,
+        grid.B,
+        z,
+        cmap=CMAP,
+        vmin=float(np.nanmin(z)),
+        vmax=float(np.nanmax(z)),
+        rstride=1,
+        cstride=1,
+        linewidth=0.1,
+        edgecolor="k",
+        alpha=0.95,
+        antialiased=True,
+    )
     a, b, loss = grid.minimum()
     ax.plot([a], [b], [math.log10(loss)], **MIN_STYLE)
     _few_ticks(ax)
@@ -327,13 +375,22 @@ def _shades(cmap: str, n: int) -> list:
 def _mark_diverged(ax, x: np.ndarray, loss: np.ndarray) -> bool:
     bad = ~np.isfinite(np.asarray(loss, dtype=float))
     if bad.any():
-        ax.plot(x[bad], np.full(bad.sum(), 0.97), "x", color="C3", ms=5, transform=ax.get_xaxis_transform(),
-                clip_on=False, zorder=5)
+        ax.plot(
+            x[bad],
+            np.full(bad.sum(), 0.97),
+            "x",
+            color="C3",
+            ms=5,
+            transform=ax.get_xaxis_transform(),
+            clip_on=False,
+            zorder=5,
+        )
     return bool(bad.any())
 
 
-def plot_interpolation(table: pd.DataFrame, path: str | Path, *, run: str,
-                       barriers: Mapping[str, float] | None = None) -> Path:
+def plot_interpolation(
+    table: pd.DataFrame, path: str | Path, *, run: str, barriers: Mapping[str, float] | None = None
+) -> Path:
     """Loss (log scale; train solid, test dashed) and accuracy (right axis) along each 1-D path of one run, one panel
     per path kind in the order init → final, random, eigen, partner. The trained model is a dotted vertical line;
     non-finite losses are left out of the lines and marked with a red x at the top. ``barriers`` maps path kinds to
@@ -359,8 +416,7 @@ def plot_interpolation(table: pd.DataFrame, path: str | Path, *, run: str,
                 loss = _finite_positive(line["loss"].to_numpy())
                 positive |= bool(np.isfinite(loss).any())
                 ax.plot(x, loss, style, color=loss_colors[i], lw=1.6, zorder=3)
-                acc_ax.plot(x, line["accuracy"].to_numpy(dtype=float), style, color=acc_colors[i], lw=1.0,
-                            alpha=0.8)
+                acc_ax.plot(x, line["accuracy"].to_numpy(dtype=float), style, color=acc_colors[i], lw=1.0, alpha=0.8)
                 diverged |= _mark_diverged(ax, x, line["loss"].to_numpy())
         if positive:
             ax.set_yscale("log")
@@ -385,11 +441,13 @@ def plot_interpolation(table: pd.DataFrame, path: str | Path, *, run: str,
         ax.grid(True, which="major", alpha=0.3)
         ax.set_zorder(acc_ax.get_zorder() + 1)  # loss lines above the accuracy lines
         ax.patch.set_visible(False)
-    handles = [Line2D([], [], color="C0", ls="-", label="train loss"),
-               Line2D([], [], color="C0", ls="--", label="test loss"),
-               Line2D([], [], color="C1", ls="-", label="train accuracy"),
-               Line2D([], [], color="C1", ls="--", label="test accuracy"),
-               Line2D([], [], color="k", ls=":", label="trained model")]
+    handles = [
+        Line2D([], [], color="C0", ls="-", label="train loss"),
+        Line2D([], [], color="C0", ls="--", label="test loss"),
+        Line2D([], [], color="C1", ls="-", label="train accuracy"),
+        Line2D([], [], color="C1", ls="--", label="test accuracy"),
+        Line2D([], [], color="k", ls=":", label="trained model"),
+    ]
     if "partner" in kinds:
         handles.append(Line2D([], [], color="0.4", ls=":", label="second seed"))
     if diverged:
@@ -405,8 +463,10 @@ def plot_interpolations_side_by_side(table: pd.DataFrame, path: str | Path, *, p
     _check_table(table, INTERPOLATION_COLUMNS)
     rows = table[(table["path"] == path_kind) & (table["split"] == "train")]
     if rows.empty:
-        raise ValueError(f"path_kind: no train rows with path {path_kind!r} in table "
-                         f"(paths: {sorted(map(str, table['path'].unique()))})")
+        raise ValueError(
+            f"path_kind: no train rows with path {path_kind!r} in table "
+            f"(paths: {sorted(map(str, table['path'].unique()))})"
+        )
     fig, ax = plt.subplots(figsize=(6.8, 4.4))
     positive = diverged = False
     for index, run in enumerate(dict.fromkeys(rows["run"])):
@@ -416,8 +476,15 @@ def plot_interpolations_side_by_side(table: pd.DataFrame, path: str | Path, *, p
             x = line["alpha"].to_numpy(dtype=float)
             loss = _finite_positive(line["loss"].to_numpy())
             positive |= bool(np.isfinite(loss).any())
-            ax.plot(x, loss, "-", color=f"C{index % 10}", lw=1.6, alpha=1.0 if k == 0 else 0.5,
-                    label=str(run) if k == 0 else None)
+            ax.plot(
+                x,
+                loss,
+                "-",
+                color=f"C{index % 10}",
+                lw=1.6,
+                alpha=1.0 if k == 0 else 0.5,
+                label=str(run) if k == 0 else None,
+            )
             diverged |= _mark_diverged(ax, x, line["loss"].to_numpy())
     if positive:
         ax.set_yscale("log")
@@ -429,12 +496,4 @@ def plot_interpolations_side_by_side(table: pd.DataFrame, path: str | Path, *, p
     ax.set_title(f"train loss along {PATH_TITLES.get(path_kind, path_kind)}", fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8)
-    return save_figure(fig, path)
-
-
-def plot_placeholder(path: str | Path, *, run: str, message: str) -> Path:
-    """A figure that says why there is nothing to draw (e.g. a diverged run), so every declared output exists."""
-    fig, ax = plt.subplots(figsize=(5, 2.5))
-    ax.axis("off")
-    ax.text(0.5, 0.5, f"{run}: {message}", ha="center", va="center", wrap=True)
     return save_figure(fig, path)

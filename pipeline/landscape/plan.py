@@ -24,11 +24,18 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.config import LandscapeConfig
+from pipeline.curvature.eigen import lanczos
 from pipeline.curvature.operators import HessianOperator, ProbeSet
-from pipeline.curvature.spectral import lanczos
-from pipeline.landscape.directions import (Direction, difference_direction, direction_id, direction_norm,
-                                           eigenvector_directions, pca_directions, random_direction)
-from pipeline.landscape.scan import grid_coords
+from pipeline.landscape.directions import (
+    Direction,
+    difference_direction,
+    direction_id,
+    direction_norm,
+    eigenvector_directions,
+    pca_directions,
+    random_direction,
+)
+from pipeline.landscape.tiles import grid_coords
 
 LINE_PATHS = ("init_final", "random", "eigen", "partner")
 
@@ -53,8 +60,7 @@ class LineScan:
 
 def state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Detached trainable parameters and buffers of ``model``, by name."""
-    return ({n: p.detach() for n, p in model.named_parameters()},
-            {n: b.detach() for n, b in model.named_buffers()})
+    return ({n: p.detach() for n, p in model.named_parameters()}, {n: b.detach() for n, b in model.named_buffers()})
 
 
 def symmetric_axis(points: int, half_range: float) -> Tensor:
@@ -84,8 +90,9 @@ def _float_buffers(buffers: Mapping[str, Tensor]) -> list[str]:
     return [n for n, b in buffers.items() if b.is_floating_point()]
 
 
-def _path_scan(path: str, final: tuple[dict, dict], other: tuple[dict, dict], points: int, *,
-               other_is_start: bool) -> LineScan:
+def _path_scan(
+    path: str, final: tuple[dict, dict], other: tuple[dict, dict], points: int, *, other_is_start: bool
+) -> LineScan:
     """The straight path between the trained model and ``other`` (weights and floating-point buffers)."""
     params, buffers = final
     other_params, other_buffers = other
@@ -104,8 +111,14 @@ def _path_scan(path: str, final: tuple[dict, dict], other: tuple[dict, dict], po
     return LineScan(path, d, db, coefficient, t, distance, direction_id(d), {"length": length})
 
 
-def line_scans(final: nn.Module, cfg: LandscapeConfig, *, init: nn.Module | None = None,
-               eigenvectors: Mapping | None = None, partner: nn.Module | None = None) -> list[LineScan]:
+def line_scans(
+    final: nn.Module,
+    cfg: LandscapeConfig,
+    *,
+    init: nn.Module | None = None,
+    eigenvectors: Mapping | None = None,
+    partner: nn.Module | None = None,
+) -> list[LineScan]:
     """The 1-D scans of the ``interpolate`` stage, in the order of :data:`LINE_PATHS` (those whose inputs are given).
 
     Args:
@@ -122,19 +135,40 @@ def line_scans(final: nn.Module, cfg: LandscapeConfig, *, init: nn.Module | None
     length = reference_norm(params, cfg)
     alpha = symmetric_axis(cfg.line_points, cfg.line_range)
     d = random_direction(params, seed=cfg.seed, norm=cfg.norm, ignore=cfg.ignore)
-    scans.append(LineScan("random", d, None, alpha, alpha.clone(), alpha * length, direction_id(d),
-                          {"length": length, "seed": cfg.seed}))
+    scans.append(
+        LineScan(
+            "random",
+            d,
+            None,
+            alpha,
+            alpha.clone(),
+            alpha * length,
+            direction_id(d),
+            {"length": length, "seed": cfg.seed},
+        )
+    )
     if eigenvectors is not None:
         v = scaled(eigenvector_directions(eigenvectors, 1)[0], length)
-        scans.append(LineScan("eigen", v, None, alpha, alpha.clone(), alpha * length, direction_id(v),
-                              {"length": length, "eigenvalue": float(eigenvectors["eigenvalues"][0])}))
+        scans.append(
+            LineScan(
+                "eigen",
+                v,
+                None,
+                alpha,
+                alpha.clone(),
+                alpha * length,
+                direction_id(v),
+                {"length": length, "eigenvalue": float(eigenvectors["eigenvalues"][0])},
+            )
+        )
     if partner is not None:
         scans.append(_path_scan("partner", (params, buffers), state(partner), cfg.path_points, other_is_start=False))
     return scans
 
 
-def plane_directions(final: nn.Module, cfg: LandscapeConfig, *, trajectory: Sequence[nn.Module] = (),
-                     eigenvectors: Mapping | None = None) -> tuple[list[Direction], dict]:
+def plane_directions(
+    final: nn.Module, cfg: LandscapeConfig, *, trajectory: Sequence[nn.Module] = (), eigenvectors: Mapping | None = None
+) -> tuple[list[Direction], dict]:
     """The two directions of the ``surface`` plane (``cfg.plane``), each of the reference length.
 
     Returns:
@@ -172,13 +206,25 @@ def surface_coords(cfg: LandscapeConfig) -> tuple[Tensor, Tensor]:
 
 def curvature_coords(cfg: LandscapeConfig) -> Tensor:
     """The coarse sub-grid of the curvature map: ``curvature_map`` points per axis over the same square."""
-    axis = symmetric_axis(cfg.curvature_map, cfg.surface_range) if cfg.curvature_map > 1 else torch.zeros(1, dtype=torch.float64)
+    axis = (
+        symmetric_axis(cfg.curvature_map, cfg.surface_range)
+        if cfg.curvature_map > 1
+        else torch.zeros(1, dtype=torch.float64)
+    )
     return grid_coords([axis, axis])
 
 
-def curvature_at(model: nn.Module, directions: Sequence[Mapping[str, Tensor]], coords: Sequence[float],
-                 probe: ProbeSet, *, tol: float = 1e-2, max_hvps: int = 200, seed: int = 0,
-                 loss: str = "cross_entropy") -> dict:
+def curvature_at(
+    model: nn.Module,
+    directions: Sequence[Mapping[str, Tensor]],
+    coords: Sequence[float],
+    probe: ProbeSet,
+    *,
+    tol: float = 1e-2,
+    max_hvps: int = 200,
+    seed: int = 0,
+    loss: str = "cross_entropy",
+) -> dict:
     """λmax, λmin and |λmin/λmax| of the probe-set Hessian at ``theta_final + sum_j c_j d_j`` (thick-restart
     Lanczos, both ends from one Krylov basis; BatchNorm in eval mode). The model is not modified.
 
@@ -192,9 +238,15 @@ def curvature_at(model: nn.Module, directions: Sequence[Mapping[str, Tensor]], c
                 if name in d and c != 0:
                     p.add_(d[name].to(p.dtype), alpha=float(c))
     operator = HessianOperator(shifted, probe, loss=loss)
-    largest, smallest = lanczos(operator.matvec, operator.dim, k_largest=1, k_smallest=1, tol=tol,
-                                max_matvecs=max_hvps, seed=seed)
+    largest, smallest = lanczos(
+        operator.matvec, operator.dim, k_largest=1, k_smallest=1, tol=tol, max_matvecs=max_hvps, seed=seed
+    )
     lmax, lmin = float(largest.eigenvalues[0]), float(smallest.eigenvalues[0])
     ratio = abs(lmin / lmax) if lmax != 0 else math.nan
-    return {"lambda_max": lmax, "lambda_min": lmin, "ratio": ratio, "hvps": int(operator.products),
-            "converged": bool(largest.converged.all() and smallest.converged.all())}
+    return {
+        "lambda_max": lmax,
+        "lambda_min": lmin,
+        "ratio": ratio,
+        "hvps": int(operator.products),
+        "converged": bool(largest.converged.all() and smallest.converged.all()),
+    }

@@ -20,12 +20,12 @@ repro.apply_section({"pin": sys.argv[1] == "1", "threads": int(sys.argv[2])})
 import torch  # noqa: E402
 
 from pipeline.config import DataConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
+from pipeline.curvature.eigen import lanczos  # noqa: E402
 from pipeline.curvature.operators import HessianOperator, ProbeSet  # noqa: E402
-from pipeline.curvature.spectral import lanczos  # noqa: E402
 from pipeline.data import prepare_dataset  # noqa: E402
 from pipeline.landscape.directions import random_direction  # noqa: E402
-from pipeline.landscape.evaluate import evaluate_points  # noqa: E402
-from pipeline.training import train  # noqa: E402
+from pipeline.landscape.engine import evaluate_points  # noqa: E402
+from pipeline.training.trainer import train  # noqa: E402
 
 
 def sha(*tensors: torch.Tensor) -> str:
@@ -36,8 +36,12 @@ def sha(*tensors: torch.Tensor) -> str:
 
 
 data = prepare_dataset(DataConfig(train_samples=384, probe_size=128))
-run = RunConfig("probe", "resnet20", ModelConfig(), TrainConfig(epochs=2, batch_size=64, checkpoint_every=2,
-                                                                track_sharpness_every=0))
+run = RunConfig(
+    "probe",
+    "resnet20",
+    ModelConfig(),
+    TrainConfig(epochs=2, batch_size=64, checkpoint_every=2, track_sharpness_every=0),
+)
 with tempfile.TemporaryDirectory() as folder:
     model = train(run, data, folder).model.eval()
 weights = sha(*model.state_dict().values())

@@ -5,13 +5,13 @@ scans or partner runs of the main pipeline.
 ``params.yaml`` (the same keys and checks) and a ``grid`` of architectures, peak learning rates, batch sizes and
 seeds. Every combination is one *point*, named like ``mlp-lr0.1-bs32-s0``:
 
-- :func:`run_point` trains it (:func:`pipeline.training.train`, resumable from the point's checkpoints), measures
-  the final checkpoint (:func:`pipeline.curvature.analysis.analyse` with the details: trace, flatness, gradient
+- :func:`run_point` trains it (:func:`pipeline.training.trainer.train`, resumable from the point's checkpoints),
+  measures the final checkpoint (:func:`pipeline.curvature.analysis.analyse` with the details: trace, flatness, gradient
   noise) and writes ``<points>/<name>/result.json`` atomically, keyed by a fingerprint of everything that decides its
   numbers. A rerun reuses a result whose fingerprint matches and recomputes the others, so a crashed sweep resumes.
-- :func:`experiments` turns the points and their results into :class:`pipeline.sweep.Experiment` s (one per point),
-  so :func:`pipeline.sweep.sweep_rows` gives one row per point; :func:`write_outputs` writes the tables, the
-  ``dvc metrics`` file, the markdown summary and the figure.
+- :func:`experiments` turns the points and their results into :class:`pipeline.sweep.stats.Experiment` s (one per
+  point), so :func:`pipeline.sweep.stats.sweep_rows` gives one row per point; :func:`write_outputs` writes the
+  tables, the ``dvc metrics`` file, the markdown summary and the figure.
 
 No Prefect here: ``pipeline/flows/sweep.py`` wraps these functions in a flow.
 """
@@ -33,32 +33,69 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.checkpoints import parameters_finite
-from pipeline.config import (MAX_BATCH, MODELS, ConfigError, DataConfig, HessianConfig, ModelConfig, ReproConfig,
-                             RunConfig,
-                             TrainConfig, build_section, check_batch_size, read_yaml, resolve_device, spec)
+from pipeline.config import (
+    MAX_BATCH,
+    MODELS,
+    ConfigError,
+    DataConfig,
+    HessianConfig,
+    ModelConfig,
+    ReproConfig,
+    RunConfig,
+    TrainConfig,
+    build_section,
+    check_batch_size,
+    read_yaml,
+    resolve_device,
+    spec,
+)
 from pipeline.curvature.analysis import analyse
 from pipeline.curvature.operators import ProbeSet
 from pipeline.data import PreparedData
-from pipeline.headlines import hessian_headline
-from pipeline.io import atomic_path, write_json
-from pipeline.provenance import PACKAGE_DIR, code_fingerprint, provenance
-from pipeline.sweep import MEASURES, Experiment, batch_size_effect, kendall_table, markdown_table, plot_sweep
-from pipeline.training import train
+from pipeline.io import atomic_path, finite_tree, write_json
+from pipeline.metrics import MEASURES, hessian_headline
+from pipeline.provenance import code_fingerprint, provenance, source_fingerprint
+from pipeline.sweep.figures import plot_sweep
+from pipeline.sweep.stats import Experiment, batch_size_effect, kendall_table, markdown_table
+from pipeline.training.checkpoints import parameters_finite
+from pipeline.training.trainer import train
 
-__all__ = ["SweepGrid", "SweepParams", "Point", "parse_sweep_params", "load_sweep_params", "grid_points",
-           "check_grid_batch_sizes",
-           "make_probe", "point_fingerprint", "headline", "run_point", "load_result", "experiments",
-           "write_outputs", "SWEEP_MEASURES", "BATCH_SIZE_MEASURES", "RESULT", "OUTPUT_FILES"]
+__all__ = [
+    "SweepGrid",
+    "SweepParams",
+    "Point",
+    "parse_sweep_params",
+    "load_sweep_params",
+    "grid_points",
+    "check_grid_batch_sizes",
+    "make_probe",
+    "point_fingerprint",
+    "headline",
+    "run_point",
+    "load_result",
+    "experiments",
+    "write_outputs",
+    "SWEEP_MEASURES",
+    "BATCH_SIZE_MEASURES",
+    "RESULT",
+    "OUTPUT_FILES",
+]
 
 RESULT = "result.json"
 CHECKPOINTS = "checkpoints"
 RESULT_FORMAT = 1
+MEASURE_SOURCES = ("curvature", "metrics.py")  # the code that turns a trained point into its measures
 # Measures the sweep can produce: those read from the hessian stage (the scans of the main pipeline are not run).
 SWEEP_MEASURES: tuple[str, ...] = tuple(m.name for m in MEASURES if all(stage == "hessian" for stage, _ in m.sources))
 BATCH_SIZE_MEASURES: tuple[str, ...] = ("lambda_max", "epsilon_sharpness_absolute")
-OUTPUT_FILES = ("points.parquet", "kendall.parquet", "batch_size.parquet", "sweep_metrics.json", "README.md",
-                "sweep.png")
+OUTPUT_FILES = (
+    "points.parquet",
+    "kendall.parquet",
+    "batch_size.parquet",
+    "sweep_metrics.json",
+    "README.md",
+    "sweep.png",
+)
 
 
 # --- params ---------------------------------------------------------------------------------------------------------
@@ -98,8 +135,14 @@ class SweepParams:
     repro: ReproConfig = ReproConfig()  # applied by the stage wrapper before torch is imported
 
 
-SWEEP_SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
-                                   "hessian": HessianConfig, "grid": SweepGrid, "repro": ReproConfig}
+SWEEP_SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "hessian": HessianConfig,
+    "grid": SweepGrid,
+    "repro": ReproConfig,
+}
 
 
 def parse_sweep_params(raw: Any) -> SweepParams:
@@ -109,8 +152,9 @@ def parse_sweep_params(raw: Any) -> SweepParams:
         ConfigError: one line naming the dotted key (``grid.lr[1]: must be > 0, got -0.1``).
     """
     if not isinstance(raw, Mapping):
-        raise ConfigError("", f"sweep params: expected a mapping of sections ({', '.join(SWEEP_SECTIONS)}), got "
-                              f"{type(raw).__name__}")
+        raise ConfigError(
+            "", f"sweep params: expected a mapping of sections ({', '.join(SWEEP_SECTIONS)}), got {type(raw).__name__}"
+        )
     for key in raw:
         if key not in SWEEP_SECTIONS:
             raise ConfigError(str(key), f"unknown section; allowed: {', '.join(SWEEP_SECTIONS)}")
@@ -120,8 +164,10 @@ def parse_sweep_params(raw: Any) -> SweepParams:
     hessian = sections["hessian"]
     for key in ("checkpoints", "details"):  # run_point measures the final checkpoint, with the details, only
         if getattr(hessian, key) != "final":
-            raise ConfigError(f"hessian.{key}", f"the sweep measures the final checkpoint only; allowed: final, got "
-                                                f"{getattr(hessian, key)!r}")
+            raise ConfigError(
+                f"hessian.{key}",
+                f"the sweep measures the final checkpoint only; allowed: final, got {getattr(hessian, key)!r}",
+            )
     return SweepParams(**sections)
 
 
@@ -163,8 +209,16 @@ def grid_points(params: SweepParams) -> list[Point]:
     for model, lr, batch_size, seed in itertools.product(grid.model, grid.lr, grid.batch_size, grid.seed):
         name = point_name(model, lr, batch_size, seed)
         run_train = dataclasses.replace(params.train, lr=float(lr), batch_size=int(batch_size), seed=int(seed))
-        points.append(Point(name, model, float(lr), int(batch_size), int(seed),
-                            RunConfig(name=name, model_name=model, model=params.model, train=run_train)))
+        points.append(
+            Point(
+                name,
+                model,
+                float(lr),
+                int(batch_size),
+                int(seed),
+                RunConfig(name=name, model_name=model, model=params.model, train=run_train),
+            )
+        )
     return points
 
 
@@ -185,35 +239,25 @@ def make_probe(data: PreparedData, cfg: HessianConfig) -> ProbeSet:
 
 
 def _measure_code_fingerprint() -> str:
-    """sha256 over the curvature sources: a change there recomputes the measures (training code is in
-    :func:`pipeline.provenance.code_fingerprint`)."""
-    digest = hashlib.sha256()
-    for path in sorted((PACKAGE_DIR / "curvature").glob("*.py")):
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
-    digest.update(f"result format {RESULT_FORMAT}".encode())
-    return digest.hexdigest()
+    """sha256 over the sources of the measures (the curvature wing and the headline of :mod:`pipeline.metrics`): a
+    change there recomputes them (training code is in :func:`pipeline.provenance.code_fingerprint`)."""
+    return hashlib.sha256(f"{source_fingerprint(MEASURE_SOURCES)} result format {RESULT_FORMAT}".encode()).hexdigest()
 
 
 def point_fingerprint(point: Point, hessian_cfg: HessianConfig, data_fingerprint: str) -> str:
     """sha256 of what decides a point's numbers: run config, hessian config, data, training and curvature code."""
-    payload = json.dumps({"run": point.run.to_dict(), "hessian": dataclasses.asdict(hessian_cfg),
-                          "data": data_fingerprint, "code": code_fingerprint(), "measures": _measure_code_fingerprint()},
-                         sort_keys=True, default=list)
+    payload = json.dumps(
+        {
+            "run": point.run.to_dict(),
+            "hessian": dataclasses.asdict(hessian_cfg),
+            "data": data_fingerprint,
+            "code": code_fingerprint(),
+            "measures": _measure_code_fingerprint(),
+        },
+        sort_keys=True,
+        default=list,
+    )
     return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def _finite(value: Any) -> Any:
-    """Non-finite floats (anywhere in dicts and lists) as None: the files are strict JSON."""
-    if isinstance(value, Mapping):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
 
 
 def headline(rows: Sequence[Mapping[str, Any]], peak_lr: float, *, epoch: int, checkpoint: str) -> dict:
@@ -238,8 +282,16 @@ def load_result(folder: str | Path, fingerprint: str | None = None) -> dict | No
     return result
 
 
-def run_point(point: Point, data: PreparedData, probe: ProbeSet, folder: str | Path, hessian_cfg: HessianConfig, *,
-              data_fingerprint: str | None = None, log: Callable[[str], None] | None = None) -> dict:
+def run_point(
+    point: Point,
+    data: PreparedData,
+    probe: ProbeSet,
+    folder: str | Path,
+    hessian_cfg: HessianConfig,
+    *,
+    data_fingerprint: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
     """Train one grid point and measure its final checkpoint; write ``<folder>/result.json`` atomically.
 
     Args:
@@ -268,12 +320,14 @@ def run_point(point: Point, data: PreparedData, probe: ProbeSet, folder: str | P
     started = time.perf_counter()
 
     def on_epoch(row: dict) -> None:
-        say(f"{point.name}: epoch {row['epoch']}/{point.run.train.epochs}: train loss {row['train_loss']:.4f} "
-            f"acc {row['train_accuracy']:.4f} | test loss {row['test_loss']:.4f} acc {row['test_accuracy']:.4f}")
+        say(
+            f"{point.name}: epoch {row['epoch']}/{point.run.train.epochs}: train loss {row['train_loss']:.4f} "
+            f"acc {row['train_accuracy']:.4f} | test loss {row['test_loss']:.4f} acc {row['test_accuracy']:.4f}"
+        )
 
     trainer = train(point.run, data, folder / CHECKPOINTS, on_epoch=on_epoch)
     trained = time.perf_counter()
-    metrics: dict[str, Any] = {"train": _finite(trainer.summary())}
+    metrics: dict[str, Any] = {"train": finite_tree(trainer.summary())}
     status = trainer.state.status
     if status == "diverged":
         say(f"{point.name}: diverged at step {trainer.state.diverged_step} (non-finite loss); no measures")
@@ -283,15 +337,28 @@ def run_point(point: Point, data: PreparedData, probe: ProbeSet, folder: str | P
     else:
         device = torch.device(resolve_device(hessian_cfg.device, "hessian.device"))
         model = copy.deepcopy(trainer.model).eval().to(device=device, dtype=getattr(torch, hessian_cfg.dtype))
-        report = analyse(model, probe, hessian_cfg, details=True, on_step=lambda m: say(f"{point.name}: {m}"),
-                         loss=point.run.train.loss)
+        report = analyse(
+            model,
+            probe,
+            hessian_cfg,
+            details=True,
+            on_step=lambda m: say(f"{point.name}: {m}"),
+            loss=point.run.train.loss,
+        )
         epoch = trainer.state.epoch
         metrics["hessian"] = headline(report.rows, point.lr, epoch=epoch, checkpoint=f"epoch_{epoch:04d}.pt")
     finished = time.perf_counter()
-    result = _finite({"format": RESULT_FORMAT, "name": point.name, "point": point.settings(),
-                      "fingerprint": fingerprint, "metrics": metrics,
-                      "wall_seconds": {"train": round(trained - started, 3), "measure": round(finished - trained, 3)},
-                      "provenance": provenance()})
+    result = finite_tree(
+        {
+            "format": RESULT_FORMAT,
+            "name": point.name,
+            "point": point.settings(),
+            "fingerprint": fingerprint,
+            "metrics": metrics,
+            "wall_seconds": {"train": round(trained - started, 3), "measure": round(finished - trained, 3)},
+            "provenance": provenance(),
+        }
+    )
     write_json(folder / RESULT, result)
     return {**result, "reused": False}
 
@@ -299,9 +366,10 @@ def run_point(point: Point, data: PreparedData, probe: ProbeSet, folder: str | P
 # --- aggregation ----------------------------------------------------------------------------------------------------
 
 
-def experiments(points: Sequence[Point], results: Mapping[str, Mapping[str, Any] | None],
-                base_train: TrainConfig | None = None) -> list[Experiment]:
-    """One :class:`~pipeline.sweep.Experiment` per point, shaped like a main-pipeline experiment: params
+def experiments(
+    points: Sequence[Point], results: Mapping[str, Mapping[str, Any] | None], base_train: TrainConfig | None = None
+) -> list[Experiment]:
+    """One :class:`~pipeline.sweep.stats.Experiment` per point, shaped like a main-pipeline experiment: params
     ``{"train": {...}, "runs": {name: {model, lr, batch_size, seed}}}`` and metrics ``{name: {"train", "hessian"}}``
     (None for a point without a result: its row says ``not trained``)."""
     train_section = dataclasses.asdict(base_train if base_train is not None else points[0].run.train) if points else {}
@@ -344,38 +412,75 @@ def _markdown(frame: pd.DataFrame, columns: Sequence[tuple[str, str]]) -> str:
 
 
 def _readme(frame: pd.DataFrame, kendall: pd.DataFrame, batch: pd.DataFrame, summary: dict) -> str:
-    points = _markdown(frame, [("run", "point"), ("status", "status"), ("generalization_gap", "gap (nats)"),
-                               ("test_accuracy", "test acc"), ("lambda_max", "λmax"),
-                               ("epsilon_sharpness_absolute", "ε-sharpness"),
-                               ("pac_bayes_sigma_isotropic", "PAC-Bayes σ")])
-    effect = _markdown(batch, [("model", "model"), ("lr", "lr"), ("measure", "measure"), ("n", "n"),
-                               ("smallest_batch", "smallest batch"), ("largest_batch", "largest batch"),
-                               ("median_at_smallest", "median at smallest"),
-                               ("median_at_largest", "median at largest"), ("tau", "τ"), ("p_value", "p"),
-                               ("expected_sign", "expected"), ("agrees", "sign agrees")])
-    return "\n".join([
-        "# Flatness sweep: do flatter minima generalise better?", "",
-        f"{summary['n_completed']} of {summary['n_points']} grid points completed "
-        f"({summary['n_diverged']} diverged). Kendall's τ-b of each measure against the generalisation gap "
-        "(test − train loss) over the completed points; Ψ is Jiang et al.'s granulated coefficient (τ inside groups "
-        "where one of lr, batch size, model varies, averaged).", "",
-        "## Kendall's τ against the generalisation gap", "", markdown_table(kendall), "",
-        "## Batch size and sharpness (Keskar et al.)", "",
-        "Per (model, lr): τ between batch size and the measure; a sharpness measure should grow with the batch "
-        "size.", "", effect, "",
-        "## Figure", "", "![Flatness measures against the generalisation gap](sweep.png)", "",
-        "## Points", "", points, "",
-    ])
+    points = _markdown(
+        frame,
+        [
+            ("run", "point"),
+            ("status", "status"),
+            ("generalization_gap", "gap (nats)"),
+            ("test_accuracy", "test acc"),
+            ("lambda_max", "λmax"),
+            ("epsilon_sharpness_absolute", "ε-sharpness"),
+            ("pac_bayes_sigma_isotropic", "PAC-Bayes σ"),
+        ],
+    )
+    effect = _markdown(
+        batch,
+        [
+            ("model", "model"),
+            ("lr", "lr"),
+            ("measure", "measure"),
+            ("n", "n"),
+            ("smallest_batch", "smallest batch"),
+            ("largest_batch", "largest batch"),
+            ("median_at_smallest", "median at smallest"),
+            ("median_at_largest", "median at largest"),
+            ("tau", "τ"),
+            ("p_value", "p"),
+            ("expected_sign", "expected"),
+            ("agrees", "sign agrees"),
+        ],
+    )
+    return "\n".join(
+        [
+            "# Flatness sweep: do flatter minima generalise better?",
+            "",
+            f"{summary['n_completed']} of {summary['n_points']} grid points completed "
+            f"({summary['n_diverged']} diverged). Kendall's τ-b of each measure against the generalisation gap "
+            "(test − train loss) over the completed points; Ψ is Jiang et al.'s granulated coefficient (τ inside groups "  # noqa: E501
+            "where one of lr, batch size, model varies, averaged).",
+            "",
+            "## Kendall's τ against the generalisation gap",
+            "",
+            markdown_table(kendall),
+            "",
+            "## Batch size and sharpness (Keskar et al.)",
+            "",
+            "Per (model, lr): τ between batch size and the measure; a sharpness measure should grow with the batch "
+            "size.",
+            "",
+            effect,
+            "",
+            "## Figure",
+            "",
+            "![Flatness measures against the generalisation gap](sweep.png)",
+            "",
+            "## Points",
+            "",
+            points,
+            "",
+        ]
+    )
 
 
 def write_outputs(frame: pd.DataFrame, out_dir: str | Path) -> dict[str, Any]:
     """Write the sweep's outputs under ``out_dir``, each atomically:
 
-    ``points.parquet`` (``frame``, the rows of :func:`pipeline.sweep.sweep_rows`), ``kendall.parquet``
-    (:func:`~pipeline.sweep.kendall_table` of :data:`SWEEP_MEASURES`), ``batch_size.parquet``
-    (:func:`~pipeline.sweep.batch_size_effect` for :data:`BATCH_SIZE_MEASURES`), ``sweep_metrics.json`` (for
+    ``points.parquet`` (``frame``, the rows of :func:`pipeline.sweep.stats.sweep_rows`), ``kendall.parquet``
+    (:func:`~pipeline.sweep.stats.kendall_table` of :data:`SWEEP_MEASURES`), ``batch_size.parquet``
+    (:func:`~pipeline.sweep.stats.batch_size_effect` for :data:`BATCH_SIZE_MEASURES`), ``sweep_metrics.json`` (for
     ``dvc metrics``: per measure tau, p_value, n, agrees; n_points, n_completed, n_diverged), ``README.md`` and
-    ``sweep.png`` (:func:`~pipeline.sweep.plot_sweep`).
+    ``sweep.png`` (:func:`~pipeline.sweep.figures.plot_sweep`).
 
     Returns:
         ``{"kendall": DataFrame, "batch_size": DataFrame, "metrics": dict, "files": [Path, ...]}``.
@@ -384,15 +489,22 @@ def write_outputs(frame: pd.DataFrame, out_dir: str | Path) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     kendall = kendall_table(frame, measures=list(SWEEP_MEASURES))
     batch = pd.concat([batch_size_effect(frame, m) for m in BATCH_SIZE_MEASURES], ignore_index=True)
-    summary = {"n_points": int(len(frame)), "n_completed": int((frame["status"] == "completed").sum()),
-               "n_diverged": int((frame["status"] == "diverged").sum()), "target": "generalization_gap",
-               "measures": {row["measure"]: {"tau": row["tau"], "p_value": row["p_value"], "n": int(row["n"]),
-                                             "agrees": row["agrees"]}
-                            for row in kendall.to_dict("records")}}
-    summary = _finite(summary)
-    files = [_write_parquet(frame, out_dir / "points.parquet"),
-             _write_parquet(kendall, out_dir / "kendall.parquet"),
-             _write_parquet(batch, out_dir / "batch_size.parquet")]
+    summary = {
+        "n_points": int(len(frame)),
+        "n_completed": int((frame["status"] == "completed").sum()),
+        "n_diverged": int((frame["status"] == "diverged").sum()),
+        "target": "generalization_gap",
+        "measures": {
+            row["measure"]: {"tau": row["tau"], "p_value": row["p_value"], "n": int(row["n"]), "agrees": row["agrees"]}
+            for row in kendall.to_dict("records")
+        },
+    }
+    summary = finite_tree(summary)
+    files = [
+        _write_parquet(frame, out_dir / "points.parquet"),
+        _write_parquet(kendall, out_dir / "kendall.parquet"),
+        _write_parquet(batch, out_dir / "batch_size.parquet"),
+    ]
     write_json(out_dir / "sweep_metrics.json", summary)
     files.append(out_dir / "sweep_metrics.json")
     files.append(_write_text(_readme(frame, kendall, batch, summary), out_dir / "README.md"))

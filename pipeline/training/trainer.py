@@ -6,113 +6,44 @@ CPU the final weights are bitwise identical. A non-finite loss stops the run and
 
 ``train.batch_size: full`` is full-batch gradient descent (one step per epoch over the whole train split);
 ``train.loss: mse`` trains on the squared error to the one-hot target (the edge-of-stability setting of Cohen et al.
-2021). With ``train.track_sharpness_every`` a :class:`~pipeline.tracking.SharpnessTracker` measures λmax, the
+2021). With ``train.track_sharpness_every`` a :class:`~pipeline.training.tracking.SharpnessTracker` measures λmax, the
 curvature along the gradient and the quadratic model of the step at the due steps, on the probe set; those rows are
 ``Trainer.state.sharpness`` (the ``sharpness_history`` table).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import FULL_BATCH, RunConfig, TrainConfig, resolve_device
+from pipeline.config import RunConfig, TrainConfig, resolve_device
 from pipeline.data import PreparedData
-from pipeline.io import save_torch, write_json
-from pipeline.models import build_model, count_parameters
-from pipeline.provenance import code_fingerprint, provenance
-
-CHECKPOINT_FORMAT = 1
-CHECKPOINT_GLOB = "epoch_*.pt"
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = 2  # 2: every entry carries the file's sha256 and the run fingerprint
-MANIFEST_KEYS = ("file", "epoch", "step", "tag", "status", "sha256", "fingerprint")
-FOREIGN = "made by another config, data or code"
-TORN = "unreadable (torn write?)"
-_EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
-
-
-def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
-    """Learning rate for global step ``step`` (0-based) of the schedule ``cfg.schedule``.
-
-    ``cosine``: :math:`\\eta_t = \\tfrac12 \\eta (1 + \\cos(\\pi t / T))` with ``T`` the total number of steps;
-    ``step``: :math:`\\eta \\gamma^k` with ``k`` the number of milestones (epochs) already reached.
-    """
-    if cfg.schedule == "constant":
-        return cfg.lr
-    if cfg.schedule == "step":
-        epoch = step // steps_per_epoch
-        return cfg.lr * cfg.gamma ** sum(1 for m in cfg.milestones if epoch >= m)
-    total = cfg.epochs * steps_per_epoch
-    return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * step / total))
-
-
-def batch_order(n: int, batch_size: int | str, seed: int, epoch: int) -> list[torch.Tensor]:
-    """Index batches for ``epoch`` (1-based); a trailing batch of one sample is dropped (BatchNorm needs two).
-
-    ``batch_size`` ``"full"`` gives one batch of all ``n`` samples (full-batch gradient descent).
-    """
-    if batch_size == FULL_BATCH:
-        batch_size = n
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=generator)
-    batches = list(perm.split(batch_size))
-    if len(batches) > 1 and len(batches[-1]) < 2:
-        batches.pop()
-    return batches
-
-
-def batch_loss(outputs: torch.Tensor, targets: torch.Tensor, loss: str = "cross_entropy",
-               reduction: str = "mean") -> torch.Tensor:
-    """The training loss of a batch: ``cross_entropy``, or ``mse``, the squared error to the one-hot target summed
-    over the outputs (no factor ½; the same per-sample loss as the curvature operators), averaged over the batch."""
-    if loss == "cross_entropy":
-        return F.cross_entropy(outputs, targets, reduction=reduction)
-    if loss == "mse":
-        per_sample = ((outputs - F.one_hot(targets, outputs.shape[-1]).to(outputs.dtype)) ** 2).sum(dim=-1)
-        return per_sample.mean() if reduction == "mean" else per_sample.sum()
-    raise ValueError(f"loss: unknown name {loss!r}; allowed: cross_entropy, mse")
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-             loss: str = "cross_entropy") -> tuple[float, float]:
-    """Mean loss (``cross_entropy`` or ``mse``) and accuracy over all of ``(x, y)`` in eval mode."""
-    was_training = model.training
-    model.eval()
-    loss_sum, correct = 0.0, 0
-    for start in range(0, len(x), batch_size):
-        logits = model(x[start:start + batch_size])
-        target = y[start:start + batch_size]
-        loss_sum += batch_loss(logits, target, loss, reduction="sum").item()
-        correct += (logits.argmax(1) == target).sum().item()
-    model.train(was_training)
-    return loss_sum / len(x), correct / len(x)
-
-
-def parameter_norm(model: nn.Module) -> float:
-    return torch.linalg.vector_norm(torch.stack([p.detach().norm() for p in model.parameters()])).item()
-
-
-def run_fingerprint(run: RunConfig, data_fingerprint: str) -> str:
-    """sha256 identifying what a checkpoint was made from: run config, data, library code and the CPU kernel
-    settings (:func:`pipeline.repro.kernel_fingerprint`: other kernels give other weights)."""
-    from pipeline.repro import kernel_fingerprint
-
-    payload = json.dumps({"run": run.to_dict(), "data": data_fingerprint, "code": code_fingerprint(),
-                          "kernels": kernel_fingerprint()}, sort_keys=True, default=list)
-    return hashlib.sha256(payload.encode()).hexdigest()
+from pipeline.io import finite, save_torch
+from pipeline.provenance import provenance
+from pipeline.training.checkpoints import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_GLOB,
+    FOREIGN,
+    MANIFEST,
+    MANIFEST_KEYS,
+    TORN,
+    file_epoch,
+    file_sha256,
+    manifest_entry,
+    read_manifest,
+    run_fingerprint,
+    try_load,
+    write_manifest,
+)
+from pipeline.training.models import build_model, count_parameters
+from pipeline.training.steps import batch_loss, batch_order, evaluate, learning_rate, parameter_norm
 
 
 @dataclass
@@ -155,12 +86,16 @@ class Trainer:
         self.tracker = None
         if self.cfg.track_sharpness_every:
             from pipeline.curvature.operators import ProbeSet
-            from pipeline.tracking import SharpnessTracker
+            from pipeline.training.tracking import SharpnessTracker
 
             x_probe, y_probe = (t.to(self.device) for t in data.probe_tensors())
-            self.tracker = SharpnessTracker(ProbeSet.from_tensors(x_probe, y_probe, self.cfg.eval_batch_size),
-                                            loss=self.cfg.loss, tol=self.cfg.track_tol,
-                                            max_hvps=self.cfg.track_max_hvps, seed=self.cfg.seed)
+            self.tracker = SharpnessTracker(
+                ProbeSet.from_tensors(x_probe, y_probe, self.cfg.eval_batch_size),
+                loss=self.cfg.loss,
+                tol=self.cfg.track_tol,
+                max_hvps=self.cfg.track_max_hvps,
+                seed=self.cfg.seed,
+            )
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -190,12 +125,16 @@ class Trainer:
                 good[path.name] = entry
             else:
                 bad.append((path, problem))
-        holes = [name for name, e in (manifest or {}).items()
-                 if e.get("fingerprint") == self.fingerprint and name not in good
-                 and not (self.checkpoint_dir / name).exists()]
+        holes = [
+            name
+            for name, e in (manifest or {}).items()
+            if e.get("fingerprint") == self.fingerprint
+            and name not in good
+            and not (self.checkpoint_dir / name).exists()
+        ]
         for path, _ in bad:
             path.unlink(missing_ok=True)
-        bad_epochs = [e for e in (_file_epoch(name) for name in [*(p.name for p, _ in bad), *holes]) if e is not None]
+        bad_epochs = [e for e in (file_epoch(name) for name in [*(p.name for p, _ in bad), *holes]) if e is not None]
         cutoff = min(bad_epochs) if bad_epochs else None
         self._entries = dict(good)  # save_checkpoint adds to it; `good` stays what was found
         notes = _repair_notes(bad, holes)
@@ -203,15 +142,17 @@ class Trainer:
             write_manifest(self.checkpoint_dir, good.values())
             notes.append(f"rewrote {'missing ' if manifest is None else ''}{MANIFEST}")
 
-        candidates = sorted((e for e in good.values() if cutoff is None or e["epoch"] < cutoff),
-                            key=lambda e: e["epoch"])
+        candidates = sorted(
+            (e for e in good.values() if cutoff is None or e["epoch"] < cutoff), key=lambda e: e["epoch"]
+        )
         for entry in reversed(candidates):
-            payload = _try_load(self.checkpoint_dir / entry["file"])
+            payload = try_load(self.checkpoint_dir / entry["file"])
             if payload is None or payload.get("fingerprint") != self.fingerprint:
                 continue  # changed since it was hashed: fall back to an older one
             self._restore(payload)
-            message = (f"resumed from {entry['file']} (epoch {self.state.epoch}/{self.cfg.epochs}, "
-                       f"status {self.state.status})")
+            message = (
+                f"resumed from {entry['file']} (epoch {self.state.epoch}/{self.cfg.epochs}, status {self.state.status})"
+            )
             if cutoff is not None:
                 notes.append(f"retraining from epoch {self.state.epoch}")
             return message + (f"; repaired: {'; '.join(notes)}" if notes else "")
@@ -233,15 +174,20 @@ class Trainer:
             digest = file_sha256(path)
         except OSError:
             return None, TORN
-        if (listed is not None and listed.get("sha256") == digest and listed.get("fingerprint") == self.fingerprint
-                and listed.get("epoch") == _file_epoch(path.name) and all(k in listed for k in MANIFEST_KEYS)):
+        if (
+            listed is not None
+            and listed.get("sha256") == digest
+            and listed.get("fingerprint") == self.fingerprint
+            and listed.get("epoch") == file_epoch(path.name)
+            and all(k in listed for k in MANIFEST_KEYS)
+        ):
             return {k: listed[k] for k in MANIFEST_KEYS}, ""
-        payload = _try_load(path)
+        payload = try_load(path)
         if payload is None:
             return None, TORN
         if payload.get("fingerprint") != self.fingerprint:
             return None, FOREIGN
-        if payload.get("epoch") != _file_epoch(path.name):
+        if payload.get("epoch") != file_epoch(path.name):
             return None, f"holds epoch {payload.get('epoch')}, not the one its name says"
         return manifest_entry(path.name, payload, digest), ""
 
@@ -265,7 +211,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.linalg.vector_norm(
-                torch.stack([p.grad.norm() for p in self.model.parameters() if p.grad is not None])).item()
+                torch.stack([p.grad.norm() for p in self.model.parameters() if p.grad is not None])
+            ).item()
             self.optimizer.step()
             if before is not None:
                 state.sharpness.append(self._track_after(before))
@@ -275,8 +222,16 @@ class Trainer:
             n_seen += len(index)
             n_steps += 1
             if cfg.log_every and state.step % cfg.log_every == 0:
-                state.history.append(self._row("step", epoch, lr=lr, batch_loss=loss.item(), grad_norm=grad_norm,
-                                               seconds=state.seconds + time.perf_counter() - started))
+                state.history.append(
+                    self._row(
+                        "step",
+                        epoch,
+                        lr=lr,
+                        batch_loss=loss.item(),
+                        grad_norm=grad_norm,
+                        seconds=state.seconds + time.perf_counter() - started,
+                    )
+                )
             if on_step is not None:
                 on_step(state.step)
         state.seconds += time.perf_counter() - started
@@ -292,20 +247,25 @@ class Trainer:
     # ------------------------------------------------------------------ sharpness tracking
     def _track_before(self, lr: float, epoch: int) -> dict | None:
         """λmax and g'Hg/|g|² on the probe set before the step with index ``state.step``, when it is due."""
-        from pipeline.tracking import stability_threshold, tracking_due
+        from pipeline.training.tracking import stability_threshold, tracking_due
 
         if self.tracker is None or not tracking_due(self.cfg, self.state.step, self.steps_per_epoch):
             return None
         self.tracker.vector = self.state.track_vector
         before = self.tracker.before_step(self.model)
         self.state.track_vector = self.tracker.vector
-        before.update(run=self.run.name, epoch=epoch - 1, step=self.state.step, lr=lr,
-                      two_over_lr=2.0 / lr if lr > 0 else math.inf,
-                      stability_threshold=stability_threshold(self.cfg, lr))
+        before.update(
+            run=self.run.name,
+            epoch=epoch - 1,
+            step=self.state.step,
+            lr=lr,
+            two_over_lr=2.0 / lr if lr > 0 else math.inf,
+            stability_threshold=stability_threshold(self.cfg, lr),
+        )
         return before
 
     def _track_after(self, before: dict) -> dict:
-        from pipeline.tracking import TRACK_COLUMNS
+        from pipeline.training.tracking import TRACK_COLUMNS
 
         row = self.tracker.after_step(self.model, before)
         return {k: row[k] for k in TRACK_COLUMNS}
@@ -318,17 +278,30 @@ class Trainer:
         tag = "init" if s.epoch == 0 else ("final" if self.done else "periodic")
         path = self.checkpoint_dir / f"epoch_{s.epoch:04d}.pt"
         payload = {
-            "format": CHECKPOINT_FORMAT, "tag": tag, "epoch": s.epoch, "step": s.step, "seconds": s.seconds,
-            "status": s.status, "diverged_step": s.diverged_step, "history": s.history,
-            "sharpness": s.sharpness, "track_vector": s.track_vector,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "config": self.run.to_dict(), "fingerprint": self.fingerprint,
-            "data_fingerprint": self.data_fingerprint, "provenance": provenance(),
+            "format": CHECKPOINT_FORMAT,
+            "tag": tag,
+            "epoch": s.epoch,
+            "step": s.step,
+            "seconds": s.seconds,
+            "status": s.status,
+            "diverged_step": s.diverged_step,
+            "history": s.history,
+            "sharpness": s.sharpness,
+            "track_vector": s.track_vector,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "config": self.run.to_dict(),
+            "fingerprint": self.fingerprint,
+            "data_fingerprint": self.data_fingerprint,
+            "provenance": provenance(),
         }
         save_torch(path, payload)
         if self._entries is None:  # saved without start(): keep what the manifest vouches for
-            self._entries = {name: e for name, e in (read_manifest(self.checkpoint_dir) or {}).items()
-                             if e.get("fingerprint") == self.fingerprint and (self.checkpoint_dir / name).is_file()}
+            self._entries = {
+                name: e
+                for name, e in (read_manifest(self.checkpoint_dir) or {}).items()
+                if e.get("fingerprint") == self.fingerprint and (self.checkpoint_dir / name).is_file()
+            }
         self._entries[path.name] = manifest_entry(path.name, payload, file_sha256(path))
         write_manifest(self.checkpoint_dir, self._entries.values())
         return path
@@ -336,36 +309,64 @@ class Trainer:
     def _restore(self, payload: dict) -> None:
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
-        self.state = TrainState(epoch=payload["epoch"], step=payload["step"], seconds=payload["seconds"],
-                                status=payload["status"], diverged_step=payload["diverged_step"],
-                                history=list(payload["history"]), sharpness=list(payload.get("sharpness", [])),
-                                track_vector=payload.get("track_vector"))
+        self.state = TrainState(
+            epoch=payload["epoch"],
+            step=payload["step"],
+            seconds=payload["seconds"],
+            status=payload["status"],
+            diverged_step=payload["diverged_step"],
+            history=list(payload["history"]),
+            sharpness=list(payload.get("sharpness", [])),
+            track_vector=payload.get("track_vector"),
+        )
 
     # ------------------------------------------------------------------ history rows
     def _row(self, scope: str, epoch: int, **values) -> dict:
-        return {"run": self.run.name, "scope": scope, "epoch": epoch, "step": self.state.step,
-                "train_loss": float("nan"), "train_accuracy": float("nan"),
-                "test_loss": float("nan"), "test_accuracy": float("nan"),
-                "param_norm": parameter_norm(self.model), **values}
+        return {
+            "run": self.run.name,
+            "scope": scope,
+            "epoch": epoch,
+            "step": self.state.step,
+            "train_loss": float("nan"),
+            "train_accuracy": float("nan"),
+            "test_loss": float("nan"),
+            "test_accuracy": float("nan"),
+            "param_norm": parameter_norm(self.model),
+            **values,
+        }
 
     def _epoch_row(self, batch_loss: float, grad_norm: float) -> dict:
         bs = self.cfg.eval_batch_size
         train_loss, train_acc = evaluate(self.model, self.x_train, self.y_train, bs, self.cfg.loss)
         test_loss, test_acc = evaluate(self.model, self.x_test, self.y_test, bs, self.cfg.loss)
         lr = learning_rate(self.cfg, max(self.state.step - 1, 0), self.steps_per_epoch)
-        return self._row("epoch", self.state.epoch, lr=lr, batch_loss=batch_loss, grad_norm=grad_norm,
-                         seconds=self.state.seconds, train_loss=train_loss, train_accuracy=train_acc,
-                         test_loss=test_loss, test_accuracy=test_acc)
+        return self._row(
+            "epoch",
+            self.state.epoch,
+            lr=lr,
+            batch_loss=batch_loss,
+            grad_norm=grad_norm,
+            seconds=self.state.seconds,
+            train_loss=train_loss,
+            train_accuracy=train_acc,
+            test_loss=test_loss,
+            test_accuracy=test_acc,
+        )
 
     def summary(self) -> dict:
         """Headline numbers of the run (for ``metrics.json``)."""
         last = next(r for r in reversed(self.state.history) if r["scope"] == "epoch")
         return {
-            "status": self.state.status, "diverged_step": self.state.diverged_step,
-            "epochs": self.state.epoch, "steps": self.state.step, "seconds": round(self.state.seconds, 3),
+            "status": self.state.status,
+            "diverged_step": self.state.diverged_step,
+            "epochs": self.state.epoch,
+            "steps": self.state.step,
+            "seconds": round(self.state.seconds, 3),
             "n_params": count_parameters(self.model),
-            "train_loss": last["train_loss"], "train_accuracy": last["train_accuracy"],
-            "test_loss": last["test_loss"], "test_accuracy": last["test_accuracy"],
+            "train_loss": last["train_loss"],
+            "train_accuracy": last["train_accuracy"],
+            "test_loss": last["test_loss"],
+            "test_accuracy": last["test_accuracy"],
             "generalization_gap": last["test_loss"] - last["train_loss"],
             **self.sharpness_summary(),
         }
@@ -380,11 +381,14 @@ class Trainer:
         if not rows:
             return {}
         last = rows[-1]
-        quarter = rows[len(rows) - max(len(rows) // 4, 1):]
-        ratios = [r["lambda_max"] / r["stability_threshold"] for r in quarter
-                  if math.isfinite(r["lambda_max"]) and math.isfinite(r["stability_threshold"])
-                  and r["stability_threshold"] > 0]
-        finite = lambda v: v if isinstance(v, float) and math.isfinite(v) else None  # noqa: E731
+        quarter = rows[len(rows) - max(len(rows) // 4, 1) :]
+        ratios = [
+            r["lambda_max"] / r["stability_threshold"]
+            for r in quarter
+            if math.isfinite(r["lambda_max"])
+            and math.isfinite(r["stability_threshold"])
+            and r["stability_threshold"] > 0
+        ]
         return {
             "tracked_steps": len(rows),
             "tracking_seconds": round(sum(r["seconds"] for r in rows), 3),
@@ -396,8 +400,9 @@ class Trainer:
         }
 
 
-def train(run: RunConfig, data: PreparedData, checkpoint_dir: str | Path,
-          on_epoch: Callable[[dict], None] | None = None) -> Trainer:
+def train(
+    run: RunConfig, data: PreparedData, checkpoint_dir: str | Path, on_epoch: Callable[[dict], None] | None = None
+) -> Trainer:
     """Train ``run`` to completion (or divergence), resuming from ``checkpoint_dir`` when possible."""
     trainer = Trainer(run, data, checkpoint_dir)
     trainer.start()
@@ -406,71 +411,6 @@ def train(run: RunConfig, data: PreparedData, checkpoint_dir: str | Path,
         if on_epoch is not None:
             on_epoch(row)
     return trainer
-
-
-def list_checkpoints(checkpoint_dir: str | Path) -> list[dict]:
-    """The readable checkpoints of a folder, oldest first: ``{file, epoch, step, tag, status}``.
-
-    Not verified against the manifest: analyses use :func:`pipeline.checkpoints.verified_checkpoints`."""
-    rows = []
-    for path in sorted(Path(checkpoint_dir).glob(CHECKPOINT_GLOB)):
-        payload = _try_load(path)
-        if payload is not None:
-            rows.append({"file": path.name, "epoch": payload["epoch"], "step": payload["step"],
-                         "tag": payload["tag"], "status": payload["status"]})
-    return rows
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 hex of a file's bytes, read in blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def manifest_entry(name: str, payload: dict, sha256: str) -> dict:
-    """The manifest row of checkpoint file ``name``: its progress, its bytes' sha256 and the run fingerprint."""
-    return {"file": name, "epoch": payload["epoch"], "step": payload["step"], "tag": payload["tag"],
-            "status": payload["status"], "sha256": sha256, "fingerprint": payload.get("fingerprint")}
-
-
-def read_manifest(checkpoint_dir: str | Path) -> dict[str, dict] | None:
-    """The manifest's entries by file name, or None when ``manifest.json`` is missing or not a manifest."""
-    try:
-        raw = json.loads((Path(checkpoint_dir) / MANIFEST).read_text())
-    except (OSError, ValueError):  # missing, unreadable or not JSON: no manifest
-        return None
-    rows = raw.get("checkpoints") if isinstance(raw, dict) else None
-    if not isinstance(rows, list):
-        return None
-    return {r["file"]: r for r in rows if isinstance(r, dict) and isinstance(r.get("file"), str)}
-
-
-def write_manifest(checkpoint_dir: str | Path, entries: Iterable[dict] | None = None) -> None:
-    """Write ``manifest.json`` atomically: ``entries`` (rows of :func:`manifest_entry`), oldest first.
-
-    ``None`` lists every readable checkpoint of the folder (each loaded and hashed)."""
-    folder = Path(checkpoint_dir)
-    if entries is None:
-        entries = [manifest_entry(p.name, payload, file_sha256(p)) for p in sorted(folder.glob(CHECKPOINT_GLOB))
-                   if (payload := _try_load(p)) is not None]
-    rows = sorted(entries, key=lambda e: (e["epoch"], e["file"]))
-    write_json(folder / MANIFEST, {"format": MANIFEST_FORMAT, "checkpoints": rows})
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint with ``weights_only=True`` (no arbitrary code runs)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _try_load(path: Path) -> dict | None:
-    try:
-        payload = load_checkpoint(path)
-    except Exception:  # a torn or foreign file: treated as absent, never trusted
-        return None
-    return payload if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT else None
 
 
 def _repair_notes(bad: list[tuple[Path, str]], holes: list[str]) -> list[str]:
@@ -484,18 +424,14 @@ def _repair_notes(bad: list[tuple[Path, str]], holes: list[str]) -> list[str]:
     return notes
 
 
-def _file_epoch(name: str) -> int | None:
-    """The epoch in a checkpoint file name ``epoch_0012.pt``, or None for another name."""
-    match = _EPOCH_FILE.match(name)
-    return int(match.group(1)) if match else None
-
-
 def _build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                            weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+        )
+    return torch.optim.Adam(
+        model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
+    )
 
 
 def _make_deterministic(device: torch.device) -> None:

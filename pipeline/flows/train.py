@@ -13,12 +13,13 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from pipeline.config import Params, RunConfig
+from pipeline.curvature.operators import BN_MODE
 from pipeline.data import load_prepared
 from pipeline.flows.common import Progress, table_artifact, unit_of_work
 from pipeline.io import write_json
 from pipeline.provenance import provenance
 from pipeline.tables import SHARPNESS_HISTORY, TRAIN_HISTORY, write_table
-from pipeline.training import Trainer
+from pipeline.training.trainer import Trainer
 
 
 @unit_of_work
@@ -28,58 +29,98 @@ def train_until_checkpoint(trainer: Trainer, progress: Progress) -> dict:
     while True:
         row = trainer.train_epoch()
         progress.advance(1, {"loss": f"{row['batch_loss']:.3f}", "test_acc": f"{row['test_accuracy']:.3f}"})
-        logger.info("epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | lr %.4g",
-                    row["epoch"], trainer.cfg.epochs, row["train_loss"], row["train_accuracy"],
-                    row["test_loss"], row["test_accuracy"], row["lr"])
+        logger.info(
+            "epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | lr %.4g",
+            row["epoch"],
+            trainer.cfg.epochs,
+            row["train_loss"],
+            row["train_accuracy"],
+            row["test_loss"],
+            row["test_accuracy"],
+            row["lr"],
+        )
         if trainer.done or row["epoch"] % trainer.cfg.checkpoint_every == 0:
             return row
 
 
 @unit_of_work
-def write_train_outputs(trainer: Trainer, history_path: Path, metrics_path: Path,
-                        sharpness_path: Path | None = None) -> dict:
+def write_train_outputs(
+    trainer: Trainer, history_path: Path, metrics_path: Path, sharpness_path: Path | None = None
+) -> dict:
     """Write the history tables (with provenance) and the run's headline metrics."""
     metadata = {"provenance": provenance(), "run": trainer.run.to_dict(), "data_fingerprint": trainer.data_fingerprint}
     write_table(trainer.state.history, history_path, TRAIN_HISTORY, metadata=metadata)
     if sharpness_path is not None:
-        write_table(trainer.state.sharpness, sharpness_path, SHARPNESS_HISTORY,
-                    metadata={**metadata, "probe_size": len(trainer.data.probe_index), "bn_mode": "eval"})
+        write_table(
+            trainer.state.sharpness,
+            sharpness_path,
+            SHARPNESS_HISTORY,
+            metadata={**metadata, "probe_size": len(trainer.data.probe_index), "bn_mode": BN_MODE},
+        )
     summary = trainer.summary()
     write_json(metrics_path, summary)
     return summary
 
 
-def _train(run: RunConfig, data_dir: Path, checkpoint_dir: Path, history_path: Path, metrics_path: Path,
-           label: str, sharpness_path: Path | None = None) -> dict:
+def _train(
+    run: RunConfig,
+    data_dir: Path,
+    checkpoint_dir: Path,
+    history_path: Path,
+    metrics_path: Path,
+    label: str,
+    sharpness_path: Path | None = None,
+) -> dict:
     logger = get_run_logger()
     trainer = Trainer(run, load_prepared(data_dir), checkpoint_dir)
     logger.info("%s: %s on %s, seed %d, %s", label, run.model_name, trainer.device, run.train.seed, trainer.start())
     progress = Progress(run.train.epochs, trainer.state.epoch, f"{label}", "epoch")
     try:
         while not trainer.done:
-            train_until_checkpoint.with_options(
-                task_run_name=f"epochs-to-checkpoint-{trainer.state.epoch + 1}")(trainer, progress)
+            train_until_checkpoint.with_options(task_run_name=f"epochs-to-checkpoint-{trainer.state.epoch + 1}")(
+                trainer, progress
+            )
     finally:
         progress.close()
     summary = write_train_outputs(trainer, history_path, metrics_path, sharpness_path)
     if trainer.state.sharpness:
-        logger.info("%s: sharpness tracked at %d steps (%.1f s of %.1f s); last lambda_max %.4g, 2/lr %.4g",
-                    label, len(trainer.state.sharpness), summary["tracking_seconds"], summary["seconds"],
-                    trainer.state.sharpness[-1]["lambda_max"], trainer.state.sharpness[-1]["two_over_lr"])
+        logger.info(
+            "%s: sharpness tracked at %d steps (%.1f s of %.1f s); last lambda_max %.4g, 2/lr %.4g",
+            label,
+            len(trainer.state.sharpness),
+            summary["tracking_seconds"],
+            summary["seconds"],
+            trainer.state.sharpness[-1]["lambda_max"],
+            trainer.state.sharpness[-1]["two_over_lr"],
+        )
     if summary["status"] == "diverged":
-        logger.warning("%s diverged at step %s (non-finite loss); recorded, later stages report it",
-                       label, summary["diverged_step"])
-    table_artifact([{"run": run.name, **summary}], key=label.lower().replace("_", "-").replace(" ", "-"),
-                          description=f"Headline numbers of {label}")
+        logger.warning(
+            "%s diverged at step %s (non-finite loss); recorded, later stages report it",
+            label,
+            summary["diverged_step"],
+        )
+    table_artifact(
+        [{"run": run.name, **summary}],
+        key=label.lower().replace("_", "-").replace(" ", "-"),
+        description=f"Headline numbers of {label}",
+    )
     return summary
 
 
 @flow(name="train", flow_run_name="train-{run_name}")
-def train_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: Path, history_path: Path,
-               metrics_path: Path, sharpness_path: Path | None = None) -> dict:
+def train_flow(
+    params: Params,
+    run_name: str,
+    data_dir: Path,
+    checkpoint_dir: Path,
+    history_path: Path,
+    metrics_path: Path,
+    sharpness_path: Path | None = None,
+) -> dict:
     """Train one run, resuming from ``checkpoint_dir`` when its checkpoints match the config, data and code."""
-    return _train(params.run(run_name), data_dir, checkpoint_dir, history_path, metrics_path, f"train {run_name}",
-                  sharpness_path)
+    return _train(
+        params.run(run_name), data_dir, checkpoint_dir, history_path, metrics_path, f"train {run_name}", sharpness_path
+    )
 
 
 def partner_run(params: Params, run_name: str) -> RunConfig:
@@ -92,8 +133,10 @@ def partner_run(params: Params, run_name: str) -> RunConfig:
 
 
 @flow(name="partner", flow_run_name="partner-{run_name}")
-def partner_flow(params: Params, run_name: str, data_dir: Path, checkpoint_dir: Path, history_path: Path,
-                 metrics_path: Path) -> dict:
+def partner_flow(
+    params: Params, run_name: str, data_dir: Path, checkpoint_dir: Path, history_path: Path, metrics_path: Path
+) -> dict:
     """Train the mode-connectivity partner of run ``run_name`` (see :func:`partner_run`), resuming like ``train``."""
-    return _train(partner_run(params, run_name), data_dir, checkpoint_dir, history_path, metrics_path,
-                  f"partner {run_name}")
+    return _train(
+        partner_run(params, run_name), data_dir, checkpoint_dir, history_path, metrics_path, f"partner {run_name}"
+    )

@@ -89,8 +89,9 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
-def compare_metrics(rev_a: str | None, rev_b: str | None, repo: Path = Path("."), *,
-                    timing: bool = False) -> pd.DataFrame:
+def compare_metrics(
+    rev_a: str | None, rev_b: str | None, repo: Path = Path("."), *, timing: bool = False
+) -> pd.DataFrame:
     """One row per headline number: ``key``, the value at each revision, ``delta`` (b − a) and ``changed``.
 
     Wall-clock keys (:func:`is_timing`) count as ``changed`` only with ``timing``.
@@ -107,7 +108,15 @@ def compare_metrics(rev_a: str | None, rev_b: str | None, repo: Path = Path(".")
         va, vb = a.get(key), b.get(key)
         na, nb = _number(va), _number(vb)
         delta = nb - na if na is not None and nb is not None else None
-        rows.append({"key": key, _label(rev_a): va, _label(rev_b): vb, "delta": delta, "changed": va != vb and (timing or not is_timing(key))})
+        rows.append(
+            {
+                "key": key,
+                _label(rev_a): va,
+                _label(rev_b): vb,
+                "delta": delta,
+                "changed": va != vb and (timing or not is_timing(key)),
+            }
+        )
     return pd.DataFrame(rows, columns=["key", _label(rev_a), _label(rev_b), "delta", "changed"])
 
 
@@ -163,8 +172,9 @@ def format_metrics(frame: pd.DataFrame, *, changed_only: bool = True) -> str:
         relative = f" ({value / number:+.1%})" if number not in (None, 0.0) else ""
         return f"{value:+.6g}{relative}"
 
-    table = [["key", a, b, "delta"]] + [[r.key, cell(r[a]), cell(r[b]), delta(r.delta, r[a])]
-                                        for _, r in rows.iterrows()]
+    table = [["key", a, b, "delta"]] + [
+        [r.key, cell(r[a]), cell(r[b]), delta(r.delta, r[a])] for _, r in rows.iterrows()
+    ]
     widths = [max(len(row[i]) for row in table) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -181,8 +191,9 @@ def plot_overlay(tables: Mapping[str, pd.DataFrame], name: str, path: str | Path
 
     from pipeline.io import atomic_path
 
-    fig, axes = plt.subplots(1, 2 if name == "train_history" else 1, figsize=(11 if name == "train_history" else 6, 4),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, 2 if name == "train_history" else 1, figsize=(11 if name == "train_history" else 6, 4), squeeze=False
+    )
     for (label, table), style in zip(tables.items(), ("-", "--")):
         if name == "train_history":
             epochs = table[table.scope == "epoch"]
@@ -190,8 +201,12 @@ def plot_overlay(tables: Mapping[str, pd.DataFrame], name: str, path: str | Path
             axes[0, 0].plot(epochs.epoch, epochs.test_loss, style, label=f"test loss ({label})")
             axes[0, 1].plot(epochs.epoch, epochs.test_accuracy, style, label=f"test accuracy ({label})")
         elif name == "hessian_spectrum":
-            top = table[(table.operator == "hessian") & (table.group == "all") & (table.quantity == "eigenvalue")
-                        & (table["index"] == 0)]
+            top = table[
+                (table.operator == "hessian")
+                & (table.group == "all")
+                & (table.quantity == "eigenvalue")
+                & (table["index"] == 0)
+            ]
             axes[0, 0].plot(top.epoch, top.value, style + "o", label=f"λmax ({label})")
             axes[0, 0].set_yscale("log")
         elif name == "interpolation_1d":
@@ -200,8 +215,9 @@ def plot_overlay(tables: Mapping[str, pd.DataFrame], name: str, path: str | Path
             axes[0, 0].set_yscale("log")
         else:
             plt.close(fig)
-            raise CompareError(f"--plot: no overlay for table {name!r}; allowed: train_history, hessian_spectrum, "
-                               "interpolation_1d")
+            raise CompareError(
+                f"--plot: no overlay for table {name!r}; allowed: train_history, hessian_spectrum, interpolation_1d"
+            )
     for ax in axes.ravel():
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)

@@ -30,21 +30,30 @@ from torch import Tensor, nn
 
 from pipeline.config import TrainConfig
 from pipeline.curvature.dynamics import quadratic_step_model
+from pipeline.curvature.eigen import lanczos
 from pipeline.curvature.operators import HessianOperator, ProbeSet
-from pipeline.curvature.spectral import lanczos
+from pipeline.tables import SHARPNESS_HISTORY
 
 __all__ = ["SharpnessTracker", "stability_threshold", "tracking_due", "TRACK_COLUMNS"]
 
-# Columns of the `sharpness_history` table, in order (see pipeline.tables.SHARPNESS_HISTORY for their meaning).
-TRACK_COLUMNS = ("run", "epoch", "step", "lr", "two_over_lr", "stability_threshold", "lambda_max",
-                 "lambda_max_residual", "lambda_max_converged", "hvps", "warm_start", "grad_sharpness", "probe_loss",
-                 "grad_norm", "loss_after", "actual_change", "predicted_change", "first_order", "second_order",
-                 "model_error", "model_ratio", "step_norm", "step_sharpness", "step_cosine", "seconds")
+# Columns of the `sharpness_history` table, in order: read from its schema (pipeline.tables), not re-listed.
+TRACK_COLUMNS = tuple(SHARPNESS_HISTORY.names)
 
 
 _BEFORE = ("lambda_max", "lambda_max_residual", "grad_sharpness", "grad_norm")
-_AFTER = ("probe_loss", "loss_after", "actual_change", "predicted_change", "first_order", "second_order",
-          "model_error", "model_ratio", "step_norm", "step_sharpness", "step_cosine")
+_AFTER = (
+    "probe_loss",
+    "loss_after",
+    "actual_change",
+    "predicted_change",
+    "first_order",
+    "second_order",
+    "model_error",
+    "model_ratio",
+    "step_norm",
+    "step_sharpness",
+    "step_cosine",
+)
 
 
 def stability_threshold(cfg: TrainConfig, lr: float) -> float:
@@ -109,21 +118,43 @@ class SharpnessTracker:
             g = op.gradient()
             if not bool(torch.isfinite(g).all()):  # about to diverge: nothing to measure, nothing to warm-start
                 self.vector = None
-                return {"state": state, "finite": False, **{k: math.nan for k in _BEFORE},
-                        "lambda_max_converged": False, "hvps": 0, "warm_start": False,
-                        "seconds": time.perf_counter() - started}
+                return {
+                    "state": state,
+                    "finite": False,
+                    **{k: math.nan for k in _BEFORE},
+                    "lambda_max_converged": False,
+                    "hvps": 0,
+                    "warm_start": False,
+                    "seconds": time.perf_counter() - started,
+                }
             warm = self.vector is not None and self.vector.shape == (op.dim,)
-            top, _ = lanczos(op.matvec, op.dim, k_largest=1, tol=self.tol, max_matvecs=self.max_hvps,
-                             v0=self.vector.to(op.device) if warm else None, seed=self.seed, device=op.device)
+            top, _ = lanczos(
+                op.matvec,
+                op.dim,
+                k_largest=1,
+                tol=self.tol,
+                max_matvecs=self.max_hvps,
+                v0=self.vector.to(op.device) if warm else None,
+                seed=self.seed,
+                device=op.device,
+            )
             self.vector = top.eigenvectors[0].detach().to("cpu", torch.float64).clone()
             grad_norm_sq = float(g @ g)
             grad_sharpness = float(g @ op.matvec(g)) / grad_norm_sq if grad_norm_sq > 0 else math.nan
         finally:
             model.train(was_training)
-        return {"state": state, "finite": True, "lambda_max": float(top.eigenvalues[0]), "lambda_max_residual": float(top.residuals[0]),
-                "lambda_max_converged": bool(top.converged[0]), "hvps": int(top.matvecs), "warm_start": warm,
-                "grad_sharpness": grad_sharpness, "grad_norm": math.sqrt(grad_norm_sq),
-                "seconds": time.perf_counter() - started}
+        return {
+            "state": state,
+            "finite": True,
+            "lambda_max": float(top.eigenvalues[0]),
+            "lambda_max_residual": float(top.residuals[0]),
+            "lambda_max_converged": bool(top.converged[0]),
+            "hvps": int(top.matvecs),
+            "warm_start": warm,
+            "grad_sharpness": grad_sharpness,
+            "grad_norm": math.sqrt(grad_norm_sq),
+            "seconds": time.perf_counter() - started,
+        }
 
     def after_step(self, model: nn.Module, before: dict) -> dict:
         """The quadratic model of the step from ``before['state']`` to the model's current parameters."""
@@ -141,12 +172,20 @@ class SharpnessTracker:
             prediction = quadratic_step_model(model, self.probe, step, params=state, loss=self.loss)
         finally:
             model.train(was_training)
-        row.update({
-            "probe_loss": prediction.loss_before, "loss_after": prediction.loss_after, "actual_change": prediction.actual,
-            "predicted_change": prediction.predicted, "first_order": prediction.first_order,
-            "second_order": prediction.second_order, "model_error": prediction.error,
-            "model_ratio": prediction.ratio, "step_norm": prediction.step_norm,
-            "step_sharpness": prediction.step_sharpness, "step_cosine": prediction.cosine,
-            "seconds": before["seconds"] + time.perf_counter() - started,
-        })
+        row.update(
+            {
+                "probe_loss": prediction.loss_before,
+                "loss_after": prediction.loss_after,
+                "actual_change": prediction.actual,
+                "predicted_change": prediction.predicted,
+                "first_order": prediction.first_order,
+                "second_order": prediction.second_order,
+                "model_error": prediction.error,
+                "model_ratio": prediction.ratio,
+                "step_norm": prediction.step_norm,
+                "step_sharpness": prediction.step_sharpness,
+                "step_cosine": prediction.cosine,
+                "seconds": before["seconds"] + time.perf_counter() - started,
+            }
+        )
         return row

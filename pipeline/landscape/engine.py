@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from pipeline.curvature.operators import LOSSES, eval_batchnorm_view, loss_sum
-from pipeline.models import MLP
+from pipeline.training.models import MLP
 
 # Decisions of choose_chunk, keyed by (model class, parameter count, device, dtype, input shape, batch size,
 # candidates, engine): measured once per process.
@@ -74,17 +74,21 @@ def _check_directions(base: Mapping[str, Tensor], directions: Sequence[Mapping[s
     for j, d in enumerate(directions):
         for name, t in d.items():
             if name not in base:
-                raise ValueError(f"{what}[{j}]: unknown name {name!r}; allowed: the names of the "
-                                 f"{'buffers' if what.startswith('buffer') else 'parameters'} ({len(base)} of them)")
+                raise ValueError(
+                    f"{what}[{j}]: unknown name {name!r}; allowed: the names of the "
+                    f"{'buffers' if what.startswith('buffer') else 'parameters'} ({len(base)} of them)"
+                )
             if t.shape != base[name].shape:
-                raise ValueError(f"{what}[{j}][{name!r}]: shape {tuple(t.shape)} differs from "
-                                 f"{tuple(base[name].shape)}")
+                raise ValueError(
+                    f"{what}[{j}][{name!r}]: shape {tuple(t.shape)} differs from {tuple(base[name].shape)}"
+                )
 
 
 def _check_common(coords: Tensor, n_directions: int, x: Tensor, y: Tensor, batch_size: int, loss: str) -> None:
     if coords.dim() != 2 or coords.shape[1] != n_directions:
-        raise ValueError(f"coords: expected shape (P, {n_directions}) for {n_directions} directions, "
-                         f"got {tuple(coords.shape)}")
+        raise ValueError(
+            f"coords: expected shape (P, {n_directions}) for {n_directions} directions, got {tuple(coords.shape)}"
+        )
     if len(x) != len(y) or len(x) == 0:
         raise ValueError(f"x, y: need as many targets as inputs (> 0), got {len(x)} inputs, {len(y)} targets")
     if batch_size < 1:
@@ -125,8 +129,11 @@ class _Points:
             total = flat.expand(n, flat.numel())
             for j in range(stacked.shape[0]):
                 # one fused pass per direction (mul + add would be two over the whole parameter vector)
-                total = torch.addcmul(total, c[:, j:j + 1], stacked[j]) if j == 0 else \
-                    total.addcmul_(c[:, j:j + 1], stacked[j])
+                total = (
+                    torch.addcmul(total, c[:, j : j + 1], stacked[j])
+                    if j == 0
+                    else total.addcmul_(c[:, j : j + 1], stacked[j])
+                )
             for name, shape, part in zip(group, shapes, total.split(sizes, dim=1)):
                 out[name] = part.view((n,) + tuple(shape))
         return out
@@ -162,7 +169,7 @@ _ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.GELU, nn.ELU, nn.LeakyReLU, nn.Sigmoid, nn.
 
 def linear_chain(view: nn.Module) -> list[tuple[str, nn.Module]] | None:
     """``[(name prefix, layer)]`` when ``view`` is a plain chain of ``Flatten``, ``Linear`` and elementwise layers
-    (an ``nn.Sequential`` or :class:`pipeline.models.MLP`), else ``None``. Exact types only: a subclass may
+    (an ``nn.Sequential`` or :class:`pipeline.training.models.MLP`), else ``None``. Exact types only: a subclass may
     override ``forward``, and a module with hooks is not a plain chain."""
     if type(view) is MLP:
         seq, prefix = view.net, "net."
@@ -196,8 +203,12 @@ class _LinearChain:
     was measured faster than :math:`h W^\\top + b` (twice as fast for the 10-class output layer).
     """
 
-    def __init__(self, layers: list[tuple[str, nn.Module]], base: Mapping[str, Tensor],
-                 directions: Sequence[Mapping[str, Tensor]]):
+    def __init__(
+        self,
+        layers: list[tuple[str, nn.Module]],
+        base: Mapping[str, Tensor],
+        directions: Sequence[Mapping[str, Tensor]],
+    ):
         self.layers = layers
         self.base = base
         self.stem = next(i for i, (_, layer) in enumerate(layers) if type(layer) is nn.Linear)
@@ -209,7 +220,7 @@ class _LinearChain:
 
     def stem_input(self, xb: Tensor) -> Tensor:
         h = xb
-        for _, layer in self.layers[:self.stem]:
+        for _, layer in self.layers[: self.stem]:
             h = layer(h)
         return h
 
@@ -239,7 +250,7 @@ class _LinearChain:
         # z0 + c @ Z in one fused product; the result is a fresh tensor, so a following ReLU may work in place
         h = torch.addmm(z0.reshape(1, -1), c, per_direction.flatten(1)).view((n,) + z0.shape)
         moved = self.rest.at(coords)
-        for prefix, layer in self.layers[self.stem + 1:]:
+        for prefix, layer in self.layers[self.stem + 1 :]:
             if type(layer) is nn.ReLU:
                 h = h.relu_()  # in place: every h here is an intermediate this method created
             elif type(layer) is nn.Linear:
@@ -261,12 +272,22 @@ class _LinearChain:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def evaluate_points(model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
-                    directions: Sequence[Mapping[str, Tensor]], coords: Tensor, x: Tensor, y: Tensor, *,
-                    batch_size: int = 512, chunk: int | None = None,
-                    buffer_directions: Sequence[Mapping[str, Tensor]] | None = None,
-                    loss: str = "cross_entropy", engine: str = "auto",
-                    channels_last: bool | None = None) -> tuple[Tensor, Tensor]:
+def evaluate_points(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    buffers: Mapping[str, Tensor],
+    directions: Sequence[Mapping[str, Tensor]],
+    coords: Tensor,
+    x: Tensor,
+    y: Tensor,
+    *,
+    batch_size: int = 512,
+    chunk: int | None = None,
+    buffer_directions: Sequence[Mapping[str, Tensor]] | None = None,
+    loss: str = "cross_entropy",
+    engine: str = "auto",
+    channels_last: bool | None = None,
+) -> tuple[Tensor, Tensor]:
     """Loss and accuracy at the points :math:`\\theta(c) = \\theta_0 + \\sum_j c_j d_j`, one per row ``c`` of
     ``coords``.
 
@@ -311,8 +332,9 @@ def evaluate_points(model: nn.Module, params: Mapping[str, Tensor], buffers: Map
     _check_directions(params, directions, "directions")
     if buffer_directions is not None:
         if len(buffer_directions) != len(directions):
-            raise ValueError(f"buffer_directions: need one per direction ({len(directions)}), "
-                             f"got {len(buffer_directions)}")
+            raise ValueError(
+                f"buffer_directions: need one per direction ({len(directions)}), got {len(buffer_directions)}"
+            )
         _check_directions(buffers, buffer_directions, "buffer_directions")
         fixed_kind = [n for d in buffer_directions for n in d if not buffers[n].is_floating_point()]
         if fixed_kind:
@@ -364,7 +386,7 @@ def evaluate_points(model: nn.Module, params: Mapping[str, Tensor], buffers: Map
     with torch.no_grad():
         prepared = [chain.prepare(xb) for xb, _ in batches] if layers is not None else None
         for start in range(0, n_points, chunk):
-            c = coords[start:start + chunk]
+            c = coords[start : start + chunk]
             rows = slice(start, start + len(c))
             if layers is None:
                 moved = points.at(c)
@@ -374,8 +396,9 @@ def evaluate_points(model: nn.Module, params: Mapping[str, Tensor], buffers: Map
                     out = chain.forward(c, prepared[b])
                     sums = _point_loss_sums(out, yb, loss)
                 elif chunk == 1:
-                    out = forward(layout({n: t[0] for n, t in moved.items()}),
-                                  {n: t[0] for n, t in moved_buffers.items()}, xb).unsqueeze(0)
+                    out = forward(
+                        layout({n: t[0] for n, t in moved.items()}), {n: t[0] for n, t in moved_buffers.items()}, xb
+                    ).unsqueeze(0)
                     sums = loss_sum(out[0], yb, loss).reshape(1)
                 else:
                     batched = vmap(forward, in_dims=(0, 0 if moved_buffers else None, None))
@@ -410,8 +433,9 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_chunk(model, params, buffers, x, y, chunk: int, batch_size: int, engine: str,
-                channels_last: bool | None = None) -> float:
+def _time_chunk(
+    model, params, buffers, x, y, chunk: int, batch_size: int, engine: str, channels_last: bool | None = None
+) -> float:
     """Seconds for one chunk of ``chunk`` points over one batch (weights built from a zero direction, so the
     measurement includes the cost of stacking the parameter sets)."""
     zero = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -419,15 +443,34 @@ def _time_chunk(model, params, buffers, x, y, chunk: int, batch_size: int, engin
     device = next(iter(params.values())).device
     _synchronize(device)
     start = time.perf_counter()
-    evaluate_points(model, params, buffers, [zero], coords, x, y, batch_size=batch_size, chunk=chunk, engine=engine,
-                    channels_last=channels_last)
+    evaluate_points(
+        model,
+        params,
+        buffers,
+        [zero],
+        coords,
+        x,
+        y,
+        batch_size=batch_size,
+        chunk=chunk,
+        engine=engine,
+        channels_last=channels_last,
+    )
     _synchronize(device)
     return time.perf_counter() - start
 
 
-def choose_chunk(model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor, *,
-                 candidates: Sequence[int] = DEFAULT_CANDIDATES, batch_size: int = 512,
-                 budget_s: float = 1.0, engine: str = "auto") -> int:
+def choose_chunk(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    buffers: Mapping[str, Tensor],
+    x: Tensor,
+    *,
+    candidates: Sequence[int] = DEFAULT_CANDIDATES,
+    batch_size: int = 512,
+    budget_s: float = 1.0,
+    engine: str = "auto",
+) -> int:
     """The fastest number of points per forward pass, by measurement, for this model on this device.
 
     The best chunk depends on the model's shapes and on the hardware (a GPU wants large batched products; on a CPU
@@ -469,8 +512,16 @@ def choose_chunk(model: nn.Module, params: Mapping[str, Tensor], buffers: Mappin
     candidates = tuple(sorted(set(int(c) for c in candidates)))
     first = next(iter(params.values()))
     xb = x[:batch_size]
-    key = (type(model).__name__, sum(p.numel() for p in params.values()), str(first.device), str(first.dtype),
-           tuple(x.shape[1:]), len(xb), candidates, engine)
+    key = (
+        type(model).__name__,
+        sum(p.numel() for p in params.values()),
+        str(first.device),
+        str(first.dtype),
+        tuple(x.shape[1:]),
+        len(xb),
+        candidates,
+        engine,
+    )
     if key in CHUNK_CACHE:
         return CHUNK_CACHE[key]
     yb = torch.zeros(len(xb), dtype=torch.long)  # labels do not change the cost of cross-entropy
@@ -501,8 +552,9 @@ def choose_chunk(model: nn.Module, params: Mapping[str, Tensor], buffers: Mappin
     return best
 
 
-def choose_layout(model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor, *,
-                  batch_size: int = 512) -> bool:
+def choose_layout(
+    model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], x: Tensor, *, batch_size: int = 512
+) -> bool:
     """Whether channels-last convolutions are faster for this model on this device, by measurement.
 
     One point over one batch of ``x`` is timed in each layout (after an untimed run of each; best of two,
@@ -520,8 +572,14 @@ def choose_layout(model: nn.Module, params: Mapping[str, Tensor], buffers: Mappi
         return False
     first = next(iter(params.values()))
     xb = x[:batch_size]
-    key = (type(model).__name__, sum(p.numel() for p in params.values()), str(first.device), str(first.dtype),
-           tuple(x.shape[1:]), len(xb))
+    key = (
+        type(model).__name__,
+        sum(p.numel() for p in params.values()),
+        str(first.device),
+        str(first.dtype),
+        tuple(x.shape[1:]),
+        len(xb),
+    )
     if key not in LAYOUT_CACHE:
         yb = torch.zeros(len(xb), dtype=torch.long)
         seconds = {False: math.inf, True: math.inf}
@@ -539,8 +597,16 @@ def choose_layout(model: nn.Module, params: Mapping[str, Tensor], buffers: Mappi
 # --------------------------------------------------------------------------------------------------------------
 
 
-def sequential_shift_loop(model: nn.Module, directions: Sequence[Mapping[str, Tensor]], coords: Tensor, x: Tensor,
-                          y: Tensor, *, batch_size: int = 512, loss: str = "cross_entropy") -> tuple[Tensor, Tensor]:
+def sequential_shift_loop(
+    model: nn.Module,
+    directions: Sequence[Mapping[str, Tensor]],
+    coords: Tensor,
+    x: Tensor,
+    y: Tensor,
+    *,
+    batch_size: int = 512,
+    loss: str = "cross_entropy",
+) -> tuple[Tensor, Tensor]:
     """Baseline for benchmarks: the in-place evaluation of ``loss-landscape`` (Li et al.) and ``loss-landscapes``.
 
     For each point, the module's own weights are shifted in place, :math:`\\theta \\leftarrow \\theta_0 +

@@ -17,15 +17,17 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from pipeline.io import save_torch, write_json
-from pipeline.landscape.evaluate import evaluate_points
+from pipeline.landscape.engine import evaluate_points
 
 FINGERPRINT = "fingerprint.json"
+
+
 _TILE = re.compile(r"^tile_(\d{6})\.pt$")
 
 
@@ -80,6 +82,7 @@ def scan_fingerprint(**parts: Any) -> str:
     Pass everything that defines the scan: direction ids (:func:`pipeline.landscape.directions.direction_id`), the
     coordinates, the checkpoint's and data's fingerprints, the tile size, batch size and loss.
     """
+
     def encode(value: Any) -> Any:
         if isinstance(value, Tensor):
             t = value.detach().to("cpu").contiguous()
@@ -92,6 +95,7 @@ def scan_fingerprint(**parts: Any) -> str:
         if isinstance(value, Path):
             return str(value)
         return value
+
     return hashlib.sha256(json.dumps(encode(parts), sort_keys=True).encode()).hexdigest()
 
 
@@ -157,11 +161,19 @@ class TileStore:
             ValueError: when ``loss`` or ``accuracy`` does not have one value per row of the tile.
         """
         if loss.shape != (len(tile),) or accuracy.shape != (len(tile),):
-            raise ValueError(f"loss, accuracy: need shape ({len(tile)},) for tile {tile.index}, "
-                             f"got {tuple(loss.shape)} and {tuple(accuracy.shape)}")
-        save_torch(self._path(tile.index), {"start": tile.start, "stop": tile.stop,
-                                            "loss": loss.detach().to("cpu", torch.float64).clone(),
-                                            "accuracy": accuracy.detach().to("cpu", torch.float64).clone()})
+            raise ValueError(
+                f"loss, accuracy: need shape ({len(tile)},) for tile {tile.index}, "
+                f"got {tuple(loss.shape)} and {tuple(accuracy.shape)}"
+            )
+        save_torch(
+            self._path(tile.index),
+            {
+                "start": tile.start,
+                "stop": tile.stop,
+                "loss": loss.detach().to("cpu", torch.float64).clone(),
+                "accuracy": accuracy.detach().to("cpu", torch.float64).clone(),
+            },
+        )
 
     def load_all(self, n_points: int) -> tuple[Tensor, Tensor]:
         """``(loss, accuracy)`` of all ``n_points`` rows, assembled from the tiles.
@@ -185,8 +197,10 @@ class TileStore:
             covered[start:stop] += 1
         if not bool((covered == 1).all()):
             missing = int((covered == 0).sum())
-            raise ValueError(f"tile store {self.folder}: {missing} of {n_points} rows missing "
-                             f"and {int((covered > 1).sum())} covered twice; run the scan to complete it")
+            raise ValueError(
+                f"tile store {self.folder}: {missing} of {n_points} rows missing "
+                f"and {int((covered > 1).sum())} covered twice; run the scan to complete it"
+            )
         return loss, accuracy
 
 
@@ -199,19 +213,74 @@ def _read_tile(path: Path) -> dict | None:
     if not isinstance(payload, dict) or not {"start", "stop", "loss", "accuracy"} <= payload.keys():
         return None
     loss, accuracy, start, stop = (payload[k] for k in ("loss", "accuracy", "start", "stop"))
-    if not (isinstance(loss, Tensor) and isinstance(accuracy, Tensor) and isinstance(start, int)
-            and isinstance(stop, int)):
+    if not (
+        isinstance(loss, Tensor) and isinstance(accuracy, Tensor) and isinstance(start, int) and isinstance(stop, int)
+    ):
         return None
     size = stop - start
     return payload if loss.shape == (size,) and accuracy.shape == (size,) else None
 
 
-def evaluate_tile(model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
-                  directions: Sequence[Mapping[str, Tensor]], coords: Tensor, x: Tensor, y: Tensor, tile: Tile, *,
-                  batch_size: int = 512, chunk: int | None = None,
-                  buffer_directions: Sequence[Mapping[str, Tensor]] | None = None,
-                  loss: str = "cross_entropy") -> tuple[Tensor, Tensor]:
-    """Loss and accuracy at the rows ``tile.rows`` of ``coords`` (:func:`evaluate_points` on that slice).
+class MemoryStore:
+    """A :class:`TileStore` kept in memory (no resume): what :func:`scan` uses when it is given no store."""
+
+    def __init__(self):
+        self._tiles: dict[int, tuple[Tile, Tensor, Tensor]] = {}
+
+    def done(self) -> set[int]:
+        return set(self._tiles)
+
+    def save(self, tile: Tile, loss: Tensor, accuracy: Tensor) -> None:
+        self._tiles[tile.index] = (
+            tile,
+            loss.detach().to(torch.float64).cpu(),
+            accuracy.detach().to(torch.float64).cpu(),
+        )
+
+    def load_all(self, n_points: int) -> tuple[Tensor, Tensor]:
+        loss = torch.full((n_points,), math.nan, dtype=torch.float64)
+        accuracy = torch.full((n_points,), math.nan, dtype=torch.float64)
+        for tile, tile_loss, tile_accuracy in self._tiles.values():
+            loss[tile.rows], accuracy[tile.rows] = tile_loss, tile_accuracy
+        return loss, accuracy
+
+
+@dataclass
+class Job:
+    """One scan to evaluate tile by tile: ``theta = params + sum_j coords[:, j] d_j`` on ``(x, y)``, its finished
+    tiles in ``store``."""
+
+    name: str  # e.g. "random-train": names the job's tiles (task names in the Prefect UI)
+    model: nn.Module
+    params: Mapping[str, Tensor]
+    buffers: Mapping[str, Tensor]
+    directions: Sequence[Mapping[str, Tensor]]
+    buffer_directions: Sequence[Mapping[str, Tensor]] | None
+    coords: Tensor
+    x: Tensor
+    y: Tensor
+    store: TileStore | MemoryStore
+    loss: str = "cross_entropy"  # the run's training loss (train.loss)
+
+
+def evaluate_tile(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    buffers: Mapping[str, Tensor],
+    directions: Sequence[Mapping[str, Tensor]],
+    coords: Tensor,
+    x: Tensor,
+    y: Tensor,
+    tile: Tile,
+    *,
+    batch_size: int = 512,
+    chunk: int | None = None,
+    buffer_directions: Sequence[Mapping[str, Tensor]] | None = None,
+    loss: str = "cross_entropy",
+    channels_last: bool | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Loss and accuracy at the rows ``tile.rows`` of ``coords`` (:func:`evaluate_points` on that slice): the
+    unit of work of every scan.
 
     Returns:
         ``(loss, accuracy)``, each ``(len(tile),)`` float64.
@@ -221,28 +290,104 @@ def evaluate_tile(model: nn.Module, params: Mapping[str, Tensor], buffers: Mappi
     """
     if not 0 <= tile.start <= tile.stop <= len(coords):
         raise ValueError(f"tile: rows {tile.start}:{tile.stop} are outside the {len(coords)} points")
-    return evaluate_points(model, params, buffers, directions, coords[tile.rows], x, y, batch_size=batch_size,
-                           chunk=chunk, buffer_directions=buffer_directions, loss=loss)
+    return evaluate_points(
+        model,
+        params,
+        buffers,
+        directions,
+        coords[tile.rows],
+        x,
+        y,
+        batch_size=batch_size,
+        chunk=chunk,
+        buffer_directions=buffer_directions,
+        channels_last=channels_last,
+        loss=loss,
+    )
 
 
-def scan(model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
-         directions: Sequence[Mapping[str, Tensor]], coords: Tensor, x: Tensor, y: Tensor,
-         store: TileStore | None, *, tile_size: int = 64, chunk: int | None = None, batch_size: int = 512,
-         buffer_directions: Sequence[Mapping[str, Tensor]] | None = None, loss: str = "cross_entropy",
-         on_tile: Callable[[Tile, int, int], None] | None = None) -> tuple[Tensor, Tensor]:
-    """Loss and accuracy at every row of ``coords``, tile by tile, skipping the tiles already in ``store``.
+def in_order(
+    evaluate: Callable[[Job, Tile], tuple[Tensor, Tensor]], pending: Sequence[tuple[Job, Tile]]
+) -> Iterator[tuple[Job, Tile, Tensor, Tensor]]:
+    """Evaluate the pending tiles one after the other in this process (the default of :func:`run_tiles`)."""
+    for job, tile in pending:
+        yield (job, tile, *evaluate(job, tile))
 
-    Each finished tile is saved before the next starts, so a kill loses at most one tile's work. With a fixed
-    ``chunk`` (or one cached by :func:`pipeline.landscape.evaluate.choose_chunk`) a resumed scan equals an
+
+def run_tiles(
+    jobs: Sequence[Job],
+    tile_size: int,
+    evaluate: Callable[[Job, Tile], tuple[Tensor, Tensor]],
+    *,
+    execute: Callable[..., Iterable[tuple[Job, Tile, Tensor, Tensor]]] = in_order,
+    on_start: Callable[[int, int], None] | None = None,
+    on_tile: Callable[[Tile, int, int], None] | None = None,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """The one tile loop: evaluate every tile of ``jobs`` missing from its store, save each as it arrives, and
+    return ``{job name: (loss, accuracy)}`` assembled from the stores.
+
+    Each finished tile is saved before the next result is taken, so a kill loses at most the tiles in flight. With
+    a fixed ``chunk`` (or one cached by :func:`pipeline.landscape.engine.choose_chunk`) a resumed scan equals an
     uninterrupted one bitwise.
 
     Args:
+        jobs: the scans; their names must differ.
+        tile_size: rows per tile.
+        evaluate: ``evaluate(job, tile) -> (loss, accuracy)`` of one tile (e.g. :func:`evaluate_tile`).
+        execute: ``execute(evaluate, pending)`` yields ``(job, tile, loss, accuracy)`` for each pending
+            ``(job, tile)`` in any order: :func:`in_order` here, or a flow's executor (Prefect tasks, Dask).
+        on_start: called once as ``on_start(found, total)``: tiles found in the stores, tiles in all.
+        on_tile: called as ``on_tile(tile, done, total)`` after each evaluated tile, ``done`` counting the tiles
+            finished so far (including those found in the stores).
+
+    Raises:
+        ValueError: for bad arguments (see :func:`make_tiles`), two jobs of one name.
+    """
+    if len({job.name for job in jobs}) != len(jobs):
+        raise ValueError(f"jobs: names must differ, got {[job.name for job in jobs]}")
+    tiles = {job.name: make_tiles(len(job.coords), tile_size) for job in jobs}
+    total = sum(len(t) for t in tiles.values())
+    pending = []
+    for job in jobs:
+        finished = job.store.done()
+        pending += [(job, tile) for tile in tiles[job.name] if tile.index not in finished]
+    done = total - len(pending)
+    if on_start is not None:
+        on_start(done, total)
+    for job, tile, loss, accuracy in execute(evaluate, pending):
+        job.store.save(tile, loss, accuracy)
+        done += 1
+        if on_tile is not None:
+            on_tile(tile, done, total)
+    return {job.name: job.store.load_all(len(job.coords)) for job in jobs}
+
+
+def scan(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    buffers: Mapping[str, Tensor],
+    directions: Sequence[Mapping[str, Tensor]],
+    coords: Tensor,
+    x: Tensor,
+    y: Tensor,
+    store: TileStore | None,
+    *,
+    tile_size: int = 64,
+    chunk: int | None = None,
+    batch_size: int = 512,
+    buffer_directions: Sequence[Mapping[str, Tensor]] | None = None,
+    loss: str = "cross_entropy",
+    on_tile: Callable[[Tile, int, int], None] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Loss and accuracy at every row of ``coords``, tile by tile in this process (:func:`run_tiles` with one
+    job), skipping the tiles already in ``store``.
+
+    Args:
         model, params, buffers, directions, coords, x, y, batch_size, chunk, buffer_directions, loss: as for
-            :func:`pipeline.landscape.evaluate.evaluate_points`.
+            :func:`pipeline.landscape.engine.evaluate_points`.
         store: where finished tiles go, or ``None`` (all in memory, no resume).
         tile_size: rows per tile.
-        on_tile: called as ``on_tile(tile, done, total)`` after each evaluated tile, ``done`` counting the tiles
-            finished so far (including those found in the store) out of ``total``.
+        on_tile: as for :func:`run_tiles`.
 
     Returns:
         ``(loss, accuracy)``, each ``(P,)`` float64.
@@ -252,68 +397,34 @@ def scan(model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, T
     """
     if coords.dim() != 2:
         raise ValueError(f"coords: expected shape (P, {len(directions)}), got {tuple(coords.shape)}")
-    n_points = len(coords)
-    tiles = make_tiles(n_points, tile_size)
-    finished = store.done() if store is not None else set()
-    loss_all = torch.full((n_points,), math.nan, dtype=torch.float64)
-    accuracy_all = torch.full((n_points,), math.nan, dtype=torch.float64)
-    done = sum(1 for t in tiles if t.index in finished)
-    for tile in tiles:
-        if tile.index in finished:
-            continue
-        tile_loss, tile_accuracy = evaluate_tile(model, params, buffers, directions, coords, x, y, tile,
-                                                 batch_size=batch_size, chunk=chunk,
-                                                 buffer_directions=buffer_directions, loss=loss)
-        if store is not None:
-            store.save(tile, tile_loss, tile_accuracy)
-        loss_all[tile.rows] = tile_loss
-        accuracy_all[tile.rows] = tile_accuracy
-        done += 1
-        if on_tile is not None:
-            on_tile(tile, done, len(tiles))
-    if store is not None:
-        return store.load_all(n_points)
-    return loss_all, accuracy_all
+    job = Job(
+        "scan",
+        model,
+        params,
+        buffers,
+        directions,
+        buffer_directions,
+        coords,
+        x,
+        y,
+        store if store is not None else MemoryStore(),
+        loss,
+    )
 
+    def evaluate(job: Job, tile: Tile) -> tuple[Tensor, Tensor]:
+        return evaluate_tile(
+            job.model,
+            job.params,
+            job.buffers,
+            job.directions,
+            job.coords,
+            job.x,
+            job.y,
+            tile,
+            batch_size=batch_size,
+            chunk=chunk,
+            buffer_directions=job.buffer_directions,
+            loss=job.loss,
+        )
 
-def _path_losses(losses: Sequence[float] | Tensor) -> list[float] | None:
-    """The losses of a path as floats, or None when any is NaN (the path measures are then NaN).
-
-    Raises:
-        ValueError: for fewer than two losses.
-    """
-    values = [float(v) for v in (losses.tolist() if isinstance(losses, Tensor) else losses)]
-    if len(values) < 2:
-        raise ValueError(f"losses: need at least the two endpoints, got {len(values)} values")
-    return None if any(math.isnan(v) for v in values) else values
-
-
-def barrier(losses: Sequence[float]) -> float:
-    """Loss barrier along a path: :math:`\\max_t L(t) - \\tfrac12 (L(0) + L(1))` (Frankle et al. 2020; Draxler et
-    al. 2018 for the mode-connectivity setting). Non-negative since the maximum includes the endpoints; NaN when
-    any loss is NaN.
-
-    Raises:
-        ValueError: for fewer than two losses.
-    """
-    values = _path_losses(losses)
-    if values is None:
-        return math.nan
-    return max(values) - 0.5 * (values[0] + values[-1])
-
-
-def max_rise(losses: Sequence[float]) -> float:
-    r"""Largest increase of the loss along a path, :math:`\max_{t \le t'} L(t') - L(t)`: 0 when the loss never goes up
-    (the monotone linear interpolation of Goodfellow et al. 2015), NaN when any loss is NaN.
-
-    Raises:
-        ValueError: for fewer than two losses.
-    """
-    values = _path_losses(losses)
-    if values is None:
-        return math.nan
-    rise, lowest = 0.0, values[0]
-    for v in values[1:]:
-        rise = max(rise, v - lowest)
-        lowest = min(lowest, v)
-    return rise
+    return run_tiles([job], tile_size, evaluate, on_tile=on_tile)["scan"]

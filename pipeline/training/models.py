@@ -74,8 +74,14 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     """CIFAR-style ResNet with ``6n + 2`` layers (n = blocks per stage; n = 3 gives ResNet20)."""
 
-    def __init__(self, in_channels: int, num_classes: int, blocks_per_stage: int = 3,
-                 widths: tuple[int, int, int] = (16, 32, 64), shortcut: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        blocks_per_stage: int = 3,
+        widths: tuple[int, int, int] = (16, 32, 64),
+        shortcut: bool = True,
+    ):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])

@@ -1,4 +1,5 @@
-"""Figures from the tables (PNG, offline). Each function reads a tidy table and writes one file atomically."""
+"""The ``hessian`` stage's figures from its tables: sharpness over checkpoints against the stability bound, the
+top of the spectrum, and the spectral density (PNG, offline, written atomically)."""
 
 from __future__ import annotations
 
@@ -13,25 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from pipeline.io import atomic_path  # noqa: E402
-
-DPI = 120
-
-
-def save_figure(fig, path: str | Path) -> Path:
-    """Write ``fig`` to ``path`` as a PNG atomically (folders made as needed) and close it, also on error.
-
-    Every figure of the pipeline goes through here. The PNG carries no ``Software`` tag, so its bytes depend on the
-    figure alone, not on the matplotlib version (DVC then sees an unchanged figure as unchanged).
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format="png", metadata={"Software": None})
-    finally:
-        plt.close(fig)
-    return path
+from pipeline.io import save_figure
 
 
 def _select(spectrum: pd.DataFrame, operator="hessian", group="all", quantity="eigenvalue") -> pd.DataFrame:
@@ -58,8 +41,14 @@ def plot_sharpness(spectrum: pd.DataFrame, path: str | Path, *, run: str, moment
     if len(bound):
         ax.plot(bound.epoch, 2.0 / bound.lr, "-", color="k", lw=1, label=r"$2/\eta$")
         if momentum > 0:
-            ax.plot(bound.epoch, (2.0 + 2.0 * momentum) / bound.lr, "--", color="k", lw=1,
-                    label=rf"$(2+2\beta)/\eta$, $\beta$={momentum:g}")
+            ax.plot(
+                bound.epoch,
+                (2.0 + 2.0 * momentum) / bound.lr,
+                "--",
+                color="k",
+                lw=1,
+                label=rf"$(2+2\beta)/\eta$, $\beta$={momentum:g}",
+            )
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel("curvature")
@@ -72,8 +61,12 @@ def plot_sharpness(spectrum: pd.DataFrame, path: str | Path, *, run: str, moment
 def plot_spectrum(spectrum: pd.DataFrame, path: str | Path, *, run: str) -> None:
     """Left: the top-k eigenvalues (and λmin) over the checkpoints. Right: per-group λmax at the last checkpoint."""
     eig = _select(spectrum)
-    groups = spectrum[(spectrum.operator == "hessian") & (spectrum.group != "all") &
-                      (spectrum.quantity == "eigenvalue") & (spectrum["index"] == 0)]
+    groups = spectrum[
+        (spectrum.operator == "hessian")
+        & (spectrum.group != "all")
+        & (spectrum.quantity == "eigenvalue")
+        & (spectrum["index"] == 0)
+    ]
     fig, axes = plt.subplots(1, 2 if len(groups) else 1, figsize=(11 if len(groups) else 6.4, 4.2), squeeze=False)
     ax = axes[0, 0]
     for index, rows in eig.groupby("index"):
@@ -113,8 +106,14 @@ def plot_density(density: pd.DataFrame, path: str | Path, *, run: str) -> None:
         alpha = 1.0 if epoch == epochs[-1] else 0.35
         color = "C0" if operator == "hessian" else "C2"
         floor = 1e-12 * max(float(rows.density.max()), 1e-300)
-        ax.plot(rows["lambda"], np.maximum(rows.density, floor), color=color, alpha=alpha, lw=1,
-                label=f"{operator}, epoch {epoch}")
+        ax.plot(
+            rows["lambda"],
+            np.maximum(rows.density, floor),
+            color=color,
+            alpha=alpha,
+            lw=1,
+            label=f"{operator}, epoch {epoch}",
+        )
     ax.set_yscale("log")
     top = smoothed.density.max() if len(smoothed) else 1.0
     if len(smoothed) and math.isfinite(top):

@@ -189,7 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command in ("run", "sweep"):  # `landscape run -f`: options for `dvc repro` pass through
+        args.dvc_args = [*extra, *args.dvc_args]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         sys.exit(args.func(args))
     except ConfigError as err:

@@ -6,6 +6,10 @@ from pipeline import repro
 # The suite runs with the pipeline's default kernel settings (repro.pin, repro.threads), set before torch is
 # imported: its numbers are then the same bits on every machine, as the stages' are.
 repro.apply(pin=True, threads=2)
+# With two test workers on two cores (pytest-xdist), a two-thread OpenMP region spin-waits for a descheduled partner
+# thread for milliseconds at every op: threads that wait sleep instead (the stage processes the tests start inherit
+# it). It decides no numbers: only how an idle thread waits.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -274,3 +274,21 @@ def test_stage_arguments_read_the_params_before_refusing_extra_words(tmp_path, c
     assert stop.value.code == 2 and "unrecognized arguments: stray" in capsys.readouterr().err
     with pytest.raises(KeyError, match="not in STAGE_PATHS"):
         stage_arguments("doc", ["--params", str(params), "--run", "mlp"], "nowhere")
+
+
+def test_landscape_run_passes_dvc_options_through(monkeypatch):
+    from pipeline import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "repro_with_prefect", lambda port, dvc_args: seen.append(list(dvc_args)) or 0)
+    for argv, expected in (
+        (["run", "-f"], ["-f"]),
+        (["run", "-f", "train@mlp"], ["-f", "train@mlp"]),
+        (["sweep", "--force"], ["sweeps/dvc.yaml", "--force"]),
+    ):
+        with pytest.raises(SystemExit) as done:
+            cli.main(argv)
+        assert done.value.code == 0 and seen.pop() == expected, argv
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["check", "-f"])
+    assert refused.value.code == 2

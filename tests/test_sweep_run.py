@@ -334,12 +334,16 @@ def four_points(tmp_path_factory, synthetic_data):
     """Four measured points (2 lr x 2 batch sizes) and their results."""
     import torch
 
+    previous = torch.get_num_threads()  # a module fixture runs before `one_thread`: it restores what it changes
     torch.set_num_threads(1)
-    params = tiny_params({"model": ("mlp",), "lr": (0.02, 0.1), "batch_size": (16, 64), "seed": (0,)})
-    points = grid_points(params)
-    probe = make_probe(synthetic_data, params.hessian)
-    root = tmp_path_factory.mktemp("points")
-    results = {p.name: run_point(p, synthetic_data, probe, root / p.name, params.hessian) for p in points}
+    try:
+        params = tiny_params({"model": ("mlp",), "lr": (0.02, 0.1), "batch_size": (16, 64), "seed": (0,)})
+        points = grid_points(params)
+        probe = make_probe(synthetic_data, params.hessian)
+        root = tmp_path_factory.mktemp("points")
+        results = {p.name: run_point(p, synthetic_data, probe, root / p.name, params.hessian) for p in points}
+    finally:
+        torch.set_num_threads(previous)
     return params, points, results
 
 

@@ -187,6 +187,43 @@ def test_losing_the_prefect_server_mid_stage_ends_in_seconds_with_one_line(proje
     assert len(problems) <= 2 and all(url in line for line in problems)
 
 
+def test_a_log_send_that_finds_the_server_gone_says_so_once(monkeypatch, capsys):
+    """Prefect's log sender is often the first to find the server gone: that is the one warning line, not its own
+    ``--- Error logging to API ---`` for every batch (a race the end-to-end test above only sometimes hits)."""
+    import asyncio
+    import logging
+
+    import httpx
+    from prefect.logging.handlers import APILogWorker
+
+    monkeypatch.setattr(runtime, "SERVER_LOST", [])
+    monkeypatch.setattr(logging, "raiseExceptions", True)
+    monkeypatch.setattr(APILogWorker, "_handle_batch", APILogWorker._handle_batch)  # restored after the test
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    monkeypatch.delenv("LANDSCAPE_DEBUG", raising=False)
+    loggers = [logging.getLogger(), *(logging.getLogger(n) for n in list(logging.root.manager.loggerDict))]
+    for logger in loggers:  # the lost server takes Prefect's API log handlers off them: put them back after
+        monkeypatch.setattr(logger, "handlers", list(getattr(logger, "handlers", [])), raising=False)
+    runtime.quiet_user_errors_on_console()
+
+    class Client:
+        calls = 0
+
+        async def request(self, *args, **kwargs):
+            Client.calls += 1
+            raise httpx.ConnectError("All connection attempts failed")
+
+    worker = APILogWorker.__new__(APILogWorker)
+    worker._client = Client()
+    for _ in range(3):
+        asyncio.run(worker._handle_batch([b'{"message": "x"}']))
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "warning: the Prefect server at http://127.0.0.1:9/api went away (ConnectError); the stage goes on without it"
+    ]
+    assert Client.calls == 1  # the batches after it are dropped, not sent to a server known to be gone
+
+
 class _Health(http.server.BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802 - http.server's name
         self.send_response(200)

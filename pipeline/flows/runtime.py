@@ -213,6 +213,37 @@ def note_server_lost(err: BaseException | None = None) -> None:
                 logger.removeHandler(handler)
 
 
+def say_lost_server_once_in_log_sends() -> None:
+    """Prefect's log sender writes ``--- Error logging to API ---`` and the error on stderr for every batch it fails
+    to send; when it is the first to find the server gone, that is the lost server, said once by
+    :func:`note_server_lost`, and the batches after it are dropped. Other send errors print as Prefect prints them.
+
+    Written against prefect 3.9's ``APILogWorker._handle_batch`` (pinned in ``constraints.txt``).
+    """
+    from prefect.logging.handlers import APILogWorker
+
+    original = APILogWorker._handle_batch
+    if getattr(original, "says_lost_server_once", False):
+        return
+
+    async def _handle_batch(self, items: list[bytes]) -> None:
+        if SERVER_LOST:
+            return
+        try:
+            await self._client.request(
+                "POST", "/logs/", content=b"[" + b",".join(items) + b"]", headers={"Content-Type": "application/json"}
+            )
+        except Exception as err:
+            if is_connection_error(err):
+                note_server_lost(err)
+                return
+            if logging.raiseExceptions and sys.stderr:
+                sys.stderr.write(f"--- Error logging to API ---\n{err}\n")
+
+    _handle_batch.says_lost_server_once = True
+    APILogWorker._handle_batch = _handle_batch
+
+
 def _user_error_names() -> set[str]:
     from pipeline.config import ConfigError
     from pipeline.errors import DataError
@@ -262,9 +293,11 @@ class UserErrorConsoleFilter(logging.Filter):
 
 
 def quiet_user_errors_on_console() -> None:
-    """Add :class:`UserErrorConsoleFilter` to Prefect's console handlers (set up when Prefect is imported)."""
+    """Add :class:`UserErrorConsoleFilter` to Prefect's console handlers (set up when Prefect is imported), and
+    have Prefect's log sender say a lost server once (:func:`say_lost_server_once_in_log_sends`)."""
     if debug_enabled():
         return
+    say_lost_server_once_in_log_sends()
     loggers = [logging.getLogger(), *(logging.getLogger(n) for n in ("prefect", "prefect._internal"))]
     for handler in [h for logger in loggers for h in logger.handlers]:
         if isinstance(handler, logging.StreamHandler) and not any(

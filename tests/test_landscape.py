@@ -28,6 +28,7 @@ from pipeline.landscape.engine import (
     sequential_shift_loop,
 )
 from pipeline.landscape.measures import barrier
+from pipeline.landscape.plan import symmetric_axis
 from pipeline.landscape.tiles import TileStore, grid_coords, make_tiles, scan, scan_fingerprint
 from pipeline.training.models import build_model
 
@@ -286,6 +287,43 @@ def test_batched_engine_matches_loop_and_baseline(name):
     assert torch.equal(base_acc, ref_acc)
 
 
+def _fit_to_small_loss(name, x, y, target=1e-3):
+    """``name`` trained (Adam, full batch, eval mode: BatchNorm on fixed statistics) until its loss on ``(x, y)`` is
+    below ``target``; returns the model and that loss, float64 cross-entropy of its float32 outputs."""
+    model, _, _ = model_and_state(name, seed=4)
+    if name == "resnet20":
+        set_bn_statistics(model, seed=1)
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(2000):
+        optimiser.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        if loss.item() < target / 3:
+            break
+        loss.backward()
+        optimiser.step()
+    with torch.no_grad():
+        trained = float(F.cross_entropy(model(x).double(), y))
+    assert trained < target
+    return model, trained
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet20"])
+def test_the_grid_centre_is_the_trained_loss_at_small_loss(name):
+    """At loss 1e-3 and below, the engine's loss at c = 0 equals the trained model's to 1e-6 relative, one point
+    per forward or many (float32 ``logsumexp - picked`` was 6.7e-5 off there)."""
+    x, y = probe(40, seed=5)
+    model, trained = _fit_to_small_loss(name, x, y)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+    dirs = [random_direction(params, seed=s) for s in (1, 2)]
+    axis = symmetric_axis(5, 0.5)
+    coords = grid_coords([axis, axis])
+    centre = int(torch.nonzero((coords == 0).all(dim=1))[0])
+    for chunk in (1, 4, 25):
+        loss, _ = evaluate_points(model, params, buffers, dirs, coords, x, y, chunk=chunk, batch_size=16)
+        assert math.isclose(float(loss[centre]), trained, rel_tol=1e-6), (chunk, float(loss[centre]), trained)
+
+
 def test_points_are_bitwise_identical_for_every_chunk_size():
     _, params, _ = model_and_state("resnet20")
     points = evaluate_module._Points(params, [random_direction(params, seed=s, ignore="none") for s in (1, 2, 3)])
@@ -456,10 +494,37 @@ def test_choose_chunk_measures_once_and_caches(monkeypatch):
     chunk = choose_chunk(model, params, buffers, x, candidates=(1, 2, 4), batch_size=32)
     assert chunk in (1, 2, 4) and calls
     assert list(evaluate_module.CHUNK_CACHE.values()) == [chunk]
-    assert next(iter(evaluate_module.CHUNK_CACHE))[:6] == ("MLP", 26122, "cpu", "torch.float32", (1, 8, 8), 32)
+    key = (evaluate_module.structure_key(model, params, buffers), "cpu", "torch.float32", (1, 8, 8), 32)
+    assert next(iter(evaluate_module.CHUNK_CACHE))[:5] == key
     n_calls = len(calls)
     assert choose_chunk(model, params, buffers, x, candidates=(1, 2, 4), batch_size=32) == chunk
     assert len(calls) == n_calls  # cached: no timing the second time
+
+
+def test_measured_chunk_and_layout_are_keyed_by_the_architecture(monkeypatch):
+    """``resnet20`` and ``resnet20_noshort`` share their class and parameter count but not their forward: each gets its
+    own measurement; a dtype gets its own too, and one architecture built twice shares one."""
+    measured = []
+
+    def fake(model, params, buffers, x, y, chunk, batch_size, engine, channels_last=None):
+        measured.append(model)
+        return 1e-3
+
+    monkeypatch.setattr(evaluate_module, "_time_chunk", fake)
+    monkeypatch.setattr(evaluate_module, "CHUNK_CACHE", {})
+    monkeypatch.setattr(evaluate_module, "LAYOUT_CACHE", {})
+    x, _ = probe(8)
+    keys = {}
+    for name, seed in (("resnet20", 0), ("resnet20_noshort", 0), ("resnet20", 1)):
+        model, params, buffers = model_and_state(name, seed=seed)
+        keys[name, seed] = evaluate_module.structure_key(model, params, buffers)
+        choose_chunk(model, params, buffers, x, candidates=(1, 2), batch_size=8)
+        choose_layout(model, params, buffers, x, batch_size=8)
+    assert keys["resnet20", 0] == keys["resnet20", 1] != keys["resnet20_noshort", 0]
+    assert len(evaluate_module.CHUNK_CACHE) == 2 and len(evaluate_module.LAYOUT_CACHE) == 2
+    assert len({id(m) for m in measured}) == 2  # the second resnet20 reused the first one's measurements
+    double, params, buffers = model_and_state("resnet20", dtype=torch.float64)
+    assert evaluate_module.structure_key(double, params, buffers) != keys["resnet20", 0]
 
 
 def test_choose_chunk_rule_stops_after_two_drops_in_a_row(monkeypatch):
@@ -491,7 +556,8 @@ def test_choose_layout_measures_conv_models_only(monkeypatch):
     assert choose_layout(mlp, params, buffers, x) is False and evaluate_module.LAYOUT_CACHE == {}
     resnet, params, buffers = model_and_state("resnet20")
     decision = choose_layout(resnet, params, buffers, x)
-    assert evaluate_module.LAYOUT_CACHE == {("ResNet", 269434, "cpu", "torch.float32", (1, 8, 8), 8): decision}
+    key = evaluate_module.structure_key(resnet, params, buffers)
+    assert evaluate_module.LAYOUT_CACHE == {(key, "cpu", "torch.float32", (1, 8, 8), 8): decision}
     with pytest.raises(ValueError, match="channels_last: needs 4-D inputs"):
         evaluate_points(
             mlp,

@@ -30,11 +30,11 @@ from torch.func import functional_call, vmap
 from pipeline.curvature.operators import LOSSES, eval_batchnorm_view, loss_sum
 from pipeline.training.models import MLP
 
-# Decisions of choose_chunk, keyed by (model class, parameter count, device, dtype, input shape, batch size,
-# candidates, engine): measured once per process.
+# Decisions of choose_chunk, keyed by (architecture structure, device, dtype, input shape, batch size, candidates,
+# engine): measured once per process.
 CHUNK_CACHE: dict[tuple, int] = {}
-# Decisions of choose_layout (channels-last or not), keyed by (model class, parameter count, device, dtype, input
-# shape, batch size).
+# Decisions of choose_layout (channels-last or not), keyed by (architecture structure, device, dtype, input shape,
+# batch size).
 LAYOUT_CACHE: dict[tuple, bool] = {}
 
 DEFAULT_CANDIDATES = (1, 2, 4, 8, 16, 32)
@@ -140,14 +140,20 @@ class _Points:
 
 
 def _point_loss_sums(outputs: Tensor, y: Tensor, loss: str) -> Tensor:
-    """``(n,)``: for each of ``n`` points, :func:`loss_sum` over the batch of its outputs ``(n, B, classes)``.
+    """``(n,)`` float64: for each of ``n`` points, :func:`loss_sum` over the batch of its outputs ``(n, B, classes)``.
 
-    Cross-entropy as :math:`\\sum_i (\\log \\sum_k e^{f_{ik}} - f_{i y_i})` on the whole stack at once, which is
-    cheaper than ``vmap`` of ``F.cross_entropy``; equal to it up to rounding.
+    The network runs in its own dtype; the loss of its outputs is computed in float64, so it is exact to float64
+    rounding of *those* outputs at every scale. In float32, cross-entropy as :math:`\\log \\sum_k e^{f_k} - f_y`
+    cancels catastrophically for a well-fit sample (the two terms agree to the loss's size): on the digits MLP at
+    loss 1.5e-3 it was 6.7e-5 off float64 (``F.cross_entropy``, 7.5e-6). The outputs are ``classes`` numbers per
+    sample and point, so the float64 arithmetic costs nothing beside the forward pass. Cross-entropy as
+    :math:`\\sum_i (\\log \\sum_k e^{f_{ik}} - f_{i y_i})` on the whole stack at once.
     """
+    outputs = outputs.to(torch.float64)
     if loss == "cross_entropy":
         picked = outputs.gather(-1, y.view(1, -1, 1).expand(outputs.shape[0], -1, 1)).squeeze(-1)
         return (torch.logsumexp(outputs, dim=-1) - picked).sum(dim=-1)
+    y = y.to(torch.float64) if y.is_floating_point() else y
     return vmap(lambda o: loss_sum(o, y, loss))(outputs)
 
 
@@ -399,12 +405,12 @@ def evaluate_points(
                     out = forward(
                         layout({n: t[0] for n, t in moved.items()}), {n: t[0] for n, t in moved_buffers.items()}, xb
                     ).unsqueeze(0)
-                    sums = loss_sum(out[0], yb, loss).reshape(1)
+                    sums = _point_loss_sums(out, yb, loss)
                 else:
                     batched = vmap(forward, in_dims=(0, 0 if moved_buffers else None, None))
                     out = batched(moved, moved_buffers, xb)
                     sums = _point_loss_sums(out, yb, loss)
-                total_loss[rows] += sums.to("cpu", torch.float64)
+                total_loss[rows] += sums.cpu()
                 total_correct[rows] += _targets_correct(out, yb).cpu()
     return total_loss / n_samples, total_correct / n_samples
 
@@ -412,6 +418,28 @@ def evaluate_points(
 # --------------------------------------------------------------------------------------------------------------
 # Chunk size and layout by measurement
 # --------------------------------------------------------------------------------------------------------------
+
+
+def structure_key(model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor]) -> str:
+    """A digest of what a measured chunk or layout depends on in the architecture: every module's path, class
+    (module and qualified name), ``extra_repr`` (kernel sizes, strides, widths) and plain attributes (flags such as a
+    missing shortcut), and every parameter's and buffer's name, shape and dtype. Two architectures that differ in any
+    of these get their own measurement (``resnet20`` and ``resnet20_noshort`` share class and parameter count)."""
+    import hashlib
+
+    plain = (bool, int, float, str, tuple, type(None))
+    parts = []
+    for path, module in model.named_modules():
+        attributes = sorted(
+            (k, repr(v))
+            for k, v in vars(module).items()
+            if not k.startswith("_") and k != "training" and isinstance(v, plain)
+        )
+        kind = f"{type(module).__module__}.{type(module).__qualname__}"
+        parts.append(f"{path}|{kind}|{module.extra_repr()}|{attributes}")
+    for name, tensor in [*params.items(), *buffers.items()]:
+        parts.append(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def _has_conv2d(model: nn.Module, x: Tensor) -> bool:
@@ -481,8 +509,8 @@ def choose_chunk(
     sizes in a row fall below 90 % of the best throughput (one dip is timing noise or a kernel-selection quirk: the
     MLP on this CPU runs chunk 4 slower than chunks 2 and 8), when a chunk takes longer than ``budget_s``, or at
     out-of-memory.
-    The decision is cached in :data:`CHUNK_CACHE` per (model class, parameter count, device, dtype, input shape,
-    batch size, candidates, engine), so a process measures once per model and device.
+    The decision is cached in :data:`CHUNK_CACHE` per (architecture, :func:`structure_key`; device, dtype, input
+    shape, batch size, candidates, engine), so a process measures once per model and device.
 
     Args:
         model, params, buffers: as for :func:`evaluate_points`.
@@ -513,8 +541,7 @@ def choose_chunk(
     first = next(iter(params.values()))
     xb = x[:batch_size]
     key = (
-        type(model).__name__,
-        sum(p.numel() for p in params.values()),
+        structure_key(model, params, buffers),
         str(first.device),
         str(first.dtype),
         tuple(x.shape[1:]),
@@ -558,8 +585,8 @@ def choose_layout(
     """Whether channels-last convolutions are faster for this model on this device, by measurement.
 
     One point over one batch of ``x`` is timed in each layout (after an untimed run of each; best of two,
-    alternating), and the decision cached in :data:`LAYOUT_CACHE` per (model class, parameter count, device, dtype,
-    input shape, batch size). Models without ``Conv2d`` or with inputs that are not 4-D get ``False`` unmeasured.
+    alternating), and the decision cached in :data:`LAYOUT_CACHE` per (architecture, :func:`structure_key`; device,
+    dtype, input shape, batch size). Models without ``Conv2d`` or with inputs that are not 4-D get ``False`` unmeasured.
 
     Raises:
         ValueError: for ``batch_size < 1`` or empty ``x``.
@@ -573,8 +600,7 @@ def choose_layout(
     first = next(iter(params.values()))
     xb = x[:batch_size]
     key = (
-        type(model).__name__,
-        sum(p.numel() for p in params.values()),
+        structure_key(model, params, buffers),
         str(first.device),
         str(first.dtype),
         tuple(x.shape[1:]),

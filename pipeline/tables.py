@@ -71,6 +71,9 @@ SHARPNESS_HISTORY = pa.schema(
         ("step_norm", pa.float64()),  # |dtheta|
         ("step_sharpness", pa.float64()),  # dtheta'H dtheta / |dtheta|^2
         ("step_cosine", pa.float64()),  # -g'dtheta / (|g| |dtheta|)
+        ("cost_forwards", pa.float64()),  # the whole tracked step's loss evaluations (probe-set passes)
+        ("cost_gradients", pa.float64()),  # its probe-set gradients (one is the retained graph of the products)
+        ("cost_hvps", pa.int64()),  # its Hessian-vector products: the lambda_max solve, g'Hg, the step model
         ("seconds", pa.float64()),  # wall-clock time of the measurements of this row
     ]
 )
@@ -99,6 +102,9 @@ HESSIAN_SPECTRUM = pa.schema(
         ("stderr", pa.float64()),  # standard error of a stochastic estimate (trace); NaN otherwise
         ("residual", pa.float64()),  # ||H v - lambda v||_2 of an eigenpair, computed explicitly; NaN otherwise
         ("hvps", pa.int64()),  # curvature-vector products spent on this quantity (shared by the pairs of one solve)
+        ("forwards", pa.float64()),  # loss evaluations spent, in passes over the probe set (a batch counts its share)
+        ("gradients", pa.float64()),  # probe-set gradients spent (a product's retained graph is one)
+        ("samples", pa.int64()),  # per-sample gradients spent (gradient noise)
         ("method", pa.string()),  # lanczos | power | arpack | hutchinson | hutchpp | slq
         ("converged", pa.bool_()),  # the solver met its tolerance
         ("seconds", pa.float64()),  # wall-clock time of the computation

@@ -278,3 +278,25 @@ def test_bad_arguments(problem):
     xb, yb = torch.randn(2, 3, 8, 8), torch.zeros(2, dtype=torch.long)
     with pytest.raises(CurvatureError, match=r"step: \['bn1.running_mean'\] are buffers, not parameters"):
         quadratic_step_model(bn, ProbeSet.from_tensors(xb, yb, 2), {"bn1.running_mean": torch.zeros(16)})
+
+
+def test_the_step_model_reuses_the_operator_of_the_eigen_solve(problem):
+    """Given the operator a tracked solve used at θ, the step model spends one product and one forward more, no
+    gradient, and predicts what a fresh operator predicts."""
+    from pipeline.curvature.operators import account
+
+    model, x, y = problem
+    probe = ProbeSet.from_tensors(x, y, 7)
+    step = {n: 0.01 * torch.randn_like(p) for n, p in model.named_parameters()}
+    fresh = quadratic_step_model(model, probe, step)
+    op = HessianOperator(model, probe)
+    op.gradient(), op.matvec(torch.ones(op.dim, dtype=torch.float64))
+    before = account(op)
+    reused = quadratic_step_model(model, probe, step, operator=op)
+    after = account(op)
+    assert after["hvps"] - before["hvps"] == 1 and after["gradients"] == before["gradients"]
+    assert after["forwards"] - before["forwards"] == pytest.approx(1)  # the loss at θ (the moved loss is outside the operator)
+    for field in ("loss_before", "loss_after", "first_order", "second_order", "step_norm", "cosine"):
+        assert getattr(reused, field) == pytest.approx(getattr(fresh, field), rel=1e-10, abs=1e-14), field
+    with pytest.raises(CurvatureError, match="operator: spans"):
+        quadratic_step_model(model, probe, {n: step[n] for n in list(step)[:1]}, operator=op)

@@ -6,6 +6,7 @@ from torch import nn
 
 from pipeline.config import HessianConfig
 from pipeline.curvature.analysis import analyse
+from pipeline.curvature.density import slq
 from pipeline.curvature.dynamics import gradient_noise
 from pipeline.curvature.flatness import epsilon_sharpness, pac_bayes_sigma
 from pipeline.curvature.operators import GGNOperator, HessianOperator, ProbeSet, dense_matrix, parameter_groups
@@ -199,3 +200,36 @@ def test_select_checkpoints():
     assert epochs(4) == [0, 20, 30]
     assert epochs(1) == epochs("all")
     assert select_checkpoints([], "all") == []
+
+
+def test_every_analysis_records_the_primitive_operations_it_spent(truth):
+    """The account beside each row's wall time: products as the solvers count them, gradients and forwards as the
+    measures count them (the operators' repeatability checks, two forwards of the first batch, included)."""
+    model, probe, _, _ = truth
+    cfg = config(groups="none", operators=("hessian",), flatness_steps=5, pac_bayes_draws=3)
+    report = analyse(model, probe, cfg, details=True)
+    check = 2 * 7 / 11  # the first batch (7 of 11 samples), twice
+    loss_row = rows_of(report, "loss")[0]
+    assert (loss_row["forwards"], loss_row["gradients"], loss_row["hvps"]) == (pytest.approx(1 + check), 1, 0)
+    noise = rows_of(report, "noise_scale")[0]
+    assert (noise["samples"], noise["forwards"], noise["hvps"]) == (11, pytest.approx(check), 0)
+    sharp = rows_of(report, "grad_sharpness")[0]
+    assert (sharp["hvps"], sharp["gradients"]) == (1, 1)  # the first product builds the retained graph
+    for method in cfg.trace:
+        assert rows_of(report, "trace", method=method)[0]["hvps"] == cfg.trace_hvps
+    runs = slq(HessianOperator(model, probe).matvec, 51, runs=cfg.density_runs, steps=cfg.density_steps, seed=17)
+    assert rows_of(report, "density_mass")[0]["hvps"] == runs.matvecs > 0
+    eigen = rows_of(report, "eigenvalue")
+    assert eigen[0]["hvps"] > 0 and eigen[0]["gradients"] == 0  # the graph was built already
+    direct = epsilon_sharpness(model, probe, epsilon=cfg.flatness_radius, steps=5, directions=(), seed=cfg.seed + 19)
+    ball = rows_of(report, "epsilon_sharpness", method="absolute")[0]
+    assert ball["gradients"] >= direct.gradient_evaluations and ball["forwards"] == pytest.approx(check)
+    flat = pac_bayes_sigma(model, probe, bound=cfg.pac_bayes_bound, draws=3, seed=cfg.seed + 23)
+    row = rows_of(report, "pac_bayes_sigma", method="isotropic")[0]
+    assert row["forwards"] == pytest.approx(flat.loss_evaluations + check) and row["gradients"] == 0
+    total = rows_of(report, "products")[0]
+    assert total["hvps"] == sum(
+        r["hvps"]
+        for r in report.rows
+        if r["quantity"] in ("eigenvalue", "trace", "density_mass", "grad_sharpness") and r["index"] == 0
+    )  # noqa: E501

@@ -23,7 +23,15 @@ from pipeline.curvature.density import slq, smooth_density
 from pipeline.curvature.dynamics import gradient_noise, gradient_sharpness
 from pipeline.curvature.eigen import arpack, lanczos, power_iteration
 from pipeline.curvature.flatness import epsilon_sharpness, pac_bayes_sigma
-from pipeline.curvature.operators import BN_MODE, OPERATORS, CurvatureOperator, ProbeSet, parameter_groups  # noqa: F401
+from pipeline.curvature.operators import (  # noqa: F401
+    BN_MODE,
+    OPERATORS,
+    CurvatureOperator,
+    ProbeSet,
+    account,
+    parameter_groups,
+    spent,
+)
 from pipeline.curvature.trace import hutchinson, hutchpp
 
 ALL = "all"  # the `group` of quantities over the whole parameter vector
@@ -118,7 +126,11 @@ def _row(
     method: str = "",
     seconds: float = 0.0,
     converged: bool = True,
+    cost: dict | None = None,
 ) -> dict:
+    """One ``hessian_spectrum`` row; ``cost`` is what its computation spent (:func:`spent`), ``hvps`` the products
+    when there is no ``cost``."""
+    cost = cost or {}
     return {
         "operator": operator,
         "group": group,
@@ -127,11 +139,21 @@ def _row(
         "value": float(value),
         "stderr": float(stderr),
         "residual": float(residual),
-        "hvps": int(hvps),
+        "hvps": int(cost.get("hvps", hvps)),
+        "forwards": float(cost.get("forwards", 0.0)),
+        "gradients": float(cost.get("gradients", 0.0)),
+        "samples": int(cost.get("samples", 0)),
         "method": method,
         "converged": bool(converged),
         "seconds": float(seconds),
     }
+
+
+def cost_text(cost: dict, seconds: float) -> str:
+    """``"30 products, 1 gradient, 2.4 s"``: the non-zero primitive counts of ``cost`` and the wall time."""
+    names = {"hvps": "products", "gradients": "gradients", "forwards": "forwards", "samples": "per-sample gradients"}
+    parts = [f"{cost[k]:.4g} {label}" for k, label in names.items() if cost.get(k)]
+    return ", ".join([*parts, f"{seconds:.1f} s"])
 
 
 def eigen_solve(
@@ -204,12 +226,15 @@ def analyse(
     say = on_step or (lambda message: log.info(message))
     check_dimensions(model, cfg)  # before any product: a top_k above the dimension is an error, never clipped
     report = CurvatureReport()
+    start = time.perf_counter()  # the operator's repeatability check (two forwards of a batch) counts as well
     hessian = OPERATORS["hessian"](model, probe, hvp=cfg.hvp, loss=loss)
-    start = time.perf_counter()
+    before = {**account(hessian), "forwards": 0.0}
     grad = hessian.gradient()
+    loss_value = hessian.loss_value()
+    seconds, cost = time.perf_counter() - start, spent(hessian, before)
     report.rows += [
-        _row("hessian", ALL, "loss", 0, hessian.loss_value(), seconds=time.perf_counter() - start),
-        _row("hessian", ALL, "grad_norm", 0, float(grad.norm()), seconds=time.perf_counter() - start),
+        _row("hessian", ALL, "loss", 0, loss_value, seconds=seconds, cost=cost),
+        _row("hessian", ALL, "grad_norm", 0, float(grad.norm()), seconds=seconds, cost=cost),
         _row("hessian", ALL, "dim", 0, hessian.dim),
     ]
     if cfg.noise:
@@ -237,13 +262,11 @@ def analyse(
 
 
 def _spectrum(report, name, group, op, cfg, k, smallest, say, keep_vectors) -> None:
-    start = time.perf_counter()
-    before = op.products
+    start, before = time.perf_counter(), account(op)
     top, bottom = eigen_solve(
         op, cfg, k, smallest, cfg.seed, "hessian.top_k" if group == ALL else "hessian.group_top_k"
     )
-    seconds = time.perf_counter() - start
-    hvps = op.products - before
+    seconds, cost = time.perf_counter() - start, spent(op, before)
     for i, (value, residual, ok) in enumerate(zip(top.eigenvalues, top.residuals, top.converged)):
         report.rows.append(
             _row(
@@ -253,10 +276,10 @@ def _spectrum(report, name, group, op, cfg, k, smallest, say, keep_vectors) -> N
                 i,
                 value,
                 residual=residual,
-                hvps=hvps,
                 method=top.method,
                 seconds=seconds,
                 converged=bool(ok),
+                cost=cost,
             )
         )
     if bottom is not None:
@@ -268,18 +291,16 @@ def _spectrum(report, name, group, op, cfg, k, smallest, say, keep_vectors) -> N
                 0,
                 bottom.eigenvalues[0],
                 residual=bottom.residuals[0],
-                hvps=hvps,
                 method=bottom.method,
                 seconds=seconds,
                 converged=bool(bottom.converged[0]),
+                cost=cost,
             )
         )
     where = f"{name}" + ("" if group == ALL else f"[{group}]")
     text = ", ".join(f"{float(v):.4g}" for v in top.eigenvalues)
     extra = f"; lambda_min {float(bottom.eigenvalues[0]):.4g}" if bottom is not None else ""
-    say(
-        f"{where}: top {len(top.eigenvalues)} eigenvalues {text}{extra} ({top.method}, {hvps} products, {seconds:.1f} s)"  # noqa: E501
-    )
+    say(f"{where}: top {len(top.eigenvalues)} eigenvalues {text}{extra} ({top.method}, {cost_text(cost, seconds)})")
     if not bool(top.converged.all()) or (bottom is not None and not bool(bottom.converged.all())):
         say(
             f"warning: {where}: not converged to tol {cfg.tol} within {cfg.max_hvps} products; residuals are in the table"  # noqa: E501
@@ -294,37 +315,27 @@ def _spectrum(report, name, group, op, cfg, k, smallest, say, keep_vectors) -> N
 
 def _trace(report, name, op, cfg, say) -> None:
     for method in cfg.trace:
-        start = time.perf_counter()
+        start, before = time.perf_counter(), account(op)
         if method == "hutchinson":
             est = hutchinson(op.matvec, op.dim, samples=cfg.trace_hvps, seed=cfg.seed + 11, device=op.device)
         else:
             est = hutchpp(op.matvec, op.dim, matvecs=cfg.trace_hvps, seed=cfg.seed + 13, device=op.device)
-        seconds = time.perf_counter() - start
+        seconds, cost = time.perf_counter() - start, spent(op, before)
         report.rows.append(
-            _row(
-                name,
-                ALL,
-                "trace",
-                0,
-                est.value,
-                stderr=est.stderr,
-                hvps=est.matvecs,
-                method=est.method,
-                seconds=seconds,
-            )
+            _row(name, ALL, "trace", 0, est.value, stderr=est.stderr, method=est.method, seconds=seconds, cost=cost)
         )
-        say(f"{name}: trace {est.value:.5g} ± {est.stderr:.2g} ({est.method}, {est.matvecs} products, {seconds:.1f} s)")
+        say(f"{name}: trace {est.value:.5g} ± {est.stderr:.2g} ({est.method}, {cost_text(cost, seconds)})")
 
 
 def _density(report, name, op, cfg, say) -> None:
     if cfg.density_runs == 0:
         return
-    start = time.perf_counter()
+    start, before = time.perf_counter(), account(op)
     density = slq(
         op.matvec, op.dim, runs=cfg.density_runs, steps=cfg.density_steps, seed=cfg.seed + 17, device=op.device
     )
     grid, values = smooth_density(density, points=cfg.density_points, relative_sigma=cfg.density_sigma)
-    seconds = time.perf_counter() - start
+    seconds, cost = time.perf_counter() - start, spent(op, before)
     report.density += [
         {"operator": name, "kind": "node", "lambda": float(node), "density": math.nan, "weight": float(weight)}
         for node, weight in zip(density.nodes.reshape(-1), density.weights.reshape(-1))
@@ -340,14 +351,14 @@ def _density(report, name, op, cfg, say) -> None:
             "density_mass",
             0,
             float(density.weights.sum()),
-            hvps=density.matvecs,
             method="slq",
             seconds=seconds,
+            cost=cost,
         )
     )
     say(
         f"{name}: spectral density from {cfg.density_runs} x {cfg.density_steps} Lanczos steps "
-        f"({density.matvecs} products, {seconds:.1f} s)"
+        f"({cost_text(cost, seconds)})"
     )
 
 
@@ -356,27 +367,29 @@ def _noise(report, model, probe, hessian, say) -> None:
     start = time.perf_counter()
     noise = gradient_noise(model, probe, loss=hessian.loss)
     seconds = time.perf_counter() - start
+    cost = noise.account
     report.rows += [
-        _row("hessian", ALL, "noise_trace_covariance", 0, noise.trace_covariance, method="per_sample", seconds=seconds),
-        _row("hessian", ALL, "noise_scale", 0, noise.noise_scale, method="per_sample", seconds=seconds),
-    ]
-    start, before = time.perf_counter(), hessian.products
-    value = gradient_sharpness(hessian) if noise.grad_norm_sq > 0 else math.nan
-    report.rows.append(
         _row(
             "hessian",
             ALL,
-            "grad_sharpness",
+            "noise_trace_covariance",
             0,
-            value,
-            hvps=hessian.products - before,
-            method="rayleigh",
-            seconds=time.perf_counter() - start,
-        )
+            noise.trace_covariance,
+            method="per_sample",
+            seconds=seconds,
+            cost=cost,
+        ),  # noqa: E501
+        _row("hessian", ALL, "noise_scale", 0, noise.noise_scale, method="per_sample", seconds=seconds, cost=cost),
+    ]
+    start, before = time.perf_counter(), account(hessian)
+    value = gradient_sharpness(hessian) if noise.grad_norm_sq > 0 else math.nan
+    sharp_seconds, sharp_cost = time.perf_counter() - start, spent(hessian, before)
+    report.rows.append(
+        _row("hessian", ALL, "grad_sharpness", 0, value, method="rayleigh", seconds=sharp_seconds, cost=sharp_cost)
     )
     say(
-        f"gradient noise: tr(Sigma) {noise.trace_covariance:.4g}, B_simple {noise.noise_scale:.4g} samples; "
-        f"g'Hg/|g|^2 {value:.4g} ({seconds:.1f} s)"
+        f"gradient noise: tr(Sigma) {noise.trace_covariance:.4g}, B_simple {noise.noise_scale:.4g} samples "
+        f"({cost_text(cost, seconds)}); g'Hg/|g|^2 {value:.4g} ({cost_text(sharp_cost, sharp_seconds)})"
     )
 
 
@@ -399,15 +412,32 @@ def _flatness(report, model, probe, hessian, cfg, say) -> None:
                 loss=hessian.loss,
             )
             seconds = time.perf_counter() - start
+            cost = sharp.account
             report.rows += [
-                _row("hessian", ALL, "epsilon_sharpness", 0, sharp.increase, method=neighbourhood, seconds=seconds),
                 _row(
-                    "hessian", ALL, "epsilon_sharpness_keskar", 0, sharp.keskar, method=neighbourhood, seconds=seconds
-                ),
+                    "hessian",
+                    ALL,
+                    "epsilon_sharpness",
+                    0,
+                    sharp.increase,
+                    method=neighbourhood,
+                    seconds=seconds,
+                    cost=cost,
+                ),  # noqa: E501
+                _row(
+                    "hessian",
+                    ALL,
+                    "epsilon_sharpness_keskar",
+                    0,
+                    sharp.keskar,
+                    method=neighbourhood,
+                    seconds=seconds,
+                    cost=cost,
+                ),  # noqa: E501
             ]
             say(
                 f"epsilon-sharpness ({neighbourhood}, epsilon {epsilon:g}): loss +{sharp.increase:.4g} "
-                f"(Keskar {sharp.keskar:.4g}; {sharp.gradient_evaluations} gradients, {seconds:.1f} s)"
+                f"(Keskar {sharp.keskar:.4g}; {cost_text(cost, seconds)})"
             )
     if "pac_bayes" in cfg.flatness:
         for magnitude in (False, True):
@@ -423,10 +453,14 @@ def _flatness(report, model, probe, hessian, cfg, say) -> None:
             )
             seconds = time.perf_counter() - start
             method = "magnitude" if magnitude else "isotropic"
-            report.rows.append(_row("hessian", ALL, "pac_bayes_sigma", 0, flat.sigma, method=method, seconds=seconds))
+            report.rows.append(
+                _row(
+                    "hessian", ALL, "pac_bayes_sigma", 0, flat.sigma, method=method, seconds=seconds, cost=flat.account
+                )
+            )
             say(
                 f"PAC-Bayes sigma ({method}): {flat.sigma:.4g} keeps the expected loss within "
-                f"+{cfg.pac_bayes_bound:g} ({flat.loss_evaluations} loss evaluations, {seconds:.1f} s)"
+                f"+{cfg.pac_bayes_bound:g} ({cost_text(flat.account, seconds)})"
             )
 
 

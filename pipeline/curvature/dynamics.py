@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 
 from pipeline.curvature._checks import CurvatureError
-from pipeline.curvature.operators import BN_MODE, CurvatureOperator, HessianOperator, ProbeSet, loss_sum
+from pipeline.curvature.operators import BN_MODE, CurvatureOperator, HessianOperator, ProbeSet, account, loss_sum
 
 # --------------------------------------------------------------------------------------------------------------
 # Per-sample gradients and the gradient noise scale
@@ -62,6 +62,7 @@ class GradientNoise:
     noise_scale_debiased: float  # tr Σ̂ / (‖g‖² − tr Σ̂ / N), in samples; inf when the denominator is <= 0
     bn_mode: str = BN_MODE  # BatchNorm uses its running statistics
     seconds: float = 0.0
+    account: dict = field(default_factory=dict, compare=False)  # primitive operations spent (operators.account)
 
 
 def _per_sample_fn(op: CurvatureOperator):
@@ -155,6 +156,7 @@ def gradient_noise(
         for xs, ys in zip(x.split(chunk_size or len(x)), y.split(chunk_size or len(x))):
             grads, losses = per_sample(op.point, xs, ys)
             b = len(xs)
+            op.samples += b
             loss_total += float(losses.double().sum())
             chunk_deviations = 0.0
             shift = 0.0  # ‖chunk mean − running mean‖²
@@ -182,6 +184,7 @@ def gradient_noise(
         true_grad_norm_sq=true_norm_sq,
         noise_scale_debiased=trace / true_norm_sq if true_norm_sq > 0 else math.inf,
         seconds=time.perf_counter() - start,
+        account=account(op),
     )
 
 
@@ -285,6 +288,7 @@ class StepPrediction:
 
 def _move_to(op: CurvatureOperator, params: Mapping[str, Tensor]) -> None:
     """Place the (fresh, unused) operator at ``params``: parameters and/or buffers by name, e.g. a state dict."""
+    op._gradient = None
     for name, value in params.items():
         for where in (op.point, op.fixed, op.buffers):
             if name in where:
@@ -306,6 +310,7 @@ def quadratic_step_model(
     params: Mapping[str, Tensor] | None = None,
     loss: str = "cross_entropy",
     hvp: str = "double_backward",
+    operator: HessianOperator | None = None,
 ) -> StepPrediction:
     r"""Predicted and actual change of the probe loss for the step ``step`` taken from the model's parameters.
 
@@ -324,6 +329,10 @@ def quadratic_step_model(
         loss: ``cross_entropy`` or ``mse``.
         hvp: the Hessian-vector product implementation; ``double_backward`` holds one batch's graph at a time and
             costs the same as the others for a single product.
+        operator: a :class:`HessianOperator` of this model and probe set already at :math:`\theta` over the
+            parameters of ``step`` (e.g. the one a tracked eigen-solve just used): its gradient and retained graph
+            are reused, which saves a gradient, the repeatability check and the graph of the product. ``params``,
+            ``loss`` and ``hvp`` are then the operator's.
 
     Returns:
         :class:`StepPrediction`. For float32 models ``actual`` carries the rounding of the two losses
@@ -349,10 +358,18 @@ def quadratic_step_model(
     wrt = [n for n in trainable if n in step]
     if not isinstance(probe, ProbeSet):
         raise CurvatureError(f"probe: expected a ProbeSet, got {type(probe).__name__}")
-    op = HessianOperator(model, probe, wrt=wrt, loss=loss, hvp=hvp, check=False)
-    if params is not None:
-        _move_to(op, params)
-    op.check_repeatable()
+    if operator is not None:
+        if list(operator.names) != wrt or operator.probe.size != probe.size:
+            raise CurvatureError(
+                f"operator: spans {len(operator.names)} parameters over {operator.probe.size} samples; the step "
+                f"needs {len(wrt)} parameters over {probe.size}"
+            )
+        op = operator
+    else:
+        op = HessianOperator(model, probe, wrt=wrt, loss=loss, hvp=hvp, check=False)
+        if params is not None:
+            _move_to(op, params)
+        op.check_repeatable()
     delta = _flat(op, {n: step[n] for n in wrt}, "step")
 
     g = op.gradient()

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from pipeline.curvature._checks import CurvatureError, check_int, check_nonnegative, check_positive
-from pipeline.curvature.operators import CurvatureOperator, ProbeSet
+from pipeline.curvature.operators import CurvatureOperator, ProbeSet, account
 
 F64 = torch.float64
 NEIGHBOURHOODS = ("absolute", "relative")
@@ -56,6 +56,7 @@ class Sharpness:
     gradient_evaluations: int  # forward + backward passes over the probe set, the one at w included
     names: tuple[str, ...] = field(repr=False)  # parameter names, in the order of `perturbation`
     perturbation: Tensor = field(repr=False, compare=False)  # (dim,) float64: the maximiser u found
+    account: dict = field(default_factory=dict, compare=False)  # primitive operations spent (operators.account)
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class NoiseFlatness:
     iterations: int  # bisection iterations (one sigma each)
     bracket_evaluations: int  # sigmas evaluated while bracketing (one decade apart)
     loss_evaluations: int  # forward passes over the probe set: 1 + draws * (bracket_evaluations + iterations)
+    account: dict = field(default_factory=dict, compare=False)  # primitive operations spent (operators.account)
 
     @property
     def flatness(self) -> float:
@@ -86,6 +88,7 @@ class NoiseFlatness:
 def _loss_and_gradient(op: CurvatureOperator, u: Tensor) -> tuple[float, Tensor]:
     """:math:`L(w + u)` and its flat float64 gradient: one forward and backward pass over the probe set."""
     delta = op.unflatten(u)
+    op.gradients += 1
     leaves = {n: (op.point[n] + delta[n]).detach().requires_grad_(True) for n in op.names}
     value = torch.zeros((), dtype=F64, device=op.device)
     total = [torch.zeros_like(p) for p in leaves.values()]
@@ -104,6 +107,7 @@ def _perturbed_losses(op: CurvatureOperator, deltas: Tensor) -> list[float]:
     (``torch.func.vmap`` over the parameters).
     """
     c = deltas.shape[0]
+    op.forwards += c
     stacked = {
         n: op.point[n] + chunk.reshape(c, *shape)
         for n, chunk, shape in zip(op.names, deltas.split(op.numels, dim=1), op.shapes)
@@ -274,6 +278,7 @@ def epsilon_sharpness(
         steps=taken_total,
         starts=len(starts),
         gradient_evaluations=evaluations,
+        account=account(op),
         names=tuple(op.names),
         perturbation=best_u.detach().clone(),
     )
@@ -430,4 +435,5 @@ def pac_bayes_sigma(
         iterations=iterations,
         bracket_evaluations=bracketing,
         loss_evaluations=evaluations,
+        account=account(op),
     )

@@ -190,7 +190,9 @@ class CurvatureOperator:
     """A symmetric linear operator on the flattened parameters ``wrt`` (``dim`` entries), applied by :meth:`matvec`.
 
     ``matvec`` takes and returns 1-D ``float64`` tensors; internally the network runs in the parameters' dtype.
-    ``products`` counts the matrix-vector products applied so far.
+    The primitive operations spent so far are counted (:func:`account`): ``products`` (matrix-vector products),
+    ``forwards`` and ``gradients`` (passes over the whole probe set; a pass over one batch counts its share), and
+    ``samples`` (per-sample gradients).
     """
 
     kind = "operator"
@@ -230,6 +232,10 @@ class CurvatureOperator:
         self.probe = probe.to(self.device, self.dtype)
         self.n = self.probe.size
         self.products = 0
+        self.forwards = 0.0
+        self.gradients = 0.0
+        self.samples = 0
+        self._gradient: Tensor | None = None
         if check:
             self.check_repeatable()
 
@@ -253,18 +259,23 @@ class CurvatureOperator:
         return loss_sum(self.forward(params, x), y, self.loss) / self.n
 
     def loss_value(self) -> float:
+        self.forwards += 1
         with torch.no_grad():
             return float(sum(self.batch_loss(self.point, x, y) for x, y in self.probe.batches))
 
     def gradient(self) -> Tensor:
-        """Flat gradient of the probe-set loss at the point (not counted as a product)."""
-        total = {n: torch.zeros_like(p) for n, p in self.point.items()}
-        for x, y in self.probe.batches:
-            leaves = {n: p.detach().requires_grad_(True) for n, p in self.point.items()}
-            grads = torch.autograd.grad(self.batch_loss(leaves, x, y), list(leaves.values()))
-            for n, g in zip(leaves, grads):
-                total[n] += g
-        return self.flatten(total)
+        """Flat gradient of the probe-set loss at the point (counted as a gradient, not a product). Computed once:
+        the point never moves, so later calls return a copy of the first result."""
+        if self._gradient is None:
+            self.gradients += 1
+            total = {n: torch.zeros_like(p) for n, p in self.point.items()}
+            for x, y in self.probe.batches:
+                leaves = {n: p.detach().requires_grad_(True) for n, p in self.point.items()}
+                grads = torch.autograd.grad(self.batch_loss(leaves, x, y), list(leaves.values()))
+                for n, g in zip(leaves, grads):
+                    total[n] += g
+            self._gradient = self.flatten(total)
+        return self._gradient.clone()
 
     # -- products --------------------------------------------------------------------------------------------
     def matvec(self, v: Tensor) -> Tensor:
@@ -286,6 +297,7 @@ class CurvatureOperator:
         batch statistics), dropout fails the first.
         """
         x, _ = self.probe.batches[0]
+        self.forwards += 2 * len(x) / self.n
         with torch.no_grad():
             buffers = {n: b.clone() for n, b in self.buffers.items()}
             first = functional_call(self.model, {**self.fixed, **self.point, **buffers}, (x,))
@@ -338,6 +350,7 @@ class HessianOperator(CurvatureOperator):
     def _retained_graph(self) -> tuple[list[Tensor], list[Tensor]]:
         """Leaves and the gradient of the whole probe loss with its graph, built once (sum of the batches' grads)."""
         if self._graph is None:
+            self.gradients += 1  # the gradient with its graph, which every later product backpropagates through
             leaves = [self.point[n].detach().clone().requires_grad_(True) for n in self.names]
             params = dict(zip(self.names, leaves))
             grads = None
@@ -397,6 +410,7 @@ class GGNOperator(CurvatureOperator):
 
     def _forward_graphs(self) -> list[tuple[list[Tensor], Tensor]]:
         if self._graphs is None:
+            self.forwards += 1  # the forward graphs every later product backpropagates through
             self._graphs = []
             for x, _ in self.probe.batches:
                 leaves = [self.point[n].detach().clone().requires_grad_(True) for n in self.names]
@@ -414,6 +428,20 @@ class GGNOperator(CurvatureOperator):
 
 
 OPERATORS: dict[str, Callable[..., CurvatureOperator]] = {"hessian": HessianOperator, "ggn": GGNOperator}
+
+ACCOUNT = ("forwards", "gradients", "hvps", "samples")  # the primitive operations every analysis records
+
+
+def account(op: CurvatureOperator) -> dict[str, float]:
+    """The primitive operations ``op`` has spent so far, by :data:`ACCOUNT` name: forwards and gradients in passes
+    over the whole probe set, curvature-vector products, per-sample gradients. An analysis records the difference
+    of two accounts beside its wall time, so ``benchmarks/efficiency.py`` can price it at the measured unit costs."""
+    return {"forwards": op.forwards, "gradients": op.gradients, "hvps": op.products, "samples": op.samples}
+
+
+def spent(op: CurvatureOperator, before: Mapping[str, float]) -> dict[str, float]:
+    """What ``op`` spent since ``before`` (an earlier :func:`account`)."""
+    return {k: v - before[k] for k, v in account(op).items()}
 
 
 def dense_matrix(op: CurvatureOperator) -> Tensor:

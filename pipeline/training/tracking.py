@@ -31,7 +31,9 @@ from torch import Tensor, nn
 from pipeline.config import TrainConfig
 from pipeline.curvature.dynamics import quadratic_step_model
 from pipeline.curvature.eigen import lanczos
-from pipeline.curvature.operators import HessianOperator, ProbeSet
+from pipeline.curvature.operators import HessianOperator, ProbeSet, account
+
+COST = ("forwards", "gradients", "hvps")  # the tracked step's primitive operations, as cost_* columns
 from pipeline.tables import SHARPNESS_HISTORY
 
 __all__ = ["SharpnessTracker", "stability_threshold", "tracking_due", "TRACK_COLUMNS"]
@@ -120,6 +122,7 @@ class SharpnessTracker:
                 self.vector = None
                 return {
                     "state": state,
+                    "operator": op,
                     "finite": False,
                     **{k: math.nan for k in _BEFORE},
                     "lambda_max_converged": False,
@@ -145,6 +148,7 @@ class SharpnessTracker:
             model.train(was_training)
         return {
             "state": state,
+            "operator": op,  # at these weights: the step model reuses its gradient and retained graph
             "finite": True,
             "lambda_max": float(top.eigenvalues[0]),
             "lambda_max_residual": float(top.residuals[0]),
@@ -159,9 +163,13 @@ class SharpnessTracker:
     def after_step(self, model: nn.Module, before: dict) -> dict:
         """The quadratic model of the step from ``before['state']`` to the model's current parameters."""
         started = time.perf_counter()
-        row = {k: v for k, v in before.items() if k not in ("state", "finite")}
+        row = {k: v for k, v in before.items() if k not in ("state", "finite", "operator")}
         if not before["finite"]:
-            return {**row, **{k: math.nan for k in _AFTER}}
+            return {
+                **row,
+                **{k: math.nan for k in _AFTER},
+                **{f"cost_{k}": account(before["operator"])[k] for k in COST},
+            }
         state = before["state"]
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         current = dict(model.named_parameters())
@@ -169,7 +177,8 @@ class SharpnessTracker:
         was_training = model.training
         model.eval()
         try:
-            prediction = quadratic_step_model(model, self.probe, step, params=state, loss=self.loss)
+            prediction = quadratic_step_model(model, self.probe, step, operator=before["operator"])
+            cost = account(before["operator"])
         finally:
             model.train(was_training)
         row.update(
@@ -185,6 +194,7 @@ class SharpnessTracker:
                 "step_norm": prediction.step_norm,
                 "step_sharpness": prediction.step_sharpness,
                 "step_cosine": prediction.cosine,
+                **{f"cost_{k}": cost[k] for k in COST},
                 "seconds": before["seconds"] + time.perf_counter() - started,
             }
         )

@@ -13,6 +13,8 @@ Prefect server (a running one, or one started here), as Dask workers must.
 
 from __future__ import annotations
 
+from common import REPO, markdown_table
+
 import argparse
 import json
 import os
@@ -24,7 +26,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from common import REPO, markdown_table
 from ruamel.yaml import YAML
 
 from pipeline.cli import start_prefect_server, stop_process

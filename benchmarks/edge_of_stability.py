@@ -15,6 +15,8 @@ multiple of training alone.
 
 from __future__ import annotations
 
+from common import REPO  # noqa: F401  (puts the repository on sys.path, tunes malloc)
+
 import argparse
 import dataclasses
 import math
@@ -25,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch  # noqa: E402
-from common import REPO  # noqa: F401  (puts the repository on sys.path, tunes malloc)
 
 from pipeline.config import load_params  # noqa: E402
 from pipeline.data import prepare_dataset  # noqa: E402

@@ -18,10 +18,11 @@ runs one deflated power iteration per eigenvalue.
 
 from __future__ import annotations
 
+from common import load_data, load_model, markdown_table  # first: pins the kernels before torch is imported
+
 import argparse
 
 import torch
-from common import load_data, load_model, markdown_table  # first: pins the kernels before torch is imported
 
 from pipeline.config import HessianConfig
 from pipeline.curvature.eigen import lanczos, power_iteration

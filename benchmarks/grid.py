@@ -11,15 +11,16 @@ round-robin in the same process. Both results are checked to agree first.
 
 from __future__ import annotations
 
-import argparse
-
-import torch
 from common import (  # first: pins the kernels before torch is imported
     interleaved,
     load_data,
     load_model,
     markdown_table,
 )
+
+import argparse
+
+import torch
 
 from pipeline.landscape.directions import random_direction
 from pipeline.landscape.engine import choose_chunk, choose_layout, evaluate_points, sequential_shift_loop

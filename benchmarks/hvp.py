@@ -11,15 +11,16 @@ gradient of the same probe-set loss, timed in the same rounds. All products are 
 
 from __future__ import annotations
 
-import argparse
-
-import torch
 from common import (  # first: pins the kernels before torch is imported
     interleaved,
     load_data,
     load_model,
     markdown_table,
 )
+
+import argparse
+
+import torch
 
 from pipeline.curvature.operators import HVP_IMPLEMENTATIONS, HessianOperator, ProbeSet, relative_difference
 

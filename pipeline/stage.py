@@ -8,6 +8,7 @@ while the params are read or inside a flow; SIGINT and SIGTERM end it within sec
 from __future__ import annotations
 
 import argparse
+import atexit
 import ctypes
 import os
 import signal
@@ -101,6 +102,19 @@ def _stopped(signum: int) -> None:
     os._exit(128 + signum)
 
 
+FINISHED: list[bool] = []  # set when the stage's main returned: the exit can skip the interpreter's teardown
+
+
+def _skip_teardown() -> None:
+    """After a stage that finished: end the process once every exit hook has run (Prefect's services have drained
+    their logs and events to the server, files are closed) without the interpreter's teardown of its modules, which
+    for torch and Prefect costs about a second per stage (measured: ``import torch`` alone, 0.8 s to exit)."""
+    if FINISHED and not debug_enabled():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
 def _server_went_away(err: BaseException) -> bool:
     if "httpx" not in sys.modules:  # no Prefect client was ever used
         return False
@@ -129,6 +143,7 @@ def stage_entry(
     """
     tune_malloc()
     _die_with_parent()
+    atexit.register(_skip_teardown)  # registered first, so it runs last: after Prefect's and every other exit hook
     signal.signal(signal.SIGTERM, _on_stop_signal)
     signal.signal(signal.SIGINT, _on_stop_signal)
     try:
@@ -136,6 +151,7 @@ def stage_entry(
 
         repro.apply_from_params(_params_path(argv, params))
         main(argv)
+        FINISHED.append(True)
     except KeyboardInterrupt:
         _stopped(STOPPING[0] if STOPPING else signal.SIGINT)
     except Exception as err:  # noqa: BLE001 - user errors become one line; anything else is a bug: traceback

@@ -7,6 +7,11 @@ probe set (512 digits samples) around the trained weights of each run: the engin
 (:func:`pipeline.landscape.engine.evaluate_points`, chunk size and layout chosen by its measured rule) against
 :func:`pipeline.landscape.engine.sequential_shift_loop` (shift the weights in place, evaluate, shift back), timed
 round-robin in the same process. Both results are checked to agree first.
+
+The ceiling: a 2048 x 2048 float32 matrix product, timed in the same process (GFLOP/s = 2 n^3 / seconds). Each
+point's work is the model's forward on the probe set as torch's ``FlopCounterMode`` counts it (matrix products and
+convolutions), so for the MLP the first layer the engine computes once per batch is counted as saved work; the
+engine's rate is points/s x that count, and its fraction of the ceiling is printed beside the speed-up.
 """
 
 from __future__ import annotations
@@ -29,6 +34,21 @@ from pipeline.landscape.tiles import grid_coords
 RUNS = {"mlp": "mlp", "resnet20": "resnet20"}
 
 
+def gemm_ceiling(rounds: int, n: int = 2048) -> float:
+    """GFLOP/s of an n x n float32 matrix product on this machine and thread count (median of ``rounds``)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / interleaved({"gemm": lambda: a @ b}, rounds=rounds)["gemm"] / 1e9
+
+
+def forward_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Floating-point operations of one forward pass over ``x`` (torch's count: matrix products, convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops()
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=int, default=21, help="grid points per axis")
@@ -39,6 +59,8 @@ def main(argv=None) -> None:
     x, y = data.probe_tensors()
     axis = torch.linspace(-1.0, 1.0, args.points, dtype=torch.float64)
     coords = grid_coords([axis, axis])
+    ceiling = gemm_ceiling(max(args.rounds, 5))
+    print(f"GEMM ceiling: {ceiling:.1f} GFLOP/s (2048^2 float32, {torch.get_num_threads()} threads)", flush=True)
     rows = []
     for run in args.runs:
         model, origin = load_model(run, RUNS[run], data)
@@ -65,6 +87,7 @@ def main(argv=None) -> None:
             raise SystemExit(f"{run}: engine and loop disagree (max relative loss error {error:.1e})")
         timed = interleaved({"engine": engine, "loop": baseline}, rounds=args.rounds, warmup=0)
         n = len(coords)
+        rate = n / timed["engine"] * forward_flops(model, x) / 1e9
         rows.append(
             [
                 run,
@@ -74,6 +97,8 @@ def main(argv=None) -> None:
                 f"{n / timed['engine']:.0f}",
                 f"{n / timed['loop']:.0f}",
                 f"{timed['loop'] / timed['engine']:.2f}x",
+                f"{rate:.1f}",
+                f"{rate / ceiling:.0%}",
                 f"{error:.1e}",
             ]
         )
@@ -89,6 +114,8 @@ def main(argv=None) -> None:
                 "engine points/s",
                 "loop points/s",
                 "speed-up",
+                "engine GFLOP/s",
+                "of GEMM ceiling",
                 "max rel. difference",
             ],
             rows,

@@ -295,7 +295,8 @@ def test_the_step_model_reuses_the_operator_of_the_eigen_solve(problem):
     reused = quadratic_step_model(model, probe, step, operator=op)
     after = account(op)
     assert after["hvps"] - before["hvps"] == 1 and after["gradients"] == before["gradients"]
-    assert after["forwards"] - before["forwards"] == pytest.approx(1)  # the loss at θ (the moved loss is outside the operator)
+    # one forward: the loss at θ (the loss at the moved point is evaluated outside the operator)
+    assert after["forwards"] - before["forwards"] == pytest.approx(1)
     for field in ("loss_before", "loss_after", "first_order", "second_order", "step_norm", "cosine"):
         assert getattr(reused, field) == pytest.approx(getattr(fresh, field), rel=1e-10, abs=1e-14), field
     with pytest.raises(CurvatureError, match="operator: spans"):

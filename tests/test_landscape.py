@@ -319,8 +319,11 @@ def test_the_grid_centre_is_the_trained_loss_at_small_loss(name):
     axis = symmetric_axis(5, 0.5)
     coords = grid_coords([axis, axis])
     centre = int(torch.nonzero((coords == 0).all(dim=1))[0])
+    # the trained model's layout: channels-last convolutions round differently (measured 1.4e-6 relative at 2.4e-4)
     for chunk in (1, 4, 25):
-        loss, _ = evaluate_points(model, params, buffers, dirs, coords, x, y, chunk=chunk, batch_size=16)
+        loss, _ = evaluate_points(
+            model, params, buffers, dirs, coords, x, y, chunk=chunk, batch_size=16, channels_last=False
+        )
         assert math.isclose(float(loss[centre]), trained, rel_tol=1e-6), (chunk, float(loss[centre]), trained)
 
 

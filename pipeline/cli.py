@@ -7,6 +7,7 @@ The wrapper every ``stages/*.py`` entry point runs under is :func:`pipeline.stag
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from pipeline.config import ConfigError, load_params
+from pipeline.errors import DataError
 from pipeline.flows.runtime import (
     DEFAULT_PORT,
     api_reachable,
@@ -31,10 +33,36 @@ from pipeline.stage import EXIT_BAD_INPUT, stage_entry, tune_malloc  # noqa: F40
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """Validate the params; build every model from an import path and run one forward on zeros of the data's shape."""
     params = load_params(args.params)
+    custom = [r for r in params.runs if ":" in r.model_name]
+    lines = []
+    if custom:
+        from pipeline.data import known_shape
+        from pipeline.errors import ModelError
+        from pipeline.training.custom import check_model
+
+        shape = known_shape(params.data) or _prepared_shape(Path(args.data))
+        if shape is None:
+            lines = [f"  {r.name}: model not checked: the input shape is known once `prepare` has run" for r in custom]
+        for run in custom if shape else []:
+            try:
+                lines.append(f"  {run.name}: " + check_model(run.model_name, *shape, dict(run.model.model_kwargs)))
+            except ModelError as err:
+                raise ModelError(f"runs.{run.name}: {err}") from None
     runs = ", ".join(f"{r.name} ({r.model_name})" for r in params.runs)
     print(f"{args.params}: OK; dataset {params.data.dataset}; {len(params.runs)} run(s): {runs}")
+    for line in lines:
+        print(line)
     return 0
+
+
+def _prepared_shape(folder: Path) -> tuple[tuple[int, int, int], int] | None:
+    meta = folder / "meta.json"
+    if not meta.is_file():
+        return None
+    found = json.loads(meta.read_text(encoding="utf-8"))
+    return tuple(found["input_shape"]), int(found["num_classes"])
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -160,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="validate params.yaml and exit (0: valid, 2: invalid)")
     check.add_argument("--params", default="params.yaml")
+    check.add_argument("--data", default="artifacts/data", help="prepared data (input shape of datasets from files)")
     check.set_defaults(func=cmd_check)
     run = sub.add_parser("run", help="run the pipeline (dvc repro) with a local Prefect server")
     run.add_argument("--params", default="params.yaml")
@@ -197,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         sys.exit(args.func(args))
-    except ConfigError as err:
+    except (ConfigError, DataError) as err:  # DataError: e.g. a model from an import path that cannot be used
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     except RuntimeError as err:  # e.g. the Prefect server could not start, an unknown revision (CompareError)

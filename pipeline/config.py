@@ -16,8 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-DATASETS = ("digits", "synthetic", "cifar10", "mnist", "fashion_mnist")
-MODELS = ("mlp", "resnet20", "resnet20_noshort")
+DATASETS = ("digits", "synthetic", "cifar10", "mnist", "fashion_mnist", "npz", "image_folder")
+NPZ_LAYOUTS = ("nchw", "nhwc")
+IMAGE_MODES = ("rgb", "grayscale")
+MODELS = ("mlp", "resnet", "resnet20", "resnet20_noshort")  # the built-in names the docs list; see MODEL_NAMES
+RESNET_NAME = re.compile(r"resnet(\d+)(_noshort)?")
+IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+MODEL_NAMES = (
+    "mlp, resnet, resnet<depth> or resnet<depth>_noshort (depth 6n + 2: 8, 14, 20, 32, 44, 56, 110, ...), "
+    "or an import path package.module:callable"
+)
+RESNET_NORMS = ("batch", "group", "layer", "none")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "step", "cosine")
 ACTIVATIONS = ("relu", "tanh", "gelu", "elu")
@@ -54,6 +63,7 @@ MAX_LINE_POINTS = 100_001  # one forward pass over the probe set per point and s
 MAX_SURFACE_POINTS = 2001  # per axis: 2001^2 = 4.0M points, ~1 GiB of coordinates and tables, hours of forwards
 SURFACE_BYTES_PER_POINT = 256  # coordinates (float64 x 2), loss/accuracy, tile files and the table (pandas + Arrow)
 MAX_CURVATURE_MAP = 201  # per axis: every sub-grid point is one eigen-solve (201^2 = 40,401 solves)
+MAX_RESNET_DEPTH = 1202  # He et al.'s deepest CIFAR ResNet
 MAX_MLP_HIDDEN_PARAMETERS = 2**28  # 268M: float32 weights, gradients, optimiser state and Krylov vectors of 8 bytes
 MAX_SYNTHETIC_BYTES = 4 * 2**30  # the synthetic inputs are generated in memory as float32
 
@@ -105,15 +115,32 @@ def spec(
     choices=None,
     pattern=None,
     estimate=None,
+    validate=None,
+    mapping: bool = False,
     doc: str = "",
 ):
     """A dataclass field with its validation rules, unit and explanation kept in the metadata.
 
     ``estimate``: ``value -> str``, the cost of a value, added to the message when an upper bound fails.
+    ``validate``: ``(key, value) -> value``, a check of its own (raising :class:`ConfigError`), after the type's.
+    ``mapping``: the value is a mapping of names to plain values (strings, numbers, booleans, null and lists of
+    them), kept as a sorted tuple of ``(name, value)`` pairs so that the config stays frozen.
     ``doc``: what the key means, for the generated reference ``docs/params.md`` (:mod:`pipeline.docs`); it plays no
     part in validation, ``dataclasses.asdict`` or any fingerprint.
     """
-    meta = dict(unit=unit, ge=ge, gt=gt, le=le, lt=lt, choices=choices, pattern=pattern, estimate=estimate, doc=doc)
+    meta = dict(
+        unit=unit,
+        ge=ge,
+        gt=gt,
+        le=le,
+        lt=lt,
+        choices=choices,
+        pattern=pattern,
+        estimate=estimate,
+        validate=validate,
+        mapping=mapping,
+        doc=doc,
+    )
     if isinstance(default, (list, dict)):
         raise TypeError("use tuples for sequence defaults so that configs stay frozen")
     return field(default=default, metadata=meta)
@@ -143,8 +170,20 @@ class DataConfig:
     synthetic_classes: int = spec(3, ge=2, le=1000, unit="classes", doc="synthetic only")
     synthetic_size: int = spec(8, ge=1, le=1024, unit="pixels per side", doc="synthetic only")
     synthetic_channels: int = spec(1, ge=1, le=64, unit="channels", doc="synthetic only")
+    path: str = spec("", doc="npz: the .npz file; image_folder: the folder holding train/ and test/")
+    npz_layout: str = spec("nchw", choices=NPZ_LAYOUTS, doc="npz only: axis order of 4-D image arrays")
+    image_size: int = spec(
+        0, ge=0, le=4096, unit="pixels per side", doc="image_folder only: resize to a square; 0 = keep (all equal)"
+    )
+    image_mode: str = spec("rgb", choices=IMAGE_MODES, doc="image_folder only: 3 channels or 1")
+    classes: int = spec(
+        0, ge=0, le=100_000, unit="classes", doc="npz only: number of classes; 0 = the largest label + 1"
+    )
 
     def __post_init__(self):
+        if self.dataset in ("npz", "image_folder") and not self.path:
+            what = "an .npz file" if self.dataset == "npz" else "a folder with train/ and test/ class folders"
+            raise ConfigError("data.path", f"dataset {self.dataset} needs a path: {what}")
         if self.dataset == "synthetic":  # generated in memory: estimate the inputs before generating them
             need = self.synthetic_samples * self.synthetic_channels * self.synthetic_size**2 * 4
             if need > MAX_SYNTHETIC_BYTES:
@@ -157,6 +196,34 @@ class DataConfig:
                 )
 
 
+def check_model_name(key: str, value: str) -> str:
+    """A run's ``model``: a built-in name (``resnet<depth>`` with depth 6n + 2) or ``package.module:callable``."""
+    match = RESNET_NAME.fullmatch(value)
+    if match:
+        depth = int(match.group(1))
+        if depth < 8 or (depth - 2) % 6 or depth > MAX_RESNET_DEPTH:
+            raise ConfigError(
+                key, f"{value!r}: a CIFAR ResNet has depth 6n + 2 between 8 and {MAX_RESNET_DEPTH}, got {depth}"
+            )
+        return value
+    if value in MODELS or IMPORT_PATH.fullmatch(value):
+        return value
+    raise ConfigError(key, f"unknown model {value!r}; allowed: {MODEL_NAMES}")
+
+
+def _plain(key: str, value: Any) -> Any:
+    """A YAML value made of strings, numbers, booleans, null and lists of them (lists as tuples)."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+            raise ConfigError(key, f"must be finite, got {value!r}")
+        return value
+    if isinstance(value, (list, tuple)):
+        return tuple(_plain(f"{key}[{i}]", v) for i, v in enumerate(value))
+    raise ConfigError(
+        key, f"expected a plain value (string, number, true/false, null or a list of them), got {type(value).__name__}"
+    )
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """``model`` section: architecture hyper-parameters shared by the runs (a run may override them)."""
@@ -164,18 +231,57 @@ class ModelConfig:
     mlp_depth: int = spec(2, ge=0, le=1000, unit="hidden layers")
     mlp_width: int = spec(128, ge=1, le=65536, unit="units per hidden layer")
     mlp_activation: str = spec("relu", choices=ACTIVATIONS, doc="name")
+    mlp_widths: tuple[int, ...] = spec(
+        (),
+        ge=1,
+        le=65536,
+        unit="units per hidden layer",
+        doc="one width per hidden layer; replaces mlp_depth x mlp_width",
+    )
+    resnet_depth: int = spec(
+        20, ge=8, le=MAX_RESNET_DEPTH, unit="layers", doc="6n + 2 (20, 32, 44, 56, 110); model `resnet` only"
+    )
+    resnet_width: float = spec(
+        1.0, gt=0.0, le=64.0, unit="width multiplier k", doc="16k, 32k, 64k channels per stage (16k whole)"
+    )
+    resnet_shortcut: bool = spec(True, doc="skip connections (false: no shortcuts, as Li et al.); model `resnet` only")
+    resnet_norm: str = spec(
+        "batch", choices=RESNET_NORMS, doc="after every convolution; layer = one group over channels and pixels"
+    )
+    resnet_groups: int = spec(
+        8, ge=1, le=4096, unit="groups", doc="norm group: the largest divisor of the channels <= this"
+    )
+    model_kwargs: tuple[tuple[str, Any], ...] = spec(
+        (), mapping=True, doc="keyword arguments of a model from an import path: a mapping of plain values"
+    )
 
     def __post_init__(self):
         # Hidden-to-hidden weights alone (the input and output layers depend on the dataset); every analysis also
         # keeps gradients, optimiser state and float64 Krylov vectors of this size.
-        hidden = max(self.mlp_depth - 1, 0) * self.mlp_width * (self.mlp_width + 1)
+        widths = self.mlp_widths or (self.mlp_width,) * self.mlp_depth
+        hidden = sum(a * (b + 1) for a, b in zip(widths[:-1], widths[1:]))
         if hidden > MAX_MLP_HIDDEN_PARAMETERS:
+            key = "model.mlp_widths" if self.mlp_widths else "model.mlp_width"
+            layers = (
+                f"hidden layers of {', '.join(map(str, widths))} units"
+                if self.mlp_widths
+                else f"{self.mlp_depth} hidden layers of {self.mlp_width} units"
+            )
             raise ConfigError(
-                "model.mlp_width",
-                f"{self.mlp_depth} hidden layers of {self.mlp_width} units hold "
-                f"{hidden:.3g} parameters (about {_bytes(4 * hidden)} in float32) "
+                key,
+                f"{layers} hold {hidden:.3g} parameters (about {_bytes(4 * hidden)} in float32) "
                 f"between hidden layers; allowed up to {MAX_MLP_HIDDEN_PARAMETERS:.3g} "
-                f"(a smaller mlp_width or mlp_depth)",
+                f"(smaller or fewer hidden layers)",
+            )
+        if (self.resnet_depth - 2) % 6:
+            raise ConfigError(
+                "model.resnet_depth", f"must be 6n + 2 (8, 14, 20, 32, 44, 56, 110), got {self.resnet_depth}"
+            )
+        if (16 * self.resnet_width) != int(16 * self.resnet_width):
+            raise ConfigError(
+                "model.resnet_width",
+                f"16 x {self.resnet_width:g} = {16 * self.resnet_width:g} is not a whole number of channels "
+                "(allowed: multiples of 1/16, e.g. 0.25, 0.5, 1, 2)",
             )
 
 
@@ -487,6 +593,12 @@ def _type_name(tp) -> str:
 
 def _check_value(key: str, tp, value: Any, meta: Mapping[str, Any]) -> Any:
     """Check one scalar or sequence value against its declared type and metadata; return the coerced value."""
+    if meta.get("mapping"):
+        if isinstance(value, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
+            value = dict(value)  # the (name, value) pairs of a config written back (dataclasses.asdict)
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(key, f"expected a mapping of names to plain values, got {value!r}")
+        return tuple(sorted((k, _plain(f"{key}.{k}", v)) for k, v in value.items()))
     origin = typing.get_origin(tp)
     if origin is tuple:
         item_type = typing.get_args(tp)[0]
@@ -523,6 +635,8 @@ def _check_value(key: str, tp, value: Any, meta: Mapping[str, Any]) -> Any:
         raise ConfigError(key, f"unknown name {value!r}; allowed: {', '.join(meta['choices'])}")
     if meta.get("pattern") is not None and not meta["pattern"].fullmatch(value):
         raise ConfigError(key, f"invalid value {value!r}; allowed: auto, cpu, cuda, cuda:N, mps")
+    if meta.get("validate") is not None:
+        value = meta["validate"](key, value)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if value != value or value in (float("inf"), float("-inf")):
             raise ConfigError(key, f"must be finite, got {value!r}")
@@ -581,8 +695,8 @@ def _build_runs(raw: Any, model: ModelConfig, train: TrainConfig) -> tuple[RunCo
         if not isinstance(entry, Mapping):
             raise ConfigError(key, f"expected a mapping with at least 'model', got {entry!r}")
         if "model" not in entry:
-            raise ConfigError(f"{key}.model", f"missing; allowed: {', '.join(MODELS)}")
-        model_name = _check_value(f"{key}.model", str, entry["model"], {"choices": MODELS})
+            raise ConfigError(f"{key}.model", f"missing; allowed: {MODEL_NAMES}")
+        model_name = _check_value(f"{key}.model", str, entry["model"], {"validate": check_model_name})
         overrides = {k: v for k, v in entry.items() if k != "model"}
         for k in overrides:
             if k not in model_keys and k not in train_keys:

@@ -263,6 +263,134 @@ def _load_torchvision(cfg: DataConfig):
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# Your own files: .npz arrays and image folders
+# ------------------------------------------------------------------------------------------------------------------
+
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _npz_images(path: str, key: str, x: np.ndarray, layout: str) -> Tensor:
+    """``x`` as float32 or uint8 NCHW: 3-D arrays are one channel, 4-D ones in ``layout``."""
+    if x.ndim not in (3, 4) or 0 in x.shape:
+        raise DataError(f"{path}: {key} must be images of shape (N, H, W) or (N, C, H, W), found shape {x.shape}")
+    if not (x.dtype == np.uint8 or np.issubdtype(x.dtype, np.floating)):
+        raise DataError(f"{path}: {key} must be uint8 or floating point, found {x.dtype}")
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+        raise DataError(f"{path}: {key} holds NaN or infinite values")
+    x = x[:, None] if x.ndim == 3 else (x.transpose(0, 3, 1, 2) if layout == "nhwc" else x)
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    return t if t.dtype == torch.uint8 else t.float()
+
+
+def _npz_labels(path: str, key: str, y: np.ndarray, n: int) -> Tensor:
+    if y.ndim != 1 or len(y) != n or not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{path}: {key} must be {n} integer labels, found {y.dtype} of shape {y.shape}")
+    return torch.from_numpy(y.astype(np.int64))
+
+
+def _check_labels(path: str, labels: dict[str, Tensor], classes: int) -> int:
+    """The class count: ``classes``, or the largest label + 1; every label in ``[0, classes)``."""
+    found = max(int(y.max()) for y in labels.values()) + 1
+    classes = classes or found
+    for key, y in labels.items():
+        bad = (y < 0) | (y >= classes)
+        if bad.any():
+            raise DataError(
+                f"{path}: {key} has labels outside [0, {classes}) (e.g. {int(y[bad][0])} at index "
+                f"{int(bad.nonzero()[0])})"
+            )
+    if classes < 2:
+        raise DataError(f"{path}: need at least 2 classes, found labels {sorted(set(labels['y_train'].tolist()))}")
+    return classes
+
+
+def _load_npz(cfg: DataConfig):
+    """``x_train``, ``y_train`` and optionally ``x_test``, ``y_test`` from ``cfg.path`` (no pickles: data cannot run
+    code); without a test split, split like digits (stratified, ``test_fraction``)."""
+    path = cfg.path
+    if not os.path.isfile(path):
+        raise DataError(f"data.path: {path}: file not found (dataset npz: an .npz with x_train, y_train)")
+    try:
+        archive = np.load(path, allow_pickle=False)
+        keys = set(archive.files)
+    except Exception as err:  # noqa: BLE001 - truncated, not a zip, ...
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(f"{path}: not a readable .npz file ({first})") from None
+    missing = [k for k in ("x_train", "y_train") if k not in keys]
+    if missing or ("x_test" in keys) != ("y_test" in keys):
+        missing = missing or [k for k in ("x_test", "y_test") if k not in keys]
+        raise DataError(
+            f"{path}: missing {', '.join(missing)}; found keys {', '.join(sorted(keys)) or 'none'} (expected x_train, "
+            "y_train and optionally x_test, y_test)"
+        )
+    try:
+        arrays = {k: archive[k] for k in NPZ_KEYS if k in keys}
+    except ValueError as err:  # object arrays need pickle, refused
+        raise DataError(f"{path}: cannot read the arrays without pickle ({str(err).splitlines()[0]})") from None
+    x_train = _npz_images(path, "x_train", arrays["x_train"], cfg.npz_layout)
+    labels = {"y_train": _npz_labels(path, "y_train", arrays["y_train"], len(x_train))}
+    if "x_test" in arrays:
+        x_test = _npz_images(path, "x_test", arrays["x_test"], cfg.npz_layout)
+        if x_test.shape[1:] != x_train.shape[1:] or x_test.dtype != x_train.dtype:
+            raise DataError(
+                f"{path}: x_test is {x_test.dtype} {tuple(x_test.shape[1:])} per sample, x_train "
+                f"{x_train.dtype} {tuple(x_train.shape[1:])}"
+            )
+        labels["y_test"] = _npz_labels(path, "y_test", arrays["y_test"], len(x_test))
+    classes = _check_labels(path, labels, cfg.classes)
+    if "x_test" in arrays:
+        return x_train, labels["y_train"], x_test, labels["y_test"], classes, False
+    return (*_stratified_split(x_train, labels["y_train"], cfg), classes, False)
+
+
+def _load_image_folder(cfg: DataConfig):
+    """``cfg.path/train/<class>/*`` and ``cfg.path/test/<class>/*`` through torchvision's ``ImageFolder``, as uint8
+    NCHW, resized to ``image_size`` when it is set (all images must share one size otherwise)."""
+    from torchvision import datasets, transforms
+
+    root = Path(cfg.path)
+    steps = [transforms.Grayscale()] if cfg.image_mode == "grayscale" else []
+    if cfg.image_size:
+        steps.append(transforms.Resize((cfg.image_size, cfg.image_size)))
+    steps.append(transforms.PILToTensor())
+    transform = transforms.Compose(steps)
+    loaded, names = {}, {}
+    for split in ("train", "test"):
+        folder = root / split
+        if not folder.is_dir():
+            raise DataError(f"data.path: {folder}: folder not found (image_folder needs {root}/train and {root}/test)")
+        try:
+            ds = datasets.ImageFolder(str(folder), transform=transform)
+        except (FileNotFoundError, RuntimeError) as err:  # no class folders, or no images in them
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise DataError(f"data.path: {folder}: no images ({first})") from None
+        images, targets = [], []
+        for (file, _), (image, target) in zip(ds.samples, ds):
+            if images and image.shape != images[0].shape:
+                raise DataError(
+                    f"{file}: image of {tuple(image.shape)} (C, H, W) where the first was {tuple(images[0].shape)}; "
+                    "set data.image_size to resize all"
+                )
+            images.append(image)
+            targets.append(target)
+        loaded[split] = (torch.stack(images).contiguous(), torch.tensor(targets, dtype=torch.int64))
+        names[split] = ds.classes
+    if names["test"] != names["train"]:
+        raise DataError(
+            f"data.path: {root}/test has classes {', '.join(names['test'])}; {root}/train has "
+            f"{', '.join(names['train'])} (the same class folders in both)"
+        )
+    if loaded["train"][0].shape[1:] != loaded["test"][0].shape[1:]:
+        raise DataError(
+            f"data.path: {root}: train images are {tuple(loaded['train'][0].shape[1:])}, test images "
+            f"{tuple(loaded['test'][0].shape[1:])}; set data.image_size to resize all"
+        )
+    if len(names["train"]) < 2:
+        raise DataError(f"data.path: {root}/train: need at least 2 class folders, found {names['train']}")
+    return (*loaded["train"], *loaded["test"], len(names["train"]), False)
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # Subset, statistics, probe
 # ------------------------------------------------------------------------------------------------------------------
 
@@ -294,6 +422,16 @@ def _moments(x: Tensor, per_pixel: bool, chunk: int = 4096) -> tuple[Tensor, Ten
     return mean[0].float(), std[0].float()
 
 
+def known_shape(cfg: DataConfig) -> tuple[tuple[int, int, int], int] | None:
+    """``(input_shape, num_classes)`` the dataset of ``cfg`` will have, without loading it; ``None`` when only the
+    files can tell (``landscape check`` then reads the prepared data's meta instead)."""
+    shapes = {"digits": ((1, 8, 8), 10), "cifar10": ((3, 32, 32), 10), "mnist": ((1, 28, 28), 10)}
+    shapes["fashion_mnist"] = shapes["mnist"]
+    if cfg.dataset == "synthetic":
+        return (cfg.synthetic_channels, cfg.synthetic_size, cfg.synthetic_size), cfg.synthetic_classes
+    return shapes.get(cfg.dataset)
+
+
 def prepare_dataset(cfg: DataConfig) -> PreparedData:
     """Load, split, subset and standardise the dataset named by ``cfg.dataset`` and fix its probe subset.
 
@@ -304,7 +442,13 @@ def prepare_dataset(cfg: DataConfig) -> PreparedData:
     Raises:
         DataError: missing files, a subset or probe larger than the train split, or an impossible split.
     """
-    loader = {"digits": _load_digits, "synthetic": _make_synthetic}.get(cfg.dataset, _load_torchvision)
+    loaders = {
+        "digits": _load_digits,
+        "synthetic": _make_synthetic,
+        "npz": _load_npz,
+        "image_folder": _load_image_folder,
+    }
+    loader = loaders.get(cfg.dataset, _load_torchvision)
     x_train, y_train, x_test, y_test, num_classes, per_pixel = loader(cfg)
     if cfg.train_samples > 0:
         if cfg.train_samples > len(y_train):

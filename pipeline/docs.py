@@ -102,6 +102,8 @@ def allowed(cls: type, f: dataclasses.Field) -> str:
         parts.append(f"list, each {bounds}" if typing.get_origin(tp) is tuple else bounds)
     if tp is bool:
         parts.append("true or false")
+    if meta.get("mapping"):
+        parts.append("a mapping of names to plain values (strings, numbers, true/false, null, lists of them)")
     section = next(name for name, c in SECTIONS.items() if c is cls)
     rule = _POST_INIT_RULES.get(f"{section}.{f.name}")
     if rule:
@@ -138,7 +140,7 @@ def _section(name: str, cls: type) -> list[str]:
         lines.append(
             _row(
                 f"`{f.name}`",
-                f"`{_yaml(f.default)}`",
+                "`{}`" if f.metadata.get("mapping") else f"`{_yaml(f.default)}`",
                 allowed(cls, f),
                 f.metadata.get("unit", ""),
                 f.metadata.get("doc", ""),
@@ -159,7 +161,7 @@ def _runs() -> list[str]:
         ),
         "",
         *_HEADER,
-        _row("`model`", "required", "one of: " + ", ".join(config.MODELS), "", "architecture of the run"),
+        _row("`model`", "required", config.MODEL_NAMES, "", "architecture of the run (see `docs/models.md`)"),
         _row(
             "any `model` key",
             "the `model` section's value",

@@ -22,7 +22,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("curvature",),
     ("training",),
     ("landscape",),
-    ("sweep", "report"),
+    ("sweep", "report", "api"),
     ("flows",),
     ("stage",),
     ("cli",),

@@ -612,3 +612,42 @@ def test_landscape_run_uses_a_reachable_server_and_runs_dvc_repro(built, repo, e
     assert f"Prefect UI: {env['PREFECT_API_URL'].removesuffix('/api')}" in result.stdout
     assert "starting a Prefect server" not in result.stdout  # reused the running one
     assert "Data and pipelines are up to date" in result.stdout
+
+
+def test_the_python_api_gives_the_stages_numbers(built, repo):
+    """``pipeline.api`` on the trained MLP, its partner and the prepared samples, with the params' sections as
+    settings: the eigenvalues, traces and scans the stages wrote to their tables."""
+    from pipeline import api
+    from pipeline.data import load_prepared
+
+    data = load_prepared(repo / "artifacts/data")
+    final = torch.load(repo / "artifacts/checkpoints/mlp/epoch_0002.pt", weights_only=False)
+    partner = torch.load(sorted((repo / "artifacts/partners/mlp").glob("epoch_*.pt"))[-1], weights_only=False)
+    from pipeline.training.checkpoints import model_from_checkpoint
+
+    model, other = model_from_checkpoint(final, data), model_from_checkpoint(partner, data)
+    x, y = data.probe_tensors()
+    hessian = {k: v for k, v in SMALL_PARAMS["hessian"].items()}
+    landscape = {k: v for k, v in SMALL_PARAMS["landscape"].items()}
+    table = pd.read_parquet(repo / "reports/tables/mlp/hessian_spectrum.parquet")
+    rows = table[(table.epoch == 2) & (table.operator == "hessian") & (table.group == "all")]
+    spectrum = api.hessian_spectrum(model, x, y, **hessian)
+    assert spectrum.eigenvalues == rows[rows.quantity == "eigenvalue"].sort_values("index").value.tolist()
+    assert spectrum.lambda_min == rows[rows.quantity == "lambda_min"].value.item()
+    for method in ("hutchinson", "hutchpp"):
+        trace = api.hessian_trace(model, x, y, estimator=method, **hessian)
+        assert trace.value == rows[(rows.quantity == "trace") & (rows.method == method)].value.item()
+    density = api.spectral_density(model, x, y, **hessian)
+    stored = pd.read_parquet(repo / "reports/tables/mlp/hessian_density.parquet")
+    smoothed = stored[(stored.epoch == 2) & (stored.operator == "hessian") & (stored.kind == "smoothed")]
+    assert density.density == pytest.approx(smoothed["density"].tolist(), rel=1e-12)
+    surface = api.loss_surface(model, x, y, **landscape)
+    grid = pd.read_parquet(repo / "reports/tables/mlp/surface_2d.parquet").sort_values(["alpha", "beta"])
+    assert surface.loss.reshape(-1).tolist() == pytest.approx(grid.loss.tolist(), rel=1e-6)
+    xt, yt = data.train_tensors()
+    path = api.interpolate(model, other, xt, yt, **landscape)
+    lines = pd.read_parquet(repo / "reports/tables/mlp/interpolation_1d.parquet")
+    stage = lines[(lines.path == "partner") & (lines.split == "train")].sort_values("alpha")
+    assert path.loss.tolist() == pytest.approx(stage.loss.tolist(), rel=1e-6)
+    metrics = json.loads((repo / "reports/metrics.json").read_text())["mlp"]["interpolate"]
+    assert path.barrier == pytest.approx(metrics["barrier"], rel=1e-6, abs=1e-9)

@@ -112,7 +112,7 @@ GOOD = {
         ({"grid": {"lr": [0.1, -0.1]}}, "grid.lr[1]: must be > 0.0, got -0.1"),
         (
             {"grid": {"model": ["mlp", "vgg"]}},
-            "grid.model[1]: unknown name 'vgg'; allowed: mlp, resnet20, resnet20_noshort",
+            "grid.model[1]: unknown model 'vgg'; allowed: mlp, resnet, resnet<depth> or resnet<depth>_noshort",
         ),
         ({"grid": {"batch_size": [32, 0]}}, "grid.batch_size[1]: must be >= 1, got 0"),
         ({"grid": {"seed": [0, 0]}}, "grid.seed: values must not repeat, got [0, 0]"),

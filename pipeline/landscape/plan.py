@@ -90,7 +90,7 @@ def _float_buffers(buffers: Mapping[str, Tensor]) -> list[str]:
     return [n for n, b in buffers.items() if b.is_floating_point()]
 
 
-def _path_scan(
+def path_scan(
     path: str, final: tuple[dict, dict], other: tuple[dict, dict], points: int, *, other_is_start: bool
 ) -> LineScan:
     """The straight path between the trained model and ``other`` (weights and floating-point buffers)."""
@@ -131,7 +131,7 @@ def line_scans(
     params, buffers = state(final)
     scans = []
     if init is not None:
-        scans.append(_path_scan("init_final", (params, buffers), state(init), cfg.path_points, other_is_start=True))
+        scans.append(path_scan("init_final", (params, buffers), state(init), cfg.path_points, other_is_start=True))
     length = reference_norm(params, cfg)
     alpha = symmetric_axis(cfg.line_points, cfg.line_range)
     d = random_direction(params, seed=cfg.seed, norm=cfg.norm, ignore=cfg.ignore)
@@ -162,7 +162,7 @@ def line_scans(
             )
         )
     if partner is not None:
-        scans.append(_path_scan("partner", (params, buffers), state(partner), cfg.path_points, other_is_start=False))
+        scans.append(path_scan("partner", (params, buffers), state(partner), cfg.path_points, other_is_start=False))
     return scans
 
 

@@ -35,7 +35,6 @@ import torch
 
 from pipeline.config import (
     MAX_BATCH,
-    MODELS,
     ConfigError,
     DataConfig,
     HessianConfig,
@@ -45,6 +44,7 @@ from pipeline.config import (
     TrainConfig,
     build_section,
     check_batch_size,
+    check_model_name,
     read_yaml,
     resolve_device,
     spec,
@@ -105,7 +105,7 @@ OUTPUT_FILES = (
 class SweepGrid:
     """``grid`` section: every combination of these values is one point of the sweep."""
 
-    model: tuple[str, ...] = spec(("mlp",), choices=MODELS)  # architectures
+    model: tuple[str, ...] = spec(("mlp",), validate=check_model_name, doc="architectures (as a run's `model`)")
     lr: tuple[float, ...] = spec((0.05,), gt=0.0, unit="learning rate per step (peak of the schedule)")
     batch_size: tuple[int, ...] = spec((64,), ge=1, le=MAX_BATCH, unit="samples per step")
     seed: tuple[int, ...] = spec((0,), ge=0)  # initialisation and batch order

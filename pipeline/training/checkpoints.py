@@ -54,15 +54,22 @@ _EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
 
 
 def run_fingerprint(run: RunConfig, data_fingerprint: str) -> str:
-    """sha256 identifying what a checkpoint was made from: run config, data, library code and the CPU kernel
-    settings (:func:`pipeline.repro.kernel_fingerprint`: other kernels give other weights)."""
+    """sha256 identifying what a checkpoint was made from: run config, data, library code, the CPU kernel settings
+    (:func:`pipeline.repro.kernel_fingerprint`: other kernels give other weights) and, for a model from an import
+    path, its sources (:func:`pipeline.training.custom.source_digest`)."""
     from pipeline.repro import kernel_fingerprint
 
-    payload = json.dumps(
-        {"run": run.to_dict(), "data": data_fingerprint, "code": code_fingerprint(), "kernels": kernel_fingerprint()},
-        sort_keys=True,
-        default=list,
-    )
+    made_from = {
+        "run": run.to_dict(),
+        "data": data_fingerprint,
+        "code": code_fingerprint(),
+        "kernels": kernel_fingerprint(),
+    }
+    if ":" in run.model_name:  # a model from an import path: its own sources decide the weights too
+        from pipeline.training.custom import source_digest
+
+        made_from["model_code"] = source_digest(run.model_name)
+    payload = json.dumps(made_from, sort_keys=True, default=list)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

@@ -41,7 +41,8 @@ def custom_repo(tmp_path_factory):
         root / "data" / "mine.npz", x_train=images[:160], y_train=labels[:160], x_test=images[160:], y_test=labels[160:]
     )
     data = {"dataset": "npz", "path": "data/mine.npz", "probe_size": 16}
-    _write_params(root, {**SMALL_PARAMS, "data": data, "runs": {"mine": CUSTOM}})
+    repro = {**SMALL_PARAMS["repro"], "seeds": 1}  # the run alone: the seeds stage trains nothing of its own
+    _write_params(root, {**SMALL_PARAMS, "data": data, "runs": {"mine": CUSTOM}, "repro": repro})
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     port = free_port()
     previous = os.getcwd()
@@ -68,7 +69,8 @@ def test_a_custom_model_runs_every_stage_and_an_edit_of_its_file_retrains_it(cus
     metrics = json.loads((repo / "reports/metrics.json").read_text())["mine"]
     assert metrics["train"]["status"] == "completed" and metrics["train"]["epochs"] == 2
     assert metrics["hessian"]["lambda_max"] > 0 and metrics["interpolate"]["barrier"] >= 0
-    assert metrics["surface"]["points"] == 25 and metrics["seeds"]["lambda_max"]["n"] == 3
+    assert metrics["surface"]["points"] == 25 and metrics["seeds"]["lambda_max"]["n"] == 1
+    assert (repo / "artifacts/seeds/mine").is_dir() and not any((repo / "artifacts/seeds/mine").iterdir())
     spectrum = pd.read_parquet(repo / "reports/tables/mine/hessian_spectrum.parquet")
     assert {"0", "2", "6", "8"} <= set(spectrum.group)  # per-layer blocks of the Sequential: its parameter layers
     assert "<td>mine</td>" in (repo / "reports/index.html").read_text()

@@ -91,6 +91,9 @@ def seeds_flow(
     data = load_prepared(data_dir)
     fingerprint = data.fingerprint()
     folders = {"train": Path(checkpoint_dir), "partner": Path(partner_dir), "seeds": Path(seeds_dir)}
+    # The stage's output even when it trains no seed of its own (repro.seeds 1 or 2: the run and its partner only);
+    # DVC fails a stage whose output does not exist.
+    folders["seeds"].mkdir(parents=True, exist_ok=True)
     n = params.repro.seeds
     progress = Progress(n, 0, f"seeds {run_name}", "seed")
     rows = []

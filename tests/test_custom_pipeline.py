@@ -5,18 +5,11 @@ new data file prepares again."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO
-from test_pipeline import BIN, SMALL_PARAMS, _write_params, dvc, stages_run
-
-from pipeline.cli import start_prefect_server, stop_process
-from pipeline.flows.runtime import free_port
+from test_pipeline import SMALL_PARAMS, dvc, stages_run, tracked_copy, user_env
 
 CUSTOM = {
     "model": "models.example:small_cnn",
@@ -29,11 +22,7 @@ STAGES = {f"{s}@mine" for s in ("train", "hessian", "partner", "seeds", "interpo
 @pytest.fixture(scope="module")
 def custom_repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("custom")
-    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    for name in [f for f in files if not f.startswith("sweeps/")]:
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, root / name)
-    (root / "dvc.lock").unlink(missing_ok=True)
+    (root / "data").mkdir()
     rng = np.random.default_rng(0)
     labels = np.arange(200) % 4
     images = (rng.integers(0, 64, size=(200, 1, 8, 8)) + 48 * labels[:, None, None, None]).astype(np.uint8)
@@ -42,24 +31,9 @@ def custom_repo(tmp_path_factory):
     )
     data = {"dataset": "npz", "path": "data/mine.npz", "probe_size": 16}
     repro = {**SMALL_PARAMS["repro"], "seeds": 1}  # the run alone: the seeds stage trains nothing of its own
-    _write_params(root, {**SMALL_PARAMS, "data": data, "runs": {"mine": CUSTOM}, "repro": repro})
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    port = free_port()
-    previous = os.getcwd()
-    os.chdir(root)
-    try:
-        server = start_prefect_server(port)
-    finally:
-        os.chdir(previous)
-    yield (
-        root,
-        {
-            **os.environ,
-            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-        },
-    )
-    stop_process(server)
+    tracked_copy(root, {**SMALL_PARAMS, "data": data, "runs": {"mine": CUSTOM}, "repro": repro})
+    with user_env(root) as env:
+        yield root, env
 
 
 def test_a_custom_model_runs_every_stage_and_an_edit_of_its_file_retrains_it(custom_repo):

@@ -4,6 +4,7 @@ A real Prefect server runs on 127.0.0.1 for the module (as `landscape ui` would)
 fallback when no server is reachable.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -76,10 +77,8 @@ def _write_params(repo: Path, params: dict) -> None:
     YAML(typ="safe", pure=True).dump(params, repo / "params.yaml")
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    """A fresh git + DVC checkout of the tracked files, with small params."""
-    root = tmp_path_factory.mktemp("repo")
+def tracked_copy(root: Path, params: dict) -> Path:
+    """A fresh git + DVC checkout of the tracked files in ``root``, with ``params`` as its params.yaml."""
     files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     # The flatness sweep (sweeps/) is a pipeline of its own, tested in test_sweep_run.py; never run here, it would
     # make `dvc pull` and `dvc plots show` report its missing outputs (see README, "Sharing results").
@@ -87,27 +86,42 @@ def repo(tmp_path_factory):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, root / name)
     (root / "dvc.lock").unlink(missing_ok=True)  # it records outputs this repo's cache never had
-    _write_params(root, SMALL_PARAMS)
+    _write_params(root, params)
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     return root
+
+
+@contextlib.contextmanager
+def user_env(root: Path):
+    """Environment of a user with the venv on PATH and a Prefect server of their own running (home in ``root``)."""
+    port = free_port()
+    previous = Path.cwd()
+    os.chdir(root)  # the server takes its home (.prefect/) from the repo's prefect.toml
+    try:
+        server = start_prefect_server(port)
+    finally:
+        os.chdir(previous)
+    try:
+        yield {
+            **os.environ,
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        }
+    finally:
+        stop_process(server)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A fresh git + DVC checkout of the tracked files, with small params."""
+    return tracked_copy(tmp_path_factory.mktemp("repo"), SMALL_PARAMS)
 
 
 @pytest.fixture(scope="module")
 def env(repo):
     """Environment of a user with the venv on PATH and a Prefect server of their own running."""
-    port = free_port()
-    previous = Path.cwd()
-    os.chdir(repo)  # the server takes its home (.prefect/) from the repo's prefect.toml
-    try:
-        server = start_prefect_server(port)
-    finally:
-        os.chdir(previous)
-    yield {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-    }
-    stop_process(server)
+    with user_env(repo) as environment:
+        yield environment
 
 
 def dvc(repo, env, *args) -> subprocess.CompletedProcess:

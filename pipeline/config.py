@@ -41,6 +41,8 @@ PLANES = ("random", "pca", "eigen")
 DIRECTION_NORMS = ("filter", "layer", "none")
 DIRECTION_IGNORES = ("biasbn", "none")
 LINE_SPLITS = ("train", "test")
+ALIGN_METHODS = ("none", "weights", "activations")
+PATH_STATISTICS = ("reset", "repair")
 EXECUTORS = ("local", "dask")
 LOSSES = ("cross_entropy", "mse")
 TRACK_UNITS = ("steps", "epochs")
@@ -453,6 +455,25 @@ class LandscapeConfig:
     partner_seed_offset: int = spec(
         1, ge=1, le=1_000_000, doc="mode connectivity partner: the run retrained with train.seed + offset"
     )
+    align: str = spec(
+        "weights",
+        choices=ALIGN_METHODS,
+        doc="partner permuted to the run's unit order before its path: none | weights (Ainsworth et al. 2023) | "
+        "activations (Jordan et al. 2023)",
+    )
+    align_passes: int = spec(100, ge=1, le=100_000, unit="passes", doc="weight matching stops earlier at no gain")
+    path_bn: tuple[str, ...] = spec(
+        ("reset", "repair"),
+        doc="more variants of the (aligned) partner path: reset (BatchNorm statistics recomputed at each point) | "
+        "repair (REPAIR: channel statistics set to the endpoints' interpolation); [] = none",
+    )
+    stats_batch_size: int = spec(
+        0,
+        ge=0,
+        le=MAX_BATCH,
+        unit="samples per forward",
+        doc="statistics pass of reset and repair over the train split; 0 = all at once (exact population statistics)",
+    )
     plane: str = spec("random", choices=PLANES, doc="2-D plane: random | pca (of the trajectory) | eigen (top two)")
     surface_points: int = spec(41, ge=2, le=MAX_SURFACE_POINTS, unit="points per axis", estimate=surface_estimate)
     surface_range: float = spec(1.0, gt=0.0, unit="direction lengths", doc="grid over [-range, range]^2")
@@ -488,6 +509,13 @@ class LandscapeConfig:
             raise ConfigError(
                 "landscape.splits", f"need one or both of train, test without repeats, got {list(self.splits)}"
             )
+        for i, value in enumerate(self.path_bn):
+            if value not in PATH_STATISTICS:
+                raise ConfigError(
+                    f"landscape.path_bn[{i}]", f"unknown variant {value!r}; allowed: {', '.join(PATH_STATISTICS)}"
+                )
+        if len(set(self.path_bn)) != len(self.path_bn):
+            raise ConfigError("landscape.path_bn", f"variants must not repeat, got {list(self.path_bn)}")
         for key in ("line_points", "surface_points"):
             if getattr(self, key) % 2 == 0:
                 raise ConfigError(

@@ -20,6 +20,7 @@ from pipeline.io import atomic_path
 EIGENVECTORS = "eigenvectors.pt"  # artifacts/hessian/<run>/: the top Hessian eigenvectors of the final checkpoint
 INTERPOLATE_DIRECTIONS = "interpolate_directions.pt"  # artifacts/landscape/<run>/: the directions of the 1-D scans
 SURFACE_DIRECTIONS = "surface_directions.pt"  # artifacts/landscape/<run>/: the plane of the 2-D scan
+ALIGNED_PARTNER = "aligned_partner.pt"  # artifacts/landscape/<run>/: the partner permuted to the run, and how
 ARTIFACT_FORMAT = 1  # the "format" key of those payloads
 
 TRAIN_HISTORY = pa.schema(
@@ -133,13 +134,18 @@ HESSIAN_DENSITY = pa.schema(
 INTERPOLATION_1D = pa.schema(
     [
         ("run", pa.string()),
-        ("path", pa.string()),  # init_final | random | eigen | partner
+        # init_final | random | eigen | partner | partner_aligned (the partner permuted to this run's unit order) |
+        # partner[_aligned]_reset (BatchNorm statistics recomputed at each point) | partner[_aligned]_repair (REPAIR)
+        ("path", pa.string()),
         ("direction", pa.string()),  # content id of the direction (pipeline.landscape.directions.direction_id)
-        ("alpha", pa.float64()),  # coordinate: alpha (random, eigen; 0 = trained) or t in [0, 1] (init_final, partner)
+        ("alpha", pa.float64()),  # coordinate: alpha (random, eigen; 0 = trained) or t in [0, 1] (init_final, partner*)
         ("distance", pa.float64()),  # signed Euclidean distance in weight space from the point at coordinate 0
         ("split", pa.string()),  # train | test
         ("loss", pa.float64()),  # mean cross-entropy over the split, BatchNorm in eval mode
         ("accuracy", pa.float64()),  # fraction correct
+        # normalisation statistics at each point: stored (the trained model's) | interpolated (with the weights) |
+        # recomputed (reset: at t = 0 and 1 the endpoints with recomputed statistics) | repaired | none (no buffers)
+        ("statistics", pa.string()),
     ]
 )
 

@@ -124,6 +124,18 @@ BAD = [
     ("device-cuda-colon", params_with(train={"device": "cuda:"}), "train.device", ("auto", "cpu", "cuda:N")),
     ("device-uppercase", params_with(train={"device": "CPU"}), "train.device", ("auto", "cpu")),
     ("device-trailing-newline", params_with(train={"device": "cpu\n"}), "train.device", ("cpu",)),
+    # mode connectivity
+    ("align-unknown", params_with(landscape={"align": "git-rebasin"}), "landscape.align", ("none", "weights")),
+    ("path_bn-unknown", params_with(landscape={"path_bn": ["reset", "fixup"]}), "landscape.path_bn[1]", ("repair",)),
+    ("path_bn-repeat", params_with(landscape={"path_bn": ["reset", "reset"]}), "landscape.path_bn", ("repeat",)),
+    ("path_bn-string", params_with(landscape={"path_bn": "reset"}), "landscape.path_bn", ("list",)),
+    (
+        "stats_batch_size-negative",
+        params_with(landscape={"stats_batch_size": -1}),
+        "landscape.stats_batch_size",
+        (">= 0",),
+    ),
+    ("align_passes-zero", params_with(landscape={"align_passes": 0}), "landscape.align_passes", (">= 1",)),
     # runs
     ("runs-missing", params_with(runs=...), "runs", ("model",)),
     ("runs-empty", params_with(runs={}), "runs", ("non-empty mapping", "model")),

@@ -73,6 +73,44 @@ SCANS = {*INTERPOLATE, *SURFACE, "landscape_figures"}
 SUMMARY = {"metrics", "report"}
 
 
+def _check_connectivity(repo: Path, run: str, lines: pd.DataFrame, metrics: dict, *, data_dir: Path) -> None:
+    """The mode-connectivity variants of one run's interpolate stage: the aligned partner is the partner's function
+    (same loss at t = 1), every variant starts at the trained model (reset: with recomputed statistics), and the
+    saved aligned partner reproduces the table's end point."""
+    from pipeline.data import load_prepared
+    from pipeline.landscape.connectivity import evaluate_model
+    from pipeline.training.checkpoints import model_from_checkpoint
+
+    def end(path: str, t: float, split: str = "train") -> float:
+        return lines[(lines.path == path) & (lines.alpha == t) & (lines.split == split)].loss.item()
+
+    for split in ("train", "test"):
+        assert end("partner_aligned", 1.0, split) == pytest.approx(end("partner", 1.0, split), rel=1e-5)
+        assert end("partner_aligned_repair", 0.0, split) == pytest.approx(end("partner", 0.0, split), rel=1e-5)
+    statistics = lines.groupby("path").statistics.unique().map(list).to_dict()
+    moved = "interpolated" if run == "resnet20" else "none"
+    assert statistics["partner"] == statistics["partner_aligned"] == [moved]
+    assert statistics["partner_aligned_repair"] == ["repaired"]
+    if run == "resnet20":
+        assert statistics["partner_aligned_reset"] == ["recomputed"] and statistics["random"] == ["stored"]
+    assert metrics["align"]["status"] == "aligned" and metrics["align"]["method"] == "weights"
+    assert metrics["align"]["objective_end"] >= metrics["align"]["objective_start"]
+    connectivity = metrics["connectivity"]
+    assert set(connectivity) == {"partner", *(p for p in set(lines.path) if p.startswith("partner_"))}
+    assert metrics["barrier_aligned"] == connectivity["partner_aligned"]["train"]["loss_barrier"] >= 0
+    assert metrics["barrier"] == connectivity["partner"]["train"]["loss_barrier"]
+    aligned = torch.load(repo / f"artifacts/landscape/{run}/aligned_partner.pt", weights_only=True)
+    assert aligned["status"] == "aligned" and set(aligned["permutations"]) == set(aligned["groups"])
+    assert len(aligned["objective"]) == aligned["passes"] + 1
+    data = load_prepared(data_dir)
+    partner_dir = repo / "artifacts/partners" / run
+    payload = torch.load(sorted(partner_dir.glob("*.pt"))[-1], weights_only=True)
+    model = model_from_checkpoint(payload, data)
+    model.load_state_dict(aligned["state_dict"])
+    x, y = data.train_tensors()
+    assert evaluate_model(model, x, y)[0] == pytest.approx(end("partner_aligned", 1.0), rel=1e-5)
+
+
 def _write_params(repo: Path, params: dict) -> None:
     YAML(typ="safe", pure=True).dump(params, repo / "params.yaml")
 
@@ -184,8 +222,12 @@ def test_repro_runs_every_stage_once_then_nothing(built, repo, env):
         for figure in ("interpolation_1d", "surface_contour", "surface_filled", "surface_3d"):
             assert (repo / f"reports/figures/{run}/{figure}.png").stat().st_size > 10_000
         lines = pd.read_parquet(repo / f"reports/tables/{run}/interpolation_1d.parquet")
-        assert sorted(set(lines.path)) == ["eigen", "init_final", "partner", "random"]
-        assert len(lines) == 2 * (3 + 5 + 5 + 3) and set(lines.split) == {"train", "test"}
+        variants = ["partner_aligned", "partner_aligned_repair"] + (
+            ["partner_aligned_reset"] if run == "resnet20" else []
+        )
+        assert sorted(set(lines.path)) == sorted(["eigen", "init_final", "partner", "random", *variants])
+        assert len(lines) == 2 * (3 + 5 + 5 + 3 + 3 * len(variants)) and set(lines.split) == {"train", "test"}
+        _check_connectivity(repo, run, lines, metrics[run]["interpolate"], data_dir=repo / "artifacts/data")
         surface = pd.read_parquet(repo / f"reports/tables/{run}/surface_2d.parquet")
         assert len(surface) == 25 and set(surface.split) == {"probe"}
         curvature = pd.read_parquet(repo / f"reports/tables/{run}/surface_curvature.parquet")
@@ -569,6 +611,40 @@ def test_a_diverged_run_is_recorded_by_the_scans_not_a_failure(built, repo, env,
     assert (tmp_path / "w/surface_directions.pt").is_file() and (tmp_path / "w/tiles").is_dir()
     for kind in ("contour", "filled", "3d"):
         assert (tmp_path / f"f/surface_{kind}.png").stat().st_size > 1000
+
+
+def test_a_diverged_partner_leaves_the_path_unaligned_and_is_recorded(built, repo, env, tmp_path):
+    partner = tmp_path / "partner"
+    shutil.copytree(repo / "artifacts/partners/mlp", partner)
+    last = sorted(partner.glob("epoch_*.pt"))[-1]
+    payload = torch.load(last, weights_only=True)
+    payload["model"] = {
+        k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in payload["model"].items()
+    }
+    payload["status"] = "diverged"
+    torch.save(payload, last)
+    write_manifest(partner)
+    out = {"--tables": tmp_path / "t", "--figures": tmp_path / "f", "--work": tmp_path / "w" / "tiles"}
+    result = _stage(
+        repo,
+        env,
+        "stages/interpolate.py",
+        "--run",
+        "mlp",
+        "--partner",
+        str(partner),
+        *[str(a) for kv in out.items() for a in kv],
+    )
+    assert result.returncode == 0, result.stderr
+    assert (
+        "the partner's weights are not finite; no alignment and no statistics variants" in result.stdout + result.stderr
+    )
+    metrics = json.loads((tmp_path / "t/interpolate_metrics.json").read_text())
+    assert metrics["align"] == {"method": "weights", "status": "partner diverged"} and metrics["barrier"] is None
+    assert set(metrics["connectivity"]) == {"partner"}
+    assert torch.load(tmp_path / "w/aligned_partner.pt", weights_only=True)["status"] == "partner diverged"
+    lines = pd.read_parquet(tmp_path / "t/interpolation_1d.parquet")
+    assert not lines.path.str.startswith("partner_").any() and lines[lines.path == "random"].loss.notna().all()
 
 
 def test_scan_stage_errors_are_one_line(repo, env, tmp_path):

@@ -23,14 +23,24 @@ from pipeline.data import DataError, PreparedData, load_prepared
 from pipeline.flows.common import Progress, table_artifact, unit_of_work
 from pipeline.io import plot_placeholder, save_torch, write_json
 from pipeline.landscape import tiles
+from pipeline.landscape.connectivity import (
+    STATISTICS_LABEL,
+    Alignment,
+    align_partner,
+    connectivity_summary,
+    has_batchnorm,
+    statistics_path,
+)
 from pipeline.landscape.directions import direction_id
 from pipeline.landscape.engine import choose_chunk, choose_layout
 from pipeline.landscape.figures import plot_interpolation, plot_surface
 from pipeline.landscape.measures import path_summary, surface_summary
+from pipeline.landscape.permutation import permutation_spec
 from pipeline.landscape.plan import curvature_at, curvature_coords, line_scans, plane_directions, state, surface_coords
 from pipeline.landscape.tiles import Job, Tile, TileStore, scan_fingerprint
 from pipeline.provenance import provenance
 from pipeline.tables import (
+    ALIGNED_PARTNER,
     ARTIFACT_FORMAT,
     EIGENVECTORS,
     INTERPOLATE_DIRECTIONS,
@@ -315,6 +325,93 @@ def _warn(logger):
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _number(value) -> str:
+    """A barrier for the log: 4 significant digits, or "not finite" (a diverged partner)."""
+    return "not finite" if value is None else f"{value:.4g}"
+
+
+def _line_rows(run_name: str, scan, path: str, per_split: dict, statistics: str) -> list[dict]:
+    """The table rows of one 1-D scan (``path`` may name a statistics variant of ``scan``)."""
+    return [
+        {
+            "run": run_name,
+            "path": path,
+            "direction": scan.direction_id,
+            "alpha": float(a),
+            "distance": float(d),
+            "split": split,
+            "loss": float(v),
+            "accuracy": float(c),
+            "statistics": statistics,
+        }
+        for split, (loss, accuracy) in per_split.items()
+        for a, d, v, c in zip(scan.alpha, scan.distance, loss, accuracy)
+    ]
+
+
+@unit_of_work(task_run_name="align-{run_name}")
+def align_models(final, partner, cfg: LandscapeConfig, inputs, run_name: str) -> tuple[Alignment, float]:
+    """The partner permuted to the run's unit order (``cfg.align``), and the seconds it took."""
+    start = time.perf_counter()
+    alignment = align_partner(
+        final,
+        partner,
+        cfg.align,
+        inputs,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        max_passes=cfg.align_passes,
+        what=f"run {run_name}",
+    )
+    return alignment, time.perf_counter() - start
+
+
+@unit_of_work(task_run_name="path-{mode}-{run_name}")
+def statistics_variant(
+    final, other, ts, mode: str, stats_inputs, tensors: dict, sites, cfg: LandscapeConfig, loss: str, run_name: str
+) -> tuple[dict, float]:
+    """The path from the run to ``other`` with the statistics of ``mode`` (reset | repair) at every point, on each
+    split, and the seconds it took."""
+    start = time.perf_counter()
+    progress = Progress(len(ts), 0, f"{mode} path {run_name}", "point")
+    try:
+        result = statistics_path(
+            final,
+            other,
+            ts,
+            mode,
+            stats_inputs,
+            tensors,
+            sites=sites,
+            batch_size=cfg.batch_size,
+            stats_batch_size=cfg.stats_batch_size,
+            loss=loss,
+            on_point=lambda i: progress.advance(),
+        )
+    finally:
+        progress.close()
+    return result, time.perf_counter() - start
+
+
+def _alignment_payload(run_name: str, cfg: LandscapeConfig, alignment: Alignment | None, seconds: float, **extra):
+    payload = {
+        "format": ARTIFACT_FORMAT,
+        "run": run_name,
+        "method": cfg.align,
+        "provenance": provenance(),
+        **extra,
+    }
+    if alignment is not None:
+        payload.update(
+            alignment.match.payload(),
+            groups=dict(alignment.spec.groups),
+            output_change=alignment.output_change,
+            seconds=seconds,
+            state_dict={n: t.detach().cpu() for n, t in alignment.model.state_dict().items()},
+        )
+    return payload
+
+
 @flow(name="interpolate", flow_run_name="interpolate-{run_name}")
 def interpolate_flow(
     params: Params,
@@ -334,6 +431,9 @@ def interpolate_flow(
     cfg = params.landscape
     inputs = _inputs(params, run_name, data_dir, checkpoint_dir)
     if inputs.diverged:
+        save_torch(
+            Path(work_dir).parent / ALIGNED_PARTNER, _alignment_payload(run_name, cfg, None, 0.0, status="diverged")
+        )
         return _record_diverged(
             inputs,
             run_name,
@@ -352,11 +452,39 @@ def interpolate_flow(
     eigen = _eigenvectors(vectors_dir, run_name, final_payload)
     final, init, partner = (m.to(device) for m in (final, init, partner))
     eigen = {**eigen, "vectors": {n: v.to(device) for n, v in eigen["vectors"].items()}}
-    scans = line_scans(final, cfg, init=init, eigenvectors=eigen, partner=partner)
-    params_final, buffers_final = state(final)
-
     splits = {"train": data.train_tensors, "test": data.test_tensors}
     tensors = {name: tuple(t.to(device) for t in splits[name]()) for name in cfg.splits}
+    alignment, align_seconds, partner_finite = None, 0.0, parameters_finite(partner)
+    if cfg.align != "none" and partner_finite:
+        alignment, align_seconds = align_models(final, partner, cfg, data.probe_tensors()[0].to(device), run_name)
+        match = alignment.match
+        logger.info(
+            "%s: partner aligned by %s matching in %.2f s: %s; objective %.6g -> %.6g (%d pass(es))",
+            run_name,
+            cfg.align,
+            align_seconds,
+            alignment.spec.describe(),
+            match.objective[0],
+            match.objective[-1],
+            match.passes,
+        )
+    elif cfg.align != "none":
+        logger.warning("%s: the partner's weights are not finite; no alignment and no statistics variants", run_name)
+    save_torch(
+        Path(work_dir).parent / ALIGNED_PARTNER,
+        _alignment_payload(
+            run_name,
+            cfg,
+            alignment,
+            align_seconds,
+            status="aligned" if alignment else ("not aligned" if partner_finite else "partner diverged"),
+            partner_checkpoint=str(partner_payload.get("epoch")),
+        ),
+    )
+    scans = line_scans(
+        final, cfg, init=init, eigenvectors=eigen, partner=partner, aligned=alignment.model if alignment else None
+    )
+    params_final, buffers_final = state(final)
     engine_key = scan_fingerprint(
         final=final_payload["fingerprint"],
         data=fingerprint,
@@ -413,25 +541,51 @@ def interpolate_flow(
             )
     results = run_jobs(jobs, cfg, chunk=chunk, channels_last=channels_last, description=f"interpolate {run_name}")
 
+    has_buffers = any(b.is_floating_point() for b in buffers_final.values())
+    moved = "interpolated" if has_buffers else "none"
+    labels = {
+        "init_final": moved,
+        "random": "stored" if has_buffers else "none",
+        "eigen": "stored" if has_buffers else "none",
+    }
     rows, summary = [], {"splits": list(cfg.splits)}
+    paths: dict[str, tuple] = {}  # the partner paths: name -> (scan, {split: (loss, accuracy)}, statistics)
     for scan in scans:
         for split in cfg.splits:
             loss, accuracy = results[f"{scan.path}-{split}"]
-            rows += [
-                {
-                    "run": run_name,
-                    "path": scan.path,
-                    "direction": scan.direction_id,
-                    "alpha": float(a),
-                    "distance": float(d),
-                    "split": split,
-                    "loss": float(v),
-                    "accuracy": float(c),
-                }
-                for a, d, v, c in zip(scan.alpha, scan.distance, loss, accuracy)
-            ]
             summary.setdefault(scan.path, {})[split] = path_summary(scan, loss, accuracy)
         summary[scan.path]["length"] = scan.info.get("length")
+        per_split = {split: results[f"{scan.path}-{split}"] for split in cfg.splits}
+        if scan.path.startswith("partner"):
+            paths[scan.path] = (scan, per_split, moved)
+        rows += _line_rows(run_name, scan, scan.path, per_split, labels.get(scan.path, moved))
+    base = "partner_aligned" if alignment else "partner"
+    other = alignment.model if alignment else partner
+    stats_inputs = tensors["train"][0] if "train" in tensors else data.train_tensors()[0].to(device)
+    sites: list[str] = []
+    if "repair" in cfg.path_bn and partner_finite:
+        spec = alignment.spec if alignment else permutation_spec(final, data.input_shape, what=f"run {run_name}")
+        sites = list(spec.repair_sites)
+    timings = {}
+    for mode in cfg.path_bn if partner_finite else ():
+        if mode == "reset" and not has_batchnorm(final):
+            logger.info("%s: no BatchNorm running statistics, so reset is the %s path itself; left out", run_name, base)
+            continue
+        scan = paths[base][0]
+        variant, timings[mode] = statistics_variant(
+            final, other, scan.alpha, mode, stats_inputs, tensors, sites, cfg, _loss(final_payload), run_name
+        )
+        name = f"{base}_{mode}"
+        paths[name] = (scan, variant, STATISTICS_LABEL[mode])
+        rows += _line_rows(run_name, scan, name, variant, STATISTICS_LABEL[mode])
+        logger.info("%s: %s path in %.2f s (%d points)", run_name, name, timings[mode], len(scan.alpha))
+    connectivity = {
+        name: {
+            "statistics": label,
+            **{split: connectivity_summary(scan.alpha, *per_split[split]) for split in cfg.splits},
+        }
+        for name, (scan, per_split, label) in paths.items()
+    }
     table = pd.DataFrame(rows, columns=INTERPOLATION_1D.names)
     metadata = {
         "provenance": provenance(),
@@ -466,8 +620,35 @@ def interpolate_flow(
     metrics = {
         "barrier": summary["partner"][first]["barrier"],
         **{f"barrier_{s}": summary["partner"][s]["barrier"] for s in cfg.splits},
+        **{
+            f"barrier{name[len('partner') :]}": c[first]["loss_barrier"]
+            for name, c in connectivity.items()
+            if name != "partner"
+        },
+        **{
+            f"accuracy_barrier{name[len('partner') :]}": c[first]["accuracy_barrier"]
+            for name, c in connectivity.items()
+        },
         "init_final_monotonic": summary["init_final"][first]["monotonic"],
         "split": first,
+        "align": {
+            "method": cfg.align,
+            "status": "aligned" if alignment else ("not aligned" if partner_finite else "partner diverged"),
+            **(
+                {
+                    "permutations": len(alignment.spec.groups),
+                    "units": sum(alignment.spec.groups.values()),
+                    "passes": alignment.match.passes,
+                    "objective_start": alignment.match.objective[0],
+                    "objective_end": alignment.match.objective[-1],
+                    "seconds": align_seconds,
+                }
+                if alignment
+                else {}
+            ),
+        },
+        "statistics_seconds": timings,
+        "connectivity": connectivity,
         "paths": summary,
     }
     write_json(Path(tables_dir) / "interpolate_metrics.json", metrics)
@@ -475,26 +656,30 @@ def interpolate_flow(
         table,
         Path(figures_dir) / "interpolation_1d.png",
         run=run_name,
-        barriers={"partner": summary["partner"][first]["barrier"]},
+        barriers={name: c[first]["loss_barrier"] for name, c in connectivity.items()},
     )
     logger.info(
-        "%s: loss barrier to the second-seed model %.4f (%s loss); init -> final %s",
+        "%s: loss barrier to the second-seed model %s (%s loss; %s); init -> final %s",
         run_name,
-        metrics["barrier"],
+        _number(metrics["barrier"]),
         first,
+        ", ".join(
+            f"{name} {_number(c[first]['loss_barrier'])}" for name, c in connectivity.items() if name != "partner"
+        )
+        or "no other variant",
         "monotone"
         if metrics["init_final_monotonic"]
         else f"not monotone (rise {summary['init_final'][first]['max_rise']:.4g})",
     )
     table_artifact(
         [
-            {"run": run_name, "path": s.path, "split": split, **v}
-            for s in scans
-            for split, v in summary[s.path].items()
+            {"run": run_name, "path": name, "split": split, **v}
+            for name, c in connectivity.items()
+            for split, v in c.items()
             if isinstance(v, dict)
         ],
         key=f"interpolate-{run_name}".lower().replace("_", "-"),
-        description=f"1-D scans of run {run_name}: endpoint losses and barriers",
+        description=f"1-D paths of run {run_name} to its second-seed model: barriers of each variant",
     )
     return metrics
 

@@ -10,13 +10,17 @@ from prefect import flow, get_run_logger
 from pipeline.config import Params
 from pipeline.errors import DataError
 from pipeline.io import plot_placeholder
-from pipeline.landscape.figures import plot_interpolations_side_by_side, plot_surfaces_side_by_side
+from pipeline.landscape.figures import (
+    plot_connectivity_side_by_side,
+    plot_interpolations_side_by_side,
+    plot_surfaces_side_by_side,
+)
 
 
 @flow(name="landscape-figures", flow_run_name="landscape-figures")
 def landscape_figures_flow(params: Params, tables_dir: Path, out_dir: Path) -> dict:
-    """The runs side by side: surfaces on one colour scale, 1-D curves along the random direction and the
-    mode-connectivity path."""
+    """The runs side by side: surfaces on one colour scale, 1-D curves along the random direction, and the
+    mode-connectivity paths (naive, aligned, with statistics reset or repaired) one column per run."""
     logger = get_run_logger()
     surfaces, lines = {}, []
     for run in params.runs:
@@ -44,7 +48,7 @@ def landscape_figures_flow(params: Params, tables_dir: Path, out_dir: Path) -> d
         return {k: str(v) for k, v in figures.items()}
     written = {"surfaces": str(plot_surfaces_side_by_side(surfaces, figures["surfaces"]))}
     table = pd.concat(lines, ignore_index=True)
-    for kind in ("random", "partner"):
-        written[kind] = str(plot_interpolations_side_by_side(table, figures[kind], path_kind=kind))
+    written["random"] = str(plot_interpolations_side_by_side(table, figures["random"], path_kind="random"))
+    written["partner"] = str(plot_connectivity_side_by_side(table, figures["partner"]))
     logger.info("figures: %s", ", ".join(written.values()))
     return written

@@ -27,6 +27,7 @@ from pipeline.report.render import render_html, render_markdown, summary_markdow
 from pipeline.report.summary import (
     Report,
     comparison_rows,
+    connectivity_rows,
     fill_from_config,
     library_versions,
     load_runs,
@@ -51,9 +52,12 @@ LANDSCAPE_FIGURES = (
     ),
     (
         "interpolations_partner.png",
-        "1-D: to the second-seed model",
-        "Linear path from each run (t = 0) to the same architecture trained from another seed (t = 1); the barrier is "
-        "the largest rise above the straight line between the ends.",
+        "Mode connectivity: paths to the second-seed model",
+        "Linear paths from each run (t = 0) to the same architecture trained from another seed (t = 1): naive; "
+        "with the second model's units permuted to the first's (landscape.align: weight or activation matching); "
+        "and, on the aligned path, with BatchNorm statistics recomputed at every point (reset) or every channel's "
+        "mean and standard deviation set to the endpoints' interpolation (REPAIR, Jordan et al. 2023). Loss above "
+        "(train solid, test dashed), test accuracy below.",
     ),
 )
 
@@ -159,6 +163,7 @@ def report_flow(
         exports=exports,
         seeds=seed_rows(metrics, names),
         comparisons=comparison_rows(metrics),
+        connectivity=connectivity_rows(metrics, names),
     )
     index, readme = write_documents(report, Path(out_dir))
 

@@ -2,10 +2,11 @@
 
 Inputs are the tidy landscape tables:
 
-- ``INTERPOLATION_1D``: run, path (init_final | random | eigen | partner), direction, alpha, distance, split
-  (train | test), loss, accuracy. For ``init_final`` and ``partner`` paths ``alpha`` is the interpolation
-  coefficient t (init at t=0 and the trained model at t=1; this run's trained model at t=0 and its partner at
-  t=1); for ``random`` and ``eigen`` it is the step along the direction, with the trained model at alpha=0.
+- ``INTERPOLATION_1D``: run, path (init_final | random | eigen | partner and its variants partner_aligned,
+  partner_aligned_reset, partner_aligned_repair, ...), direction, alpha, distance, split (train | test), loss,
+  accuracy. For ``init_final`` and the partner paths ``alpha`` is the interpolation coefficient t (init at t=0 and
+  the trained model at t=1; this run's trained model at t=0 and its partner at t=1); for ``random`` and ``eigen``
+  it is the step along the direction, with the trained model at alpha=0. The partner paths share one panel.
 - ``SURFACE_2D``: run, plane (random | pca | eigen), direction_x, direction_y, alpha, beta, split, loss, accuracy,
   on a full grid with the trained model at (0, 0).
 
@@ -42,6 +43,7 @@ __all__ = [
     "plot_surface",
     "plot_surfaces_side_by_side",
     "plot_interpolations_side_by_side",
+    "plot_connectivity_side_by_side",
 ]
 
 INTERPOLATION_COLUMNS = ("run", "path", "direction", "alpha", "distance", "split", "loss", "accuracy")
@@ -57,6 +59,27 @@ PATH_TITLES = {
 # Coordinate of the trained model on each path kind (t for the two-model paths, alpha for the directions).
 TRAINED_AT = {"init_final": 1.0, "random": 0.0, "eigen": 0.0, "partner": 0.0}
 T_PATHS = ("init_final", "partner")
+# The variants of the path to the partner (one panel, one colour each): plain, permuted to this run's units, and
+# with the normalisation statistics recomputed (reset) or the channel statistics repaired (REPAIR).
+PARTNER_VARIANTS = {
+    "partner": ("naive", "0.45"),
+    "partner_aligned": ("aligned", "C0"),
+    "partner_reset": ("reset", "C2"),
+    "partner_aligned_reset": ("aligned + reset", "C2"),
+    "partner_repair": ("REPAIR", "C3"),
+    "partner_aligned_repair": ("aligned + REPAIR", "C3"),
+}
+
+
+def _panel(path: str) -> str:
+    """The panel a path is drawn in: every partner variant in the ``partner`` panel."""
+    return "partner" if path.startswith("partner") else path
+
+
+def _variants(paths) -> list[str]:
+    present = list(dict.fromkeys(map(str, paths)))
+    return [p for p in PARTNER_VARIANTS if p in present] + sorted(p for p in present if p not in PARTNER_VARIANTS)
+
 
 # Axis labels of a plane: (x direction, y direction). Eigen and PCA planes span the top two eigenvectors/components.
 PLANE_LABELS = {
@@ -355,7 +378,7 @@ def plot_surfaces_side_by_side(tables: Mapping[str, pd.DataFrame], path: str | P
 
 
 def _path_kinds(rows: pd.DataFrame) -> list[str]:
-    present = [str(p) for p in rows["path"].unique()]
+    present = list(dict.fromkeys(_panel(str(p)) for p in rows["path"].unique()))
     return [p for p in PATH_ORDER if p in present] + sorted(p for p in present if p not in PATH_ORDER)
 
 
@@ -403,20 +426,25 @@ def plot_interpolation(
     diverged = False
     for ax, kind in zip(axes[0], kinds):
         acc_ax = ax.twinx()
-        part = rows[rows["path"] == kind]
+        part = rows[rows["path"].map(_panel) == kind]
+        variants = _variants(part["path"]) if kind == "partner" else [kind]
+        lines = [(v, d) for v in variants for d in dict.fromkeys(part[part["path"] == v]["direction"])]
         directions = list(dict.fromkeys(part["direction"]))
-        loss_colors, acc_colors = _shades("Blues", len(directions)), _shades("Oranges", len(directions))
+        loss_colors, acc_colors = _shades("Blues", len(lines)), _shades("Oranges", len(lines))
         positive = False
-        for i, direction in enumerate(directions):
+        for i, (variant, direction) in enumerate(lines):
+            colors = (PARTNER_VARIANTS[variant][1],) * 2 if len(variants) > 1 and variant in PARTNER_VARIANTS else None
             for split, style in (("train", "-"), ("test", "--")):
-                line = part[(part["direction"] == direction) & (part["split"] == split)].sort_values("alpha")
+                line = part[(part["path"] == variant) & (part["direction"] == direction) & (part["split"] == split)]
+                line = line.sort_values("alpha")
                 if line.empty:
                     continue
                 x = line["alpha"].to_numpy(dtype=float)
                 loss = _finite_positive(line["loss"].to_numpy())
                 positive |= bool(np.isfinite(loss).any())
-                ax.plot(x, loss, style, color=loss_colors[i], lw=1.6, zorder=3)
-                acc_ax.plot(x, line["accuracy"].to_numpy(dtype=float), style, color=acc_colors[i], lw=1.0, alpha=0.8)
+                ax.plot(x, loss, style, color=colors[0] if colors else loss_colors[i], lw=1.6, zorder=3)
+                accuracy = line["accuracy"].to_numpy(dtype=float)
+                acc_ax.plot(x, accuracy, style, color=colors[1] if colors else acc_colors[i], lw=1.0, alpha=0.45)
                 diverged |= _mark_diverged(ax, x, line["loss"].to_numpy())
         if positive:
             ax.set_yscale("log")
@@ -428,10 +456,13 @@ def plot_interpolation(
         if kind == "partner":
             ax.axvline(1.0, color="0.4", ls=":", lw=1.0)
         title = PATH_TITLES.get(kind, kind)
-        value = barriers.get(kind)
-        if value is not None:
-            title += f"\nbarrier = {float(value):.3f}"
-        if len(directions) > 1:
+        shown = [(v, barriers[v]) for v in variants if barriers.get(v) is not None]
+        if len(shown) == 1:
+            title += f"\nbarrier = {float(shown[0][1]):.3f}"
+        elif shown:
+            names = [PARTNER_VARIANTS.get(v, (v,))[0].replace("aligned + ", "+") for v, _ in shown]
+            title += "\nbarriers: " + " · ".join(f"{n} {float(b):.3g}" for n, (_, b) in zip(names, shown))
+        if len(directions) > 1 and len(variants) == 1:
             title += f"  ({len(directions)} directions)"
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(_xlabel(kind))
@@ -450,9 +481,12 @@ def plot_interpolation(
     ]
     if "partner" in kinds:
         handles.append(Line2D([], [], color="0.4", ls=":", label="second seed"))
+        variants = _variants(rows[rows["path"].map(_panel) == "partner"]["path"])
+        if len(variants) > 1:
+            handles += [Line2D([], [], color=PARTNER_VARIANTS[v][1], label=PARTNER_VARIANTS[v][0]) for v in variants]
     if diverged:
         handles.append(Line2D([], [], color="C3", marker="x", ls="none", label="non-finite loss"))
-    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 8), fontsize=8, frameon=False)
     fig.suptitle(f"{run}: loss and accuracy along 1-D paths")
     return save_figure(fig, path)
 
@@ -496,4 +530,54 @@ def plot_interpolations_side_by_side(table: pd.DataFrame, path: str | Path, *, p
     ax.set_title(f"train loss along {PATH_TITLES.get(path_kind, path_kind)}", fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def plot_connectivity_side_by_side(table: pd.DataFrame, path: str | Path) -> Path:
+    """Every run's paths to its second-seed model, one column per run: the loss (log scale; train solid, test
+    dashed) and the test accuracy of each variant (naive, aligned, aligned + reset, aligned + REPAIR) on one axis."""
+    _check_table(table, INTERPOLATION_COLUMNS)
+    rows = table[table["path"].map(lambda p: str(p).startswith("partner"))]
+    if rows.empty:
+        raise ValueError(f"table: no partner path (paths: {sorted(map(str, table['path'].unique()))})")
+    runs = list(dict.fromkeys(rows["run"]))
+    fig, axes = plt.subplots(2, len(runs), figsize=(4.4 * len(runs) + 0.6, 6.4), squeeze=False, layout="constrained")
+    diverged = False
+    for column, run in enumerate(runs):
+        part = rows[rows["run"] == run]
+        loss_ax, acc_ax = axes[0][column], axes[1][column]
+        positive = False
+        for variant in _variants(part["path"]):
+            label, color = PARTNER_VARIANTS.get(variant, (variant, "C7"))
+            for split, style in (("train", "-"), ("test", "--")):
+                line = part[(part["path"] == variant) & (part["split"] == split)].sort_values("alpha")
+                if line.empty:
+                    continue
+                x = line["alpha"].to_numpy(dtype=float)
+                loss = _finite_positive(line["loss"].to_numpy())
+                positive |= bool(np.isfinite(loss).any())
+                loss_ax.plot(x, loss, style, color=color, lw=1.6)
+                diverged |= _mark_diverged(loss_ax, x, line["loss"].to_numpy())
+                if split == "test" or set(part["split"]) == {"train"}:
+                    acc_ax.plot(x, 100 * line["accuracy"].to_numpy(dtype=float), "-", color=color, lw=1.6, label=label)
+        if positive:
+            loss_ax.set_yscale("log")
+        loss_ax.set_title(run, fontsize=10)
+        loss_ax.set_ylabel("loss (log scale)" if column == 0 else "")
+        acc_ax.set_ylabel("test accuracy (%)" if column == 0 else "")
+        acc_ax.set_ylim(-2, 102)
+        acc_ax.set_xlabel(_xlabel("partner"))
+        for ax in (loss_ax, acc_ax):
+            ax.grid(True, which="major", alpha=0.3)
+            ax.xaxis.set_major_locator(MaxNLocator(6))
+    handles = [
+        Line2D([], [], color=color, label=label)
+        for v, (label, color) in PARTNER_VARIANTS.items()
+        if v in set(rows["path"])
+    ]
+    handles += [Line2D([], [], color="k", ls="-", label="train"), Line2D([], [], color="k", ls="--", label="test")]
+    if diverged:
+        handles.append(Line2D([], [], color="C3", marker="x", ls="none", label="non-finite loss"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.suptitle("Linear paths to the second-seed model: naive, permutation-aligned, and with statistics fixed")
     return save_figure(fig, path)

@@ -76,7 +76,7 @@ def path_summary(scan: LineScan, loss: Tensor, accuracy: Tensor) -> dict:
         "start_loss": float(loss[0]),
         "end_loss": float(loss[-1]),
     }
-    if scan.path == "partner":
+    if scan.path.startswith("partner"):
         out["barrier"] = finite(barrier(loss))
         out["min_accuracy"] = float(accuracy.min())
     if scan.path == "init_final":  # Goodfellow et al. 2015: is the loss monotone from init to the trained model?

@@ -37,14 +37,14 @@ from pipeline.landscape.directions import (
 )
 from pipeline.landscape.tiles import grid_coords
 
-LINE_PATHS = ("init_final", "random", "eigen", "partner")
+LINE_PATHS = ("init_final", "random", "eigen", "partner", "partner_aligned")
 
 
 @dataclass
 class LineScan:
     """One 1-D scan: ``theta_final + coefficient * direction`` (buffers moved by ``buffer_direction`` when given)."""
 
-    path: str  # init_final | random | eigen | partner
+    path: str  # init_final | random | eigen | partner | partner_aligned
     direction: Direction
     buffer_direction: dict[str, Tensor] | None
     coefficient: Tensor  # (P,) float64: the multiplier of `direction`
@@ -118,6 +118,7 @@ def line_scans(
     init: nn.Module | None = None,
     eigenvectors: Mapping | None = None,
     partner: nn.Module | None = None,
+    aligned: nn.Module | None = None,
 ) -> list[LineScan]:
     """The 1-D scans of the ``interpolate`` stage, in the order of :data:`LINE_PATHS` (those whose inputs are given).
 
@@ -127,6 +128,7 @@ def line_scans(
         init: the model at initialisation (``init_final`` path), or None.
         eigenvectors: the payload of ``artifacts/hessian/<run>/eigenvectors.pt`` (``eigen`` line), or None.
         partner: the same run trained from another seed (``partner`` path), or None.
+        aligned: the partner with its units permuted to this run's order (``partner_aligned`` path), or None.
     """
     params, buffers = state(final)
     scans = []
@@ -163,6 +165,10 @@ def line_scans(
         )
     if partner is not None:
         scans.append(path_scan("partner", (params, buffers), state(partner), cfg.path_points, other_is_start=False))
+    if aligned is not None:
+        scans.append(
+            path_scan("partner_aligned", (params, buffers), state(aligned), cfg.path_points, other_is_start=False)
+        )
     return scans
 
 

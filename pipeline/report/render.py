@@ -15,7 +15,14 @@ matplotlib.use("Agg")  # no display: figures are files
 
 
 from pipeline.io import atomic_path  # noqa: E402
-from pipeline.report.summary import SEED_COLUMNS, SUMMARY_COLUMNS, Report, format_value
+from pipeline.report.summary import (
+    CONNECTIVITY_CAPTION,
+    CONNECTIVITY_COLUMNS,
+    SEED_COLUMNS,
+    SUMMARY_COLUMNS,
+    Report,
+    format_value,
+)
 
 
 def seeds_markdown(seeds: Sequence[Mapping[str, Any]], comparisons: Sequence[Mapping[str, Any]]) -> str:
@@ -72,6 +79,32 @@ def seeds_html(seeds: Sequence[Mapping[str, Any]], comparisons: Sequence[Mapping
     return "".join(out)
 
 
+def connectivity_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The "Mode connectivity" table in markdown (empty without connectivity metrics)."""
+    if not rows:
+        return ""
+    lines = [
+        "| run | path | " + " | ".join(h for _, h in CONNECTIVITY_COLUMNS) + " |",
+        "|---|---|" + "---:|" * len(CONNECTIVITY_COLUMNS),
+    ]
+    lines += [
+        "| " + " | ".join([r["run"], r["variant"], *(r[k] for k, _ in CONNECTIVITY_COLUMNS)]) + " |" for r in rows
+    ]
+    return "\n".join(lines)
+
+
+def connectivity_html(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The "Mode connectivity" section in HTML (empty without connectivity metrics)."""
+    if not rows:
+        return ""
+    table = _html_table(
+        "connectivity",
+        ["run", "path", *(h for _, h in CONNECTIVITY_COLUMNS)],
+        [[r["run"], r["variant"], *(r[k] for k, _ in CONNECTIVITY_COLUMNS)] for r in rows],
+    )
+    return f"<h2>Mode connectivity</h2>{table}<p class='meta'>{html.escape(CONNECTIVITY_CAPTION)}</p>"
+
+
 def summary_markdown(summary: Sequence[Mapping[str, Any]]) -> str:
     """The summary table in GitHub markdown (also the Prefect markdown artifact)."""
     header = "| " + " | ".join(h for _, h, _ in SUMMARY_COLUMNS) + " |"
@@ -101,6 +134,8 @@ def render_markdown(report: Report, base: Path) -> str:
     ]
     if report.seeds:
         lines += ["## Across seeds", "", seeds_markdown(report.seeds, report.comparisons), "", SEEDS_CAPTION, ""]
+    if report.connectivity:
+        lines += ["## Mode connectivity", "", connectivity_markdown(report.connectivity), "", CONNECTIVITY_CAPTION, ""]
     for title, path, caption in report.figures:
         rel = (
             Path(path).resolve().relative_to(base.resolve())
@@ -208,6 +243,7 @@ def render_html(report: Report) -> str:
 <div class="wide"><table id="summary"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>
 <dl class="legend">{legend}</dl>
 {seeds_html(report.seeds, report.comparisons)}
+{connectivity_html(report.connectivity)}
 {figures}
 <h2>Provenance</h2>
 <table id="provenance"><thead><tr><th>run</th><th>table</th><th>git revision</th><th>code</th><th>data</th><th>torch</th>

@@ -213,6 +213,7 @@ class Report:
     exports: list[Path] = field(default_factory=list)
     seeds: list[dict[str, Any]] = field(default_factory=list)  # seed_rows
     comparisons: list[dict[str, Any]] = field(default_factory=list)  # comparison_rows
+    connectivity: list[dict[str, Any]] = field(default_factory=list)  # connectivity_rows
 
 
 # (measure of the `seeds` stage, header)
@@ -262,3 +263,59 @@ def comparison_rows(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
         for pair, measures in (metrics.get("comparisons") or {}).items()
         for measure, v in measures.items()
     ]
+
+
+# Variant of the path to the second-seed model -> its name in the report.
+CONNECTIVITY_VARIANTS = {
+    "partner": "naive",
+    "partner_aligned": "aligned",
+    "partner_reset": "reset",
+    "partner_aligned_reset": "aligned + reset",
+    "partner_repair": "REPAIR",
+    "partner_aligned_repair": "aligned + REPAIR",
+}
+# (key, header): the columns of the mode-connectivity table after run and variant.
+CONNECTIVITY_COLUMNS = (
+    ("train_loss_barrier", "loss barrier (train)"),
+    ("test_loss_barrier", "loss barrier (test)"),
+    ("test_accuracy_barrier", "acc. barrier (test, pp)"),
+    ("test_midpoint_accuracy", "midpoint acc. (test)"),
+    ("test_end_accuracies", "endpoint acc. (test)"),
+)
+CONNECTIVITY_CAPTION = (
+    "The straight path from each run to its second-seed model (partner@<run>): naive; with the partner's hidden units "
+    "permuted to the run's (landscape.align); and on that path with BatchNorm statistics recomputed at every point "
+    "(reset) or each hidden channel's mean and standard deviation set to the interpolation of the endpoints' "
+    "(REPAIR). Loss barrier: max over the path of the loss minus the mean of the endpoints' (nats). Accuracy "
+    "barrier: the mean of the endpoints' accuracies minus the lowest on the path, in percentage points. With reset "
+    "the endpoints are the two models with recomputed statistics."
+)
+
+
+def connectivity_rows(metrics: Mapping[str, Any], runs: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per (run, variant of the path to the partner) with the :data:`CONNECTIVITY_COLUMNS` as text."""
+    rows = []
+    for run in runs:
+        paths = ((metrics.get(run) or {}).get("interpolate") or {}).get("connectivity") or {}
+        for name, entry in paths.items():
+            train, test = entry.get("train") or {}, entry.get("test") or {}
+
+            def pct(value):
+                return "—" if value is None else f"{100 * value:.1f} %"
+
+            rows.append(
+                {
+                    "run": run,
+                    "variant": CONNECTIVITY_VARIANTS.get(name, name),
+                    "train_loss_barrier": format_value(finite(train.get("loss_barrier"))),
+                    "test_loss_barrier": format_value(finite(test.get("loss_barrier"))),
+                    "test_accuracy_barrier": format_value(finite(test.get("accuracy_barrier"))),
+                    "test_midpoint_accuracy": pct(finite(test.get("midpoint_accuracy"))),
+                    "test_end_accuracies": (
+                        f"{pct(finite(test.get('start_accuracy')))} / {pct(finite(test.get('end_accuracy')))}"
+                        if test
+                        else "—"
+                    ),
+                }
+            )
+    return rows

@@ -58,18 +58,18 @@ ARCHITECTURES = {
 }
 
 
-def make(arch: str, seed: int = 0, *, statistics: bool = True) -> nn.Module:
+def make(arch: str, seed: int = 0) -> nn.Module:
     name, overrides = ARCHITECTURES[arch]
     torch.manual_seed(seed)
     model = build_model(name, dataclasses.replace(ModelConfig(), **overrides), SHAPE, 10).eval()
-    if statistics:  # running statistics away from (0, 1), so that a permutation that misses them shows
-        generator = torch.Generator().manual_seed(seed + 100)
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.normal_(generator=generator)
-                module.running_var.uniform_(0.5, 2.0, generator=generator)
-                module.weight.data.uniform_(0.5, 1.5, generator=generator)
-                module.bias.data.normal_(generator=generator)
+    # BatchNorm statistics and affine maps away from (0, 1) and (1, 0), so that a permutation that misses them shows
+    generator = torch.Generator().manual_seed(seed + 100)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_(generator=generator)
+            module.running_var.uniform_(0.5, 2.0, generator=generator)
+            module.weight.data.uniform_(0.5, 1.5, generator=generator)
+            module.bias.data.normal_(generator=generator)
     return model
 
 

@@ -583,17 +583,23 @@ def test_a_scan_resumes_from_its_tiles_and_runs_the_same_on_dask(built, repo, en
     assert (on_dask.accuracy == reference.accuracy).all()
 
 
-def test_a_diverged_run_is_recorded_by_the_scans_not_a_failure(built, repo, env, tmp_path):
-    checkpoints = tmp_path / "checkpoints"
-    shutil.copytree(repo / "artifacts/checkpoints/mlp", checkpoints)
-    last = sorted(checkpoints.glob("epoch_*.pt"))[-1]
+def _diverged_copy(source: Path, folder: Path) -> Path:
+    """A copy of the checkpoints in ``source`` whose newest one has diverged: NaN weights, status ``diverged``, and a
+    manifest that vouches for the file's bytes, as the trainer records a diverged run."""
+    shutil.copytree(source, folder)
+    last = sorted(folder.glob("epoch_*.pt"))[-1]
     payload = torch.load(last, weights_only=True)
     payload["model"] = {
         k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in payload["model"].items()
     }
     payload["status"] = "diverged"
     torch.save(payload, last)
-    write_manifest(checkpoints)  # as the trainer records a diverged run: the manifest vouches for the file's bytes
+    write_manifest(folder)
+    return folder
+
+
+def test_a_diverged_run_is_recorded_by_the_scans_not_a_failure(built, repo, env, tmp_path):
+    checkpoints = _diverged_copy(repo / "artifacts/checkpoints/mlp", tmp_path / "checkpoints")
     out = {"--tables": tmp_path / "t", "--figures": tmp_path / "f", "--work": tmp_path / "w" / "tiles"}
     result = _stage(
         repo,
@@ -614,16 +620,7 @@ def test_a_diverged_run_is_recorded_by_the_scans_not_a_failure(built, repo, env,
 
 
 def test_a_diverged_partner_leaves_the_path_unaligned_and_is_recorded(built, repo, env, tmp_path):
-    partner = tmp_path / "partner"
-    shutil.copytree(repo / "artifacts/partners/mlp", partner)
-    last = sorted(partner.glob("epoch_*.pt"))[-1]
-    payload = torch.load(last, weights_only=True)
-    payload["model"] = {
-        k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in payload["model"].items()
-    }
-    payload["status"] = "diverged"
-    torch.save(payload, last)
-    write_manifest(partner)
+    partner = _diverged_copy(repo / "artifacts/partners/mlp", tmp_path / "partner")
     out = {"--tables": tmp_path / "t", "--figures": tmp_path / "f", "--work": tmp_path / "w" / "tiles"}
     result = _stage(
         repo,

@@ -43,6 +43,7 @@ from pipeline.landscape.permutation import (
     permute,
     weight_matching,
 )
+from pipeline.landscape.plan import state
 
 # What the rows of a path say about the normalisation statistics at each point.
 STATISTICS_LABEL = {"interpolate": "interpolated", "reset": "recomputed", "repair": "repaired"}
@@ -54,8 +55,9 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 
 def model_state(model: nn.Module) -> dict[str, Tensor]:
-    """Parameters and buffers by name, detached."""
-    return {n: t.detach() for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    """Parameters and buffers by name, detached, in one dict (:func:`~pipeline.landscape.plan.state` merged)."""
+    params, buffers = state(model)
+    return {**params, **buffers}
 
 
 # --------------------------------------------------------------------------------------------------------------

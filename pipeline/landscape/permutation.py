@@ -187,7 +187,7 @@ class PermutationSpec:
         ]
 
     def describe(self) -> str:
-        sizes = [n for n in self.groups.values()]
+        sizes = list(self.groups.values())
         return (
             f"{len(sizes)} permutation(s) of {sum(sizes)} units (sizes {min(sizes, default=0)}-{max(sizes, default=0)})"
             f" over {len(self.axes)} tensor(s)"

@@ -21,9 +21,10 @@ the ratios:
 
 from __future__ import annotations
 
-from common import REPO, interleaved, load_data, markdown_table  # first: pins the kernels before torch is imported
+from common import REPO, final_checkpoint, interleaved, load_data, markdown_table  # first: pins the kernels
 
 import argparse
+import copy
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ import torch
 from pipeline.config import LandscapeConfig, ModelConfig
 from pipeline.landscape.connectivity import site_statistics, statistics_path
 from pipeline.landscape.permutation import permutation_spec, weight_matching
-from pipeline.training.checkpoints import list_checkpoints, load_checkpoint
+from pipeline.training.checkpoints import load_checkpoint
 from pipeline.training.models import build_model
 
 
@@ -39,18 +40,17 @@ def networks(width: float, data, artifacts: Path) -> tuple[torch.nn.Module, torc
     """The width preset's trained run and partner when present, else two seeded fresh ResNet-20s."""
     cfg = ModelConfig(resnet_width=width)
     run = f"resnet20_x{width:g}"
-    folders = [artifacts / "checkpoints" / run, artifacts / "partners" / run]
+    finals = [final_checkpoint(artifacts / "checkpoints" / run), final_checkpoint(artifacts / "partners" / run)]
+    trained = all(final is not None for final in finals)
     models = []
-    for seed, folder in enumerate(folders):
+    for seed, final in enumerate(finals):
         torch.manual_seed(seed)
         model = build_model("resnet20", cfg, data.input_shape, data.num_classes)
-        entries = list_checkpoints(folder) if folder.is_dir() else []
-        if entries:
-            model.load_state_dict(load_checkpoint(folder / entries[-1]["file"])["model"])
-        models.append((model, bool(entries)))
-    trained = all(found for _, found in models)
+        if trained:
+            model.load_state_dict(load_checkpoint(final)["model"])
+        models.append(model)
     origin = f"trained ({run}, final checkpoints)" if trained else "fresh (seeds 0 and 1)"
-    return models[0][0], models[1][0], origin
+    return models[0], models[1], origin
 
 
 def main(argv=None) -> None:
@@ -74,8 +74,7 @@ def main(argv=None) -> None:
         sites = list(spec.repair_sites)
         passes = weight_matching(spec, a, b).passes
 
-        learner = build_model("resnet20", ModelConfig(resnet_width=width), data.input_shape, data.num_classes)
-        learner.load_state_dict(model.state_dict())
+        learner = copy.deepcopy(model)
         opt = torch.optim.SGD(learner.parameters(), lr=0.01, momentum=0.9)
         order = torch.Generator().manual_seed(0)
 

@@ -37,15 +37,19 @@ def load_data():
     return load_prepared(folder) if (folder / "data.pt").is_file() else prepare_dataset(DataConfig())
 
 
+def final_checkpoint(folder: Path) -> Path | None:
+    """The newest readable checkpoint in ``folder``, or None when there is none."""
+    entries = list_checkpoints(folder) if folder.is_dir() else []
+    return folder / entries[-1]["file"] if entries else None
+
+
 def load_model(run: str, model_name: str, data) -> tuple[torch.nn.Module, str]:
     """The final checkpoint of ``run`` when the pipeline has trained it, else a seeded fresh network."""
-    folder = REPO / "artifacts" / "checkpoints" / run
-    entries = list_checkpoints(folder) if folder.is_dir() else []
+    final = final_checkpoint(REPO / "artifacts" / "checkpoints" / run)
     model = build_model(model_name, ModelConfig(), data.input_shape, data.num_classes)
-    if entries:
-        payload = load_checkpoint(folder / entries[-1]["file"])
-        model.load_state_dict(payload["model"])
-        origin = f"{run}/{entries[-1]['file']}"
+    if final is not None:
+        model.load_state_dict(load_checkpoint(final)["model"])
+        origin = f"{run}/{final.name}"
     else:
         torch.manual_seed(0)
         model = build_model(model_name, ModelConfig(), data.input_shape, data.num_classes)

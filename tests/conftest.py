@@ -20,6 +20,9 @@ from pipeline.data import prepare_dataset
 REPO = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# A stage run from a test's own folder does not see the repo's prefect.toml; give its ephemeral server the project's
+# start-up allowance (prefect.toml: 60 s) instead of Prefect's 20 s, which a loaded 2-core machine can exceed.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
 
 
 def make_params(runs=None, data=None, train=None, model=None):

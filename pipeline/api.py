@@ -11,6 +11,8 @@ numbers (``tests/test_api.py`` compares them)::
     density = api.spectral_density(model, x, y)                 # SLQ: density.grid, density.density
     surface = api.loss_surface(model, x, y, surface_points=21)  # random filter-normalised plane: surface.loss
     path = api.interpolate(model_a, model_b, x, y)              # straight line: path.loss, path.barrier
+    sharp = api.adaptive_sharpness(model, x, y, norm="inf")     # Auto-PGD, m-sharpness: sharp.value
+    rescaled = api.rescale(model, 10.0)                         # Dinh et al.: the same function, other weights
 
 Keyword settings are the keys of the ``hessian`` section (curvature functions) or the ``landscape`` section
 (scans), validated the same way (``hessian.top_k: must be >= 1, got 0``). The model is evaluated as it is
@@ -28,7 +30,10 @@ from torch import Tensor, nn
 from pipeline.config import HessianConfig, LandscapeConfig, build_section
 from pipeline.curvature.analysis import eigen_solve
 from pipeline.curvature.density import slq, smooth_density
+from pipeline.curvature.flatness import AdaptiveSharpness
+from pipeline.curvature.flatness import adaptive_sharpness as _adaptive_sharpness
 from pipeline.curvature.operators import OPERATORS, CurvatureOperator, ProbeSet
+from pipeline.curvature.reparam import dinh_rescale
 from pipeline.curvature.trace import hutchinson, hutchpp
 from pipeline.landscape.engine import evaluation_view
 from pipeline.landscape.measures import barrier
@@ -46,6 +51,8 @@ __all__ = [
     "spectral_density",
     "loss_surface",
     "interpolate",
+    "adaptive_sharpness",
+    "rescale",
 ]
 
 
@@ -169,6 +176,43 @@ def spectral_density(
     found = slq(op.matvec, op.dim, runs=cfg.density_runs, steps=cfg.density_steps, seed=cfg.seed + 17, device=op.device)
     grid, values = smooth_density(found, points=cfg.density_points, relative_sigma=cfg.density_sigma)
     return Density([float(g) for g in grid], [float(v) for v in values], found.nodes, found.weights, op.products)
+
+
+def adaptive_sharpness(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    kind: str = "worst",
+    norm: str = "2",
+    loss: str = "cross_entropy",
+    **hessian,
+) -> AdaptiveSharpness:
+    """Adaptive sharpness (Kwon et al. 2021; Andriushchenko et al. 2023) as the ``hessian`` stage measures it: the
+    ``kind`` ``worst`` (Auto-PGD, ``flatness_steps`` steps, m-sharpness over batches of ``adaptive_m``) or
+    ``average`` (``adaptive_draws`` draws), ``norm`` ``"2"`` or ``"inf"``, ρ = ``adaptive_l2`` / ``adaptive_linf``
+    (worst) or ``adaptive_average``; invariant under function-preserving rescalings (:func:`rescale`)."""
+    cfg = build_section(HessianConfig, hessian, "hessian")
+    rho = cfg.adaptive_average if kind == "average" else cfg.adaptive_l2 if norm == "2" else cfg.adaptive_linf
+    return _adaptive_sharpness(
+        evaluation_view(model),
+        ProbeSet.from_tensors(inputs, targets, cfg.batch_size),
+        rho=rho,
+        norm=norm,
+        kind=kind,
+        m=cfg.adaptive_m,
+        steps=cfg.flatness_steps,
+        draws=cfg.adaptive_draws,
+        seed=cfg.seed + 29,
+        loss=loss,
+    )
+
+
+def rescale(model: nn.Module, alpha: float, *, kind: str = "relu") -> nn.Module:
+    """A copy of ``model`` with the same function and rescaled weights (Dinh et al. 2017): ``relu``, the first
+    Linear → ReLU → Linear pair times α and 1/α; ``norm``, every layer before a BatchNorm times α (its running
+    statistics and ε follow). λmax, the trace and ε-sharpness in a ball move with α; adaptive sharpness does not."""
+    return dinh_rescale(model, alpha, kind=kind)
 
 
 def loss_surface(

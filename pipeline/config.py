@@ -32,7 +32,7 @@ SCHEDULES = ("constant", "step", "cosine")
 ACTIVATIONS = ("relu", "tanh", "gelu", "elu")
 EIGEN_METHODS = ("lanczos", "power", "arpack")
 TRACE_METHODS = ("hutchinson", "hutchpp")
-FLATNESS_MEASURES = ("epsilon", "pac_bayes")
+FLATNESS_MEASURES = ("epsilon", "pac_bayes", "adaptive")
 CURVATURE_OPERATORS = ("hessian", "ggn")
 GROUP_LEVELS = ("none", "block", "module")
 HVP_METHODS = ("reverse_over_reverse", "forward_over_reverse", "double_backward")
@@ -321,6 +321,13 @@ class TrainConfig:
     track_sharpness_unit: str = spec("epochs", choices=TRACK_UNITS, doc="unit of track_sharpness_every")
     track_tol: float = spec(1e-3, gt=0.0, lt=1.0, unit="Ritz residual / lambda_max", doc="tracked lambda_max (Lanczos)")
     track_max_hvps: int = spec(200, ge=10, le=MAX_HVPS, unit="Hessian-vector products per tracked lambda_max")
+    track_batches: int = spec(
+        8,
+        ge=0,
+        le=10_000,
+        unit="mini-batches",
+        doc="fixed mini-batches of the run's own batch size for the tracked batch sharpness; 0 = off",
+    )
     seed: int = spec(0, ge=0, le=MAX_SEED, doc="initialisation and batch order")
     device: str = spec("auto", pattern=_DEVICE_PATTERN, doc="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
 
@@ -392,13 +399,27 @@ class HessianConfig:
     )
     group_top_k: int = spec(1, ge=1, le=MAX_EIGENPAIRS, unit="eigenvalues per group")
     noise: bool = spec(True, doc="at `checkpoints`: gradient noise scale (per-sample gradients) and g'Hg/|g|^2")
-    flatness: tuple[str, ...] = spec(("epsilon", "pac_bayes"), doc="at `details`: epsilon, pac_bayes; [] = none")
+    flatness: tuple[str, ...] = spec(
+        ("epsilon", "pac_bayes", "adaptive"), doc="at `details`: epsilon, pac_bayes, adaptive; [] = none"
+    )
     flatness_radius: float = spec(0.5, gt=0.0, unit="L2 norm of the weight perturbation", doc="epsilon-ball (absolute)")
     flatness_box: float = spec(1e-3, gt=0.0, unit="fraction of |w_i| + 1", doc="Keskar et al.'s box (relative)")
     flatness_steps: int = spec(20, ge=1, le=MAX_HVPS, unit="ascent steps per start", doc="projected gradient ascent")
     pac_bayes_bound: float = spec(0.1, gt=0.0, unit="nats of expected loss increase", doc="the largest sigma within it")
     pac_bayes_draws: int = spec(
         10, ge=1, le=100_000, unit="noise draws", doc="the same draws for every sigma of the bisection"
+    )
+    adaptive_l2: float = spec(0.1, gt=0.0, unit="rho: ||delta / |w| ||_2 <= rho", doc="adaptive worst case, l2")
+    adaptive_linf: float = spec(1e-3, gt=0.0, unit="rho: |delta_i| <= rho |w_i|", doc="adaptive worst case, l-inf")
+    adaptive_average: float = spec(
+        0.05, gt=0.0, unit="rho: delta_i = rho |w_i| z_i", doc="adaptive average case (z Gaussian; uniform: l-inf)"
+    )
+    adaptive_m: int = spec(
+        128, ge=0, le=MAX_BATCH, unit="samples per batch", doc="m-sharpness: fixed batches of the probe set; 0 = whole"
+    )
+    adaptive_draws: int = spec(10, ge=1, le=100_000, unit="noise draws", doc="average case, the same draws everywhere")
+    reparam_alpha: float = spec(
+        10.0, ge=0.0, unit="scale", doc="Dinh et al.'s rescaling at `details` (ReLU layer pairs); 0 = off"
     )
     hvp: str = spec("reverse_over_reverse", choices=HVP_METHODS, doc="chosen by benchmarks/hvp.py; see README")
     batch_size: int = spec(

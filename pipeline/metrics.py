@@ -137,6 +137,35 @@ MEASURES: tuple[Measure, ...] = (
         "PAC-Bayes σ, magnitude",
         "the same with noise proportional to |w_i| (Jiang et al.'s magnitude-aware σ'; larger: flatter)",
     ),
+    Measure(
+        "adaptive_worst_l2",
+        (("hessian", "adaptive_sharpness_worst_l2"),),
+        +1,
+        "adaptive, worst l2",
+        "largest loss increase found with ||δ/|w| ||₂ <= hessian.adaptive_l2, mean over batches of "
+        "hessian.adaptive_m samples (m-sharpness, Auto-PGD; nats)",
+    ),
+    Measure(
+        "adaptive_worst_linf",
+        (("hessian", "adaptive_sharpness_worst_linf"),),
+        +1,
+        "adaptive, worst l∞",
+        "the same with |δ_i| <= hessian.adaptive_linf |w_i| (nats)",
+    ),
+    Measure(
+        "adaptive_average_l2",
+        (("hessian", "adaptive_sharpness_average_l2"),),
+        +1,
+        "adaptive, average (Gaussian)",
+        "expected loss increase for δ = hessian.adaptive_average |w| ⊙ z, z standard normal (nats)",
+    ),
+    Measure(
+        "adaptive_average_linf",
+        (("hessian", "adaptive_sharpness_average_linf"),),
+        +1,
+        "adaptive, average (uniform)",
+        "the same with z uniform in [-1, 1] (nats)",
+    ),
     # No prediction: B_simple = tr Σ / |g|² is a property of the gradient, not of the curvature, and at a minimum it
     # grows like 1/|g|², i.e. it says how close to a stationary point training stopped. Keskar et al.'s argument is
     # about the noise *during* training (set by the batch size), which batch_size_effect tests instead.
@@ -195,18 +224,28 @@ def lookup(stages: Mapping[str, Any], measure: Measure | str) -> Any:
     return None if found is None else stages[found[0]][found[1]]
 
 
-def hessian_headline(spectrum: pd.DataFrame, peak_lr: float) -> dict:
-    """The ``hessian`` numbers of ``metrics.json``: those of the newest checkpoint in ``spectrum`` (the
-    ``hessian_spectrum`` table, or the rows of :func:`pipeline.curvature.analysis.analyse` with ``epoch`` and
-    ``checkpoint`` columns added), plus the products and seconds spent over all of its checkpoints.
+RESCALED = "hessian_rescaled"  # analysis.RESCALED: the operator of the rows measured on the rescaled network
+# hessian headlines compared before and after Dinh et al.'s rescaling (`reparametrisation` in hessian_metrics.json)
+REPARAM_KEYS = (
+    "lambda_max",
+    "trace_hutchpp",
+    "trace_hutchinson",
+    "grad_sharpness",
+    "epsilon_sharpness_absolute",
+    "epsilon_sharpness_relative",
+    "pac_bayes_sigma_isotropic",
+    "pac_bayes_sigma_magnitude",
+    "adaptive_sharpness_worst_l2",
+    "adaptive_sharpness_worst_linf",
+    "adaptive_sharpness_average_l2",
+    "adaptive_sharpness_average_linf",
+)
 
-    ``lambda_max_lr_over_2`` uses ``peak_lr``; non-finite numbers become ``None`` (strict JSON).
-    """
-    if spectrum.empty:
-        return {"status": "no finite checkpoint"}
-    last = spectrum[spectrum.epoch == spectrum.epoch.max()]
 
-    def pick(operator="hessian", quantity="eigenvalue", method=None, index=0):
+def _measured(last: pd.DataFrame, operator: str) -> dict:
+    """The whole-network numbers of one checkpoint's rows ``last`` for ``operator`` (hessian or hessian_rescaled)."""
+
+    def pick(quantity="eigenvalue", method=None, index=0):
         rows = last[
             (last.operator == operator) & (last.group == "all") & (last.quantity == quantity) & (last["index"] == index)
         ]
@@ -214,14 +253,15 @@ def hessian_headline(spectrum: pd.DataFrame, peak_lr: float) -> dict:
             rows = rows[rows.method == method]
         return rows.iloc[0] if len(rows) else None
 
-    out = {"epoch": int(last.epoch.iloc[0]), "checkpoint": last.checkpoint.iloc[0]}
+    out: dict[str, Any] = {}
     top = pick()
+    if top is None:
+        return out
     out["lambda_max"] = float(top.value)
     out["lambda_max_residual"] = float(top.residual)
-    out["lambda_max_lr_over_2"] = float(top.value) * peak_lr / 2.0  # > 1: sharper than GD at the peak lr tolerates
     out["eigenvalues"] = [
         float(r.value)
-        for r in last[(last.operator == "hessian") & (last.group == "all") & (last.quantity == "eigenvalue")]
+        for r in last[(last.operator == operator) & (last.group == "all") & (last.quantity == "eigenvalue")]
         .sort_values("index")
         .itertuples()
     ]
@@ -234,14 +274,10 @@ def hessian_headline(spectrum: pd.DataFrame, peak_lr: float) -> dict:
         if trace is not None:
             out[f"trace_{method}"] = float(trace.value)
             out[f"trace_{method}_stderr"] = float(trace.stderr)
-    for quantity, key in (
-        ("noise_scale", "noise_scale"),
-        ("noise_trace_covariance", "noise_trace_covariance"),
-        ("grad_sharpness", "grad_sharpness"),
-    ):
+    for quantity in ("noise_scale", "noise_trace_covariance", "grad_sharpness"):
         row = pick(quantity=quantity)
         if row is not None:
-            out[key] = float(row.value)
+            out[quantity] = float(row.value)
     for quantity, method in (
         ("epsilon_sharpness", "absolute"),
         ("epsilon_sharpness", "relative"),
@@ -249,17 +285,69 @@ def hessian_headline(spectrum: pd.DataFrame, peak_lr: float) -> dict:
         ("epsilon_sharpness_keskar", "relative"),
         ("pac_bayes_sigma", "isotropic"),
         ("pac_bayes_sigma", "magnitude"),
+        ("adaptive_sharpness", "worst_l2"),
+        ("adaptive_sharpness", "worst_linf"),
+        ("adaptive_sharpness", "average_l2"),
+        ("adaptive_sharpness", "average_linf"),
     ):
         row = pick(quantity=quantity, method=method)
         if row is not None:
             out[f"{quantity}_{method}"] = float(row.value)
-    ggn = pick("ggn")
-    if ggn is not None:
-        out["ggn_lambda_max"] = float(ggn.value)
+    return out
+
+
+def reparam_headline(last: pd.DataFrame, before: Mapping[str, Any]) -> dict | None:
+    """``reparametrisation`` of ``hessian_metrics.json``: the rescaling (α, the layer pair, the relative change of
+    the outputs) and, per :data:`REPARAM_KEYS` measured both times, ``before``, ``after`` and ``ratio`` = after /
+    before. None when the checkpoint has no rows of the rescaled network."""
+    after = _measured(last, RESCALED)
+    if not after:
+        return None
+    meta = last[(last.operator == RESCALED) & (last.quantity == "reparam_alpha")]
+    change = last[(last.operator == RESCALED) & (last.quantity == "reparam_output_change")]
+    measures = {}
+    for key in REPARAM_KEYS:
+        if key in before and key in after:
+            b, a = before[key], after[key]
+            measures[key] = {"before": b, "after": a, "ratio": a / b if b not in (0.0, None) else None}
+    return {
+        "alpha": float(meta.value.iloc[0]) if len(meta) else None,
+        "pair": meta.method.iloc[0].split(",") if len(meta) else [],
+        "output_change": float(change.value.iloc[0]) if len(change) else None,
+        "measures": {k: {f: finite(v) for f, v in m.items()} for k, m in measures.items()},
+    }
+
+
+def hessian_headline(spectrum: pd.DataFrame, peak_lr: float) -> dict:
+    """The ``hessian`` numbers of ``metrics.json``: those of the newest checkpoint in ``spectrum`` (the
+    ``hessian_spectrum`` table, or the rows of :func:`pipeline.curvature.analysis.analyse` with ``epoch`` and
+    ``checkpoint`` columns added), plus the products and seconds spent over all of its checkpoints, and (when the
+    newest checkpoint has them) the measures on the rescaled network, ``reparametrisation`` (:func:`reparam_headline`).
+
+    ``lambda_max_lr_over_2`` uses ``peak_lr``; non-finite numbers become ``None`` (strict JSON).
+    """
+    if spectrum.empty:
+        return {"status": "no finite checkpoint"}
+    last = spectrum[spectrum.epoch == spectrum.epoch.max()]
+    out: dict[str, Any] = {"epoch": int(last.epoch.iloc[0]), "checkpoint": last.checkpoint.iloc[0]}
+    measured = _measured(last, "hessian")
+    out["lambda_max"] = measured.pop("lambda_max")
+    out["lambda_max_residual"] = measured.pop("lambda_max_residual")
+    out["lambda_max_lr_over_2"] = out["lambda_max"] * peak_lr / 2.0  # > 1: sharper than GD at the peak lr tolerates
+    out.update(measured)
+    ggn = last[
+        (last.operator == "ggn") & (last.group == "all") & (last.quantity == "eigenvalue") & (last["index"] == 0)
+    ]
+    if len(ggn):
+        out["ggn_lambda_max"] = float(ggn.value.iloc[0])
     totals = spectrum[spectrum.quantity == "products"]  # one row per checkpoint: every product and second spent
     out["hvps"] = int(totals.hvps.sum())
     out["seconds"] = round(float(totals.seconds.sum()), 3)
-    return {k: (finite(v) if isinstance(v, float) else v) for k, v in out.items()}
+    out = {k: (finite(v) if isinstance(v, float) else v) for k, v in out.items()}
+    reparam = reparam_headline(last, out)
+    if reparam is not None:
+        out["reparametrisation"] = reparam
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pipeline.curvature._checks import CurvatureError
-from pipeline.curvature.flatness import epsilon_sharpness, noise_draws, pac_bayes_sigma
+from pipeline.curvature.flatness import adaptive_sharpness, epsilon_sharpness, noise_draws, pac_bayes_sigma
 from pipeline.curvature.operators import HessianOperator, ProbeSet, dense_matrix
 
 F64 = torch.float64
@@ -275,3 +275,77 @@ def test_bad_arguments_name_the_argument(mlp_problem, call, message):
     with pytest.raises(CurvatureError, match=message) as info:
         call(model, probe)
     assert isinstance(info.value, ValueError) and "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------- adaptive sharpness
+
+
+def test_adaptive_worst_case_l2_at_a_minimum_is_half_rho_squared_lambda_max_of_the_scaled_hessian():
+    model, probe, A, w_star = quadratic()
+    D = torch.diag(w_star.abs())
+    exact_top = float(torch.linalg.eigvalsh(D @ A @ D)[-1])
+    for rho in (0.05, 0.3):
+        res = adaptive_sharpness(model, probe, rho=rho, norm="2", kind="worst", steps=60, loss="mse")
+        assert res.loss < 1e-28
+        assert abs(res.value / (0.5 * rho**2 * exact_top) - 1) <= 1e-6
+        assert res.per_batch == (res.value,) and res.m == 23  # m = 0: the whole probe set as one batch
+
+
+def test_adaptive_worst_case_linf_is_a_vertex_value_within_the_box_bound():
+    model, probe, A, w_star = quadratic()
+    rho = 0.1
+    res = adaptive_sharpness(model, probe, rho=rho, norm="inf", kind="worst", steps=40, loss="mse")
+    D = torch.diag(w_star.abs())
+    M = D @ A @ D
+    vertices = torch.tensor(list(itertools.product((-1.0, 1.0), repeat=len(EIGENVALUES))), dtype=F64) * rho
+    best = float((0.5 * (vertices @ M * vertices).sum(1)).max())  # a convex quadratic peaks at a vertex of the box
+    assert res.value <= best * (1 + 1e-9)
+    assert res.value >= 0.5 * best  # Auto-PGD from one start: a good vertex (0.72 of the best here), not the best
+
+
+def test_adaptive_average_case_matches_the_same_draws_in_closed_form():
+    model, probe, A, w_star = quadratic()
+    rho, draws = 0.2, 7
+    for norm in ("2", "inf"):
+        res = adaptive_sharpness(model, probe, rho=rho, norm=norm, kind="average", draws=draws, seed=3, loss="mse")
+        gen = torch.Generator().manual_seed(3)
+        z = (
+            torch.randn(draws, 6, generator=gen, dtype=F64)
+            if norm == "2"
+            else 2 * torch.rand(draws, 6, generator=gen, dtype=F64) - 1
+        )
+        delta = rho * z * w_star.abs()
+        exact = float((0.5 * (delta @ A * delta).sum(1)).mean())
+        assert res.value == pytest.approx(exact, rel=1e-9)
+
+
+def test_adaptive_m_sharpness_is_the_size_weighted_mean_of_the_batches_own_values():
+    model, probe, _, _ = quadratic(offset=0.2)
+    whole = adaptive_sharpness(model, probe, rho=0.1, norm="2", m=10, steps=10, loss="mse")
+    assert len(whole.per_batch) == 3 and whole.m == 10  # 23 samples: batches of 10, 10 and 3
+    x = torch.cat([b for b, _ in probe.batches])
+    y = torch.cat([t for _, t in probe.batches])
+    singles = [
+        adaptive_sharpness(
+            model, ProbeSet.from_tensors(x[i:j], y[i:j], 10), rho=0.1, norm="2", steps=10, seed=b, loss="mse"
+        )
+        for b, (i, j) in enumerate(((0, 10), (10, 20), (20, 23)))
+    ]
+    assert [s.value for s in singles] == pytest.approx(list(whole.per_batch), rel=1e-12)
+    assert whole.value == pytest.approx((10 * singles[0].value + 10 * singles[1].value + 3 * singles[2].value) / 23)
+    assert all(v >= 0 for v in whole.per_batch)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(rho=0.0), "rho"),
+        (dict(rho=0.1, norm="1"), "norm"),
+        (dict(rho=0.1, kind="best"), "kind"),
+        (dict(rho=0.1, m=-1), "m"),
+    ],
+)
+def test_adaptive_bad_arguments_name_the_argument(kwargs, message):
+    model, probe, _, _ = quadratic()
+    with pytest.raises(CurvatureError, match=message):
+        adaptive_sharpness(model, probe, loss="mse", **kwargs)

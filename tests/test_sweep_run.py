@@ -48,9 +48,12 @@ TINY_HESSIAN = HessianConfig(
     density_runs=0,
     groups="none",
     noise=True,
-    flatness=("epsilon", "pac_bayes"),
+    flatness=("epsilon", "pac_bayes", "adaptive"),
     flatness_steps=2,
     pac_bayes_draws=2,
+    adaptive_m=16,
+    adaptive_draws=2,
+    reparam_alpha=0.0,
     batch_size=32,
     device="cpu",
 )
@@ -96,7 +99,8 @@ def test_the_shipped_preset_is_valid_and_has_the_24_point_grid():
         0,
         "none",
     )
-    assert cfg.trace == ("hutchpp",) and cfg.flatness == ("epsilon", "pac_bayes") and cfg.noise
+    assert cfg.trace == ("hutchpp",) and cfg.flatness == ("epsilon", "pac_bayes", "adaptive") and cfg.noise
+    assert cfg.reparam_alpha == 0  # the rescaled network is measured by the hessian stage, not at every point
     assert len(grid_points(params)) == 24
 
 
@@ -382,7 +386,7 @@ def test_write_outputs_writes_every_file_with_the_kendall_rows_of_the_measures(f
     assert (kendall.n == 4).all() and kendall.tau.between(-1, 1).all()
     batch = pd.read_parquet(tmp_path / "sweep/batch_size.parquet")
     assert sorted(set(batch.measure)) == sorted(BATCH_SIZE_MEASURES)
-    assert len(batch) == 2 * 2 and set(batch.lr) == {0.02, 0.1} and (batch.n == 2).all()
+    assert len(batch) == 2 * len(BATCH_SIZE_MEASURES) and set(batch.lr) == {0.02, 0.1} and (batch.n == 2).all()
 
     metrics = json.loads((tmp_path / "sweep/sweep_metrics.json").read_text(), parse_constant=pytest.fail)
     assert metrics["n_points"] == 4 and metrics["n_completed"] == 4 and metrics["n_diverged"] == 0

@@ -22,7 +22,7 @@ from pipeline.config import ConfigError, HessianConfig
 from pipeline.curvature.density import slq, smooth_density
 from pipeline.curvature.dynamics import gradient_noise, gradient_sharpness
 from pipeline.curvature.eigen import arpack, lanczos, power_iteration
-from pipeline.curvature.flatness import epsilon_sharpness, pac_bayes_sigma
+from pipeline.curvature.flatness import adaptive_sharpness, epsilon_sharpness, pac_bayes_sigma
 from pipeline.curvature.operators import (  # noqa: F401
     BN_MODE,
     OPERATORS,
@@ -32,9 +32,11 @@ from pipeline.curvature.operators import (  # noqa: F401
     parameter_groups,
     spent,
 )
+from pipeline.curvature.reparam import dinh_rescale, output_change, relu_pairs
 from pipeline.curvature.trace import hutchinson, hutchpp
 
 ALL = "all"  # the `group` of quantities over the whole parameter vector
+RESCALED = "hessian_rescaled"  # the `operator` of the quantities measured on Dinh et al.'s rescaled network
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +222,9 @@ def analyse(
     Always: probe loss and gradient norm, top ``cfg.top_k`` Hessian eigenpairs and (``cfg.lambda_min``) the
     smallest eigenvalue. With ``details``: trace estimates, SLQ density, the GGN (when in ``cfg.operators``), and the
     top ``cfg.group_top_k`` eigenvalues of each parameter group's diagonal Hessian block (``cfg.groups``), and the
-    flatness measures of ``cfg.flatness``. With ``cfg.noise``, at every point: the gradient noise scale and the
+    flatness measures of ``cfg.flatness``, and (``cfg.reparam_alpha`` > 0, for a network with a ReLU layer pair) the
+    same measures on Dinh et al.'s rescaled copy of the network, as rows of operator ``hessian_rescaled``. With
+    ``cfg.noise``, at every point: the gradient noise scale and the
     curvature along the gradient. ``loss`` is the run's training loss (``cross_entropy`` or ``mse``).
     """
     say = on_step or (lambda message: log.info(message))
@@ -254,6 +258,8 @@ def analyse(
             report.hvps += op.products
     if details and cfg.flatness:
         _flatness(report, model, probe, hessian, cfg, say)
+    if details and cfg.reparam_alpha > 0:
+        _reparam(report, model, probe, cfg, say, loss)
     report.hvps += sum(op.products for _, op in operators)
     report.rows.append(
         _row("hessian", ALL, "products", 0, report.hvps, hvps=report.hvps, seconds=time.perf_counter() - start)
@@ -394,7 +400,8 @@ def _noise(report, model, probe, hessian, say) -> None:
 
 
 def _flatness(report, model, probe, hessian, cfg, say) -> None:
-    """Epsilon-sharpness in an L2 ball and in Keskar's box (top eigenvector as an extra start), PAC-Bayes sigma."""
+    """Epsilon-sharpness in an L2 ball and in Keskar's box (top eigenvector as an extra start), PAC-Bayes sigma,
+    adaptive sharpness."""
     if "epsilon" in cfg.flatness:
         v1 = ()
         if report.eigenvectors is not None:
@@ -462,6 +469,61 @@ def _flatness(report, model, probe, hessian, cfg, say) -> None:
                 f"PAC-Bayes sigma ({method}): {flat.sigma:.4g} keeps the expected loss within "
                 f"+{cfg.pac_bayes_bound:g} ({cost_text(flat.account, seconds)})"
             )
+    if "adaptive" in cfg.flatness:
+        _adaptive(report, model, probe, cfg, say, hessian.loss)
+
+
+def _adaptive(report, model, probe, cfg, say, loss) -> None:
+    """Adaptive sharpness: the worst case (m-sharpness, Auto-PGD) and the average case, l2 and l-inf."""
+    for kind, norm, rho in (
+        ("worst", "2", cfg.adaptive_l2),
+        ("worst", "inf", cfg.adaptive_linf),
+        ("average", "2", cfg.adaptive_average),
+        ("average", "inf", cfg.adaptive_average),
+    ):
+        start = time.perf_counter()
+        sharp = adaptive_sharpness(
+            model,
+            probe,
+            rho=rho,
+            norm=norm,
+            kind=kind,
+            m=cfg.adaptive_m,
+            steps=cfg.flatness_steps,
+            draws=cfg.adaptive_draws,
+            seed=cfg.seed + 29,
+            loss=loss,
+        )
+        seconds = time.perf_counter() - start
+        method = f"{kind}_l{norm}"
+        report.rows.append(
+            _row(
+                "hessian", ALL, "adaptive_sharpness", 0, sharp.value, method=method, seconds=seconds, cost=sharp.account
+            )
+        )
+        batches = f", m {sharp.m}, {len(sharp.per_batch)} batches" if kind == "worst" else f", {sharp.draws} draws"
+        say(
+            f"adaptive sharpness ({kind} case, l{norm}, rho {rho:g}{batches}): loss +{sharp.value:.4g} "
+            f"({cost_text(sharp.account, seconds)})"
+        )
+
+
+def _reparam(report, model, probe, cfg, say, loss) -> None:
+    """Every measure again on Dinh et al.'s rescaling of the first ReLU layer pair by ``cfg.reparam_alpha``."""
+    pairs = relu_pairs(model)
+    if not pairs:
+        say("reparametrisation: no ReLU layer pair (Linear -> ReLU -> Linear) in this network; not measured")
+        return
+    pair, alpha = pairs[0], cfg.reparam_alpha
+    rescaled = dinh_rescale(model, alpha, pairs=[pair])
+    change = output_change(model, rescaled, probe)
+    reduced = dataclasses.replace(cfg, groups="none", density_runs=0, operators=("hessian",), reparam_alpha=0.0)
+    say(f"reparametrisation: {pair[0]} x {alpha:g}, {pair[1]} / {alpha:g}; outputs change by {change:.2g} (relative)")
+    sub = analyse(rescaled, probe, reduced, details=True, on_step=lambda m: say(f"rescaled: {m}"), loss=loss)
+    report.hvps += sub.hvps
+    report.rows.append(_row(RESCALED, ALL, "reparam_alpha", 0, alpha, method=",".join(pair)))
+    report.rows.append(_row(RESCALED, ALL, "reparam_output_change", 0, change, method="max_abs_relative"))
+    report.rows += [{**row, "operator": RESCALED} for row in sub.rows if row["quantity"] not in ("products", "dim")]
 
 
 def eigen_settings(cfg: HessianConfig) -> dict:

@@ -437,3 +437,229 @@ def pac_bayes_sigma(
         loss_evaluations=evaluations,
         account=account(op),
     )
+
+
+# ----------------------------------------------------------------------------------------------- adaptive sharpness
+
+ADAPTIVE_NORMS = ("2", "inf")
+ADAPTIVE_KINDS = ("worst", "average")
+_APGD_MOMENTUM = 0.75  # Croce & Hein's alpha: weight of the new step against the previous one
+_APGD_SUCCESS = 0.75  # rho of the checkpoint rule: halve the step when fewer steps than this fraction succeeded
+
+
+@dataclass(frozen=True)
+class AdaptiveSharpness:
+    """Sharpness in a neighbourhood scaled by the weights' magnitudes (see :func:`adaptive_sharpness`)."""
+
+    kind: str  # "worst" (ascent) or "average" (random draws)
+    norm: str  # "2" or "inf": the norm of delta / |w| (worst case); Gaussian or uniform draws (average case)
+    rho: float  # the neighbourhood's size, dimensionless (relative to |w|)
+    m: int  # samples per batch of the m-sharpness (the whole probe set: its size)
+    loss: float  # L(w), probe-set mean
+    value: float  # the sharpness: mean over batches (weighted by their samples) of each batch's loss increase
+    per_batch: tuple[float, ...]  # each batch's increase, in probe order
+    steps: int  # ascent steps, all batches together (0 for the average case)
+    draws: int  # noise draws (average case; 0 for the worst case)
+    gradient_evaluations: float  # probe-set passes with a backward pass (a batch counts its share)
+    loss_evaluations: float  # probe-set passes without one
+    account: dict = field(default_factory=dict, compare=False)
+
+
+def _apgd_checkpoints(steps: int) -> list[int]:
+    """The steps at which Auto-PGD may halve its step (Croce & Hein 2020, section 3.2): ``ceil(p_j * steps)`` with
+    :math:`p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + \\max(p_j - p_{j-1} - 0.03, 0.06)`."""
+    points, prev, cur = [0], 0.0, 0.22
+    while cur <= 1.0:
+        points.append(math.ceil(cur * steps))
+        prev, cur = cur, cur + max(cur - prev - 0.03, 0.06)
+    return sorted(set(p for p in points if 0 < p <= steps))
+
+
+def _adaptive_worst_batch(op: CurvatureOperator, scale: Tensor, norm: str, rho: float, steps: int, seed: int):
+    """One batch's worst case: Auto-PGD on :math:`u = \\delta / |w|` in the p-ball of radius ρ. Returns
+    (increase, loss at w, steps taken)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    if norm == "2":
+
+        def project(u: Tensor) -> Tensor:
+            n = float(u.norm())
+            return u * (rho / n) if n > rho else u
+
+        def direction(g: Tensor) -> Tensor:
+            n = float(g.norm())
+            return g / n if n > 0 else torch.zeros_like(g)
+
+        z = torch.randn(op.dim, generator=gen, dtype=F64)
+        radius = rho * float(torch.rand((), generator=gen, dtype=F64)) ** (1.0 / op.dim)
+        u = (z * (radius / float(z.norm()))).to(op.device)  # uniform in the ball
+    else:
+
+        def project(u: Tensor) -> Tensor:
+            return u.clamp(-rho, rho)
+
+        def direction(g: Tensor) -> Tensor:
+            return g.sign()
+
+        u = (rho * (2.0 * torch.rand(op.dim, generator=gen, dtype=F64) - 1.0)).to(op.device)  # uniform in the box
+
+    def value_and_grad(u: Tensor) -> tuple[float, Tensor]:
+        value, grad = _loss_and_gradient(op, scale * u)
+        return value, scale * grad  # the gradient with respect to u
+
+    loss0, _ = _loss_and_gradient(op, torch.zeros(op.dim, dtype=F64, device=op.device))
+    checkpoints = _apgd_checkpoints(steps)
+    eta = 2.0 * rho
+    value, grad = value_and_grad(u)
+    best_value, best_u, best_grad = value, u, grad
+    previous, successes, last_check, eta_at_check, best_at_check = u, 0, 0, eta, best_value
+    for k in range(steps):
+        z = project(u + eta * direction(grad))
+        new = z if k == 0 else project(u + _APGD_MOMENTUM * (z - u) + (1.0 - _APGD_MOMENTUM) * (u - previous))
+        new_value, new_grad = value_and_grad(new)
+        if new_value > value:  # NaN is no success
+            successes += 1
+        previous, u, value, grad = u, new, new_value, new_grad
+        if value > best_value:
+            best_value, best_u, best_grad = value, u, grad
+        if k + 1 in checkpoints:
+            too_few = successes < _APGD_SUCCESS * (k + 1 - last_check)
+            stalled = eta == eta_at_check and best_value == best_at_check
+            eta_at_check, best_at_check = eta, best_value
+            if too_few or stalled:  # halve the step and restart from the best point
+                eta /= 2.0
+                u, value, grad = best_u, best_value, best_grad
+                previous = u
+            successes, last_check = 0, k + 1
+    best = max(best_value, loss0) if math.isfinite(best_value) else loss0
+    return best - loss0, loss0, steps
+
+
+def adaptive_sharpness(
+    model: nn.Module,
+    probe: ProbeSet,
+    *,
+    rho: float,
+    norm: str = "2",
+    kind: str = "worst",
+    m: int = 0,
+    steps: int = 20,
+    draws: int = 10,
+    draws_per_pass: int = 1,
+    seed: int = 0,
+    wrt: Sequence[str] | None = None,
+    loss: str = "cross_entropy",
+) -> AdaptiveSharpness:
+    r"""Adaptive sharpness (Kwon et al. 2021, ASAM; Andriushchenko et al. 2023): the loss increase in a neighbourhood
+    whose size along each weight is proportional to that weight's magnitude.
+
+    .. math:: S_{worst} = \mathbb E_B \max_{\lVert \delta \oslash |w| \rVert_p \le \rho} L_B(w + \delta) - L_B(w),
+              \qquad S_{avg} = \mathbb E_{z} L(w + \rho\,|w| \odot z) - L(w)
+
+    - ``kind="worst"``: for each batch B of ``m`` samples of the probe set (m-sharpness, in probe order; ``m = 0``:
+      the whole set), the maximum over :math:`u = \delta / |w|` in the p-ball of radius ρ, ``norm`` ``"2"`` or
+      ``"inf"``, by Auto-PGD as in Andriushchenko et al.'s code (Croce & Hein 2020): from a seeded point uniform in
+      the ball, ``steps`` steps of :math:`z = \Pi(u + \eta\, d(g_u))`, :math:`d` the normalised gradient (l2) or its
+      sign (l∞), then momentum :math:`u \leftarrow \Pi(u + 0.75 (z - u) + 0.25 (u - u_{prev}))`; the step
+      starts at :math:`\eta = 2\rho` and is halved, restarting from the best point, at Auto-PGD's checkpoints where
+      fewer than 75 % of the steps since the last one raised the loss or nothing improved. The value is the mean of
+      the batches' increases weighted by their sizes (equal batches: the plain mean). A lower bound of the maximum.
+    - ``kind="average"``: the expected increase over ``draws`` fixed draws :math:`z_k`, standard normal (``"2"``) or
+      uniform in [-1, 1] (``"inf"``: uniform in the l∞ ball of radius ρ), on the whole probe set: with the same
+      draws for every batch the batch-weighted mean equals it, so ``m`` plays no part.
+
+    Both are invariant under any rescaling :math:`w \mapsto T w` (T positive diagonal) that leaves the function
+    unchanged, such as Dinh et al.'s (2017) layer-pair rescaling of a ReLU network (:mod:`pipeline.curvature.reparam`):
+    the neighbourhood, the draws and the ascent's iterates all move with T. A weight that is exactly 0 is not
+    perturbed. At a minimum of a quadratic :math:`\tfrac12 (w - w^*)^\top A (w - w^*)` the l2 worst case is
+    :math:`\tfrac12 \rho^2 \lambda_{max}(DAD)` with :math:`D = \mathrm{diag}|w^*|`.
+
+    Args:
+        model: the network, in eval mode (checked); never modified.
+        probe: the probe set.
+        rho: the neighbourhood's size, > 0 (the p-ball's radius; the draws' scale in the average case).
+        norm: ``"2"`` or ``"inf"``.
+        kind: ``"worst"`` or ``"average"``.
+        m: samples per batch of the worst case, >= 0 (0: the whole probe set as one batch).
+        steps: Auto-PGD steps per batch (Andriushchenko et al.: 20).
+        draws: noise draws of the average case.
+        draws_per_pass: draws evaluated together through ``torch.func.vmap``.
+        seed: seeds the random starts (batch b: ``seed + b``) and the draws.
+        wrt: parameter names perturbed (default: all trainable ones); the rest are held fixed.
+        loss: ``cross_entropy`` or ``mse``.
+
+    Raises:
+        CurvatureError: a bad argument (the message names it), a non-repeatable model or a non-finite loss at w.
+    """
+    rho = check_positive("rho", rho)
+    if norm not in ADAPTIVE_NORMS:
+        raise CurvatureError(f"norm: unknown name {norm!r}; allowed: {', '.join(ADAPTIVE_NORMS)}")
+    if kind not in ADAPTIVE_KINDS:
+        raise CurvatureError(f"kind: unknown name {kind!r}; allowed: {', '.join(ADAPTIVE_KINDS)}")
+    m = check_int("m", m, 0)
+    steps = check_int("steps", steps, 1)
+    draws = check_int("draws", draws, 1)
+    draws_per_pass = check_int("draws_per_pass", draws_per_pass, 1)
+    seed = check_int("seed", seed, 0)
+    whole = CurvatureOperator(model, probe, wrt=wrt, loss=loss)
+    scale = whole.flatten(whole.point).abs()
+    n = whole.n
+
+    if kind == "average":
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        shape = (draws, whole.dim)
+        if norm == "2":
+            z = torch.randn(*shape, generator=gen, dtype=F64)
+        else:
+            z = 2.0 * torch.rand(*shape, generator=gen, dtype=F64) - 1.0
+        noise = (rho * z.to(whole.device) * scale).to(whole.dtype)
+        loss0 = _perturbed_losses(whole, torch.zeros(1, whole.dim, dtype=whole.dtype, device=whole.device))[0]
+        if not math.isfinite(loss0):
+            raise CurvatureError(f"adaptive_sharpness: the loss at w is not finite ({loss0})")
+        losses = [v for chunk in noise.split(draws_per_pass) for v in _perturbed_losses(whole, chunk)]
+        increase = sum(losses) / draws - loss0
+        return AdaptiveSharpness(
+            kind=kind,
+            norm=norm,
+            rho=rho,
+            m=n,
+            loss=loss0,
+            value=increase,
+            per_batch=(increase,),
+            steps=0,
+            draws=draws,
+            gradient_evaluations=0.0,
+            loss_evaluations=float(whole.forwards),
+            account=account(whole),
+        )
+
+    x = torch.cat([bx for bx, _ in whole.probe.batches])
+    y = torch.cat([by for _, by in whole.probe.batches])
+    size = n if m == 0 else min(m, n)
+    increases, losses, sizes, taken, gradients, forwards = [], [], [], 0, 0.0, float(whole.forwards)
+    for b, (bx, by) in enumerate(zip(x.split(size), y.split(size))):
+        batch = ProbeSet(((bx, by),))
+        op = CurvatureOperator(model, batch, wrt=wrt, loss=loss, check=False)  # `whole` checked the model once
+        increase, loss_b, steps_b = _adaptive_worst_batch(op, scale, norm, rho, steps, seed + b)
+        if not math.isfinite(loss_b):
+            raise CurvatureError(f"adaptive_sharpness: the loss at w is not finite on batch {b} ({loss_b})")
+        increases.append(increase)
+        losses.append(loss_b)
+        sizes.append(len(bx))
+        taken += steps_b
+        gradients += op.gradients * len(bx) / n
+        forwards += op.forwards * len(bx) / n
+    value = sum(v * s for v, s in zip(increases, sizes)) / n
+    return AdaptiveSharpness(
+        kind=kind,
+        norm=norm,
+        rho=rho,
+        m=size,
+        loss=sum(v * s for v, s in zip(losses, sizes)) / n,
+        value=value,
+        per_batch=tuple(increases),
+        steps=taken,
+        draws=0,
+        gradient_evaluations=gradients,
+        loss_evaluations=forwards,
+        account={**account(whole), "gradients": gradients, "forwards": forwards},
+    )

@@ -61,6 +61,14 @@ SHARPNESS_HISTORY = pa.schema(
         ("warm_start", pa.bool_()),  # started from the previous tracked eigenvector
         ("grad_sharpness", pa.float64()),  # g'Hg/|g|^2: curvature along the probe gradient
         ("grad_norm", pa.float64()),  # |g| of the probe loss
+        # E_B[g_B'H_B g_B/|g_B|^2] over train.track_batches fixed mini-batches of the run's batch size, each its own
+        # loss's gradient and Hessian (Andreyev & Beneventano 2024); NaN: tracking of batches off, or not finite
+        ("batch_sharpness", pa.float64()),
+        ("batch_sharpness_stderr", pa.float64()),  # its standard error over the batches; NaN with fewer than 2
+        ("batch_count", pa.int64()),  # batches in that mean (those with g_B = 0 left out); 0: off
+        ("preconditioned_sharpness", pa.float64()),  # lambda_max(P^-1 H), Adam's P (Cohen et al. 2022); NaN: SGD
+        ("preconditioned_threshold", pa.float64()),  # (2+2beta1)/((1-beta1)eta): Adam's bound on it; NaN: SGD
+        ("preconditioned_residual", pa.float64()),  # ||Au - lambda u|| of A = P^-1/2 H P^-1/2 at its top vector u
         ("probe_loss", pa.float64()),  # L(theta) on the probe set, before the step
         ("loss_after", pa.float64()),  # L(theta + dtheta), the step actually taken (BatchNorm statistics held)
         ("actual_change", pa.float64()),  # loss_after - probe_loss
@@ -74,7 +82,9 @@ SHARPNESS_HISTORY = pa.schema(
         ("step_cosine", pa.float64()),  # -g'dtheta / (|g| |dtheta|)
         ("cost_forwards", pa.float64()),  # the whole tracked step's loss evaluations (probe-set passes)
         ("cost_gradients", pa.float64()),  # its probe-set gradients (one is the retained graph of the products)
-        ("cost_hvps", pa.int64()),  # its Hessian-vector products: the lambda_max solve, g'Hg, the step model
+        # its probe-set Hessian-vector products: the lambda_max solve, g'Hg, the step model, the preconditioned
+        # solve (Adam); the batch sharpness adds batch_count mini-batch gradients and products, not counted here
+        ("cost_hvps", pa.int64()),
         ("seconds", pa.float64()),  # wall-clock time of the measurements of this row
     ]
 )

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -200,9 +201,12 @@ def test_linear_mse_tracking_matches_closed_forms(synthetic_data, tmp_path):
     assert not rows.warm_start.iloc[0] and rows.warm_start.iloc[1:].all()
 
 
-def test_tracking_changes_nothing_in_the_trained_weights(synthetic_data, tmp_path):
-    tracked = train(_linear_mse_run(), synthetic_data, tmp_path / "tracked")
-    alone = train(_linear_mse_run(track_sharpness_every=0), synthetic_data, tmp_path / "alone")
+@pytest.mark.parametrize("optimizer", [{}, {"optimizer": "adam", "lr": 0.01}], ids=["sgd", "adam"])
+def test_tracking_changes_nothing_in_the_trained_weights(synthetic_data, tmp_path, optimizer):
+    """Bitwise, with every measure on: λmax, the batch sharpness over fixed batches and, for Adam, the
+    preconditioned sharpness read from the optimiser's state."""
+    tracked = train(_linear_mse_run(**optimizer), synthetic_data, tmp_path / "tracked")
+    alone = train(_linear_mse_run(track_sharpness_every=0, **optimizer), synthetic_data, tmp_path / "alone")
     assert _state_equal(tracked.model.state_dict(), alone.model.state_dict())
     columns = ["epoch", "step", "lr", "train_loss", "test_loss", "batch_loss", "grad_norm"]
     pd.testing.assert_frame_equal(
@@ -212,9 +216,17 @@ def test_tracking_changes_nothing_in_the_trained_weights(synthetic_data, tmp_pat
     summary = tracked.summary()
     assert summary["tracked_steps"] == len(tracked.state.sharpness)
     assert summary["tracked_lambda_max"] == tracked.state.sharpness[-1]["lambda_max"]
+    rows = pd.DataFrame(tracked.state.sharpness)
+    assert (rows.batch_count == 5).all() and np.isfinite(rows.batch_sharpness).all()  # 180 // 32 batches: capped
+    assert summary["tracked_batch_sharpness"] == rows.batch_sharpness.iloc[-1]
+    adam = bool(optimizer)
+    assert np.isfinite(rows.preconditioned_sharpness.iloc[1:]).all() == adam
+    assert (summary["tracked_preconditioned_sharpness"] is not None) == adam
+    assert (summary["batch_sharpness_over_threshold_last_quarter"] is None) == adam  # no SGD threshold for Adam
 
 
-def test_tracking_resumes_with_the_same_rows_and_warm_start(synthetic_data, tmp_path):
+@pytest.mark.parametrize("optimizer", [{}, {"optimizer": "adam", "lr": 0.01}], ids=["sgd", "adam"])
+def test_tracking_resumes_with_the_same_rows_and_warm_start(synthetic_data, tmp_path, optimizer):
     run = make_params(
         train={
             "epochs": 4,
@@ -223,6 +235,7 @@ def test_tracking_resumes_with_the_same_rows_and_warm_start(synthetic_data, tmp_
             "track_sharpness_every": 3,
             "track_sharpness_unit": "steps",
             "momentum": 0.0,
+            **optimizer,
         }
     ).run("mlp")
     reference = train(run, synthetic_data, tmp_path / "reference")
@@ -242,6 +255,7 @@ def test_tracking_resumes_with_the_same_rows_and_warm_start(synthetic_data, tmp_
     resumed = Trainer(run, synthetic_data, tmp_path / "resumed")
     assert resumed.start().startswith("resumed from epoch_0002.pt")
     assert resumed.state.track_vector is not None
+    assert (resumed.state.track_preconditioned_vector is not None) == bool(optimizer)  # Adam's own warm start
     while not resumed.done:
         resumed.train_epoch()
     assert _state_equal(resumed.model.state_dict(), reference.model.state_dict())

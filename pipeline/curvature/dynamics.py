@@ -14,6 +14,12 @@ and the per-sample gradients are the gradients of the :math:`\ell_i` alone. The 
   \rVert^2` of one Hessian-vector product, along any direction or along the gradient.
 - :func:`quadratic_step_model`: the change of the loss predicted for one optimiser step by the second-order Taylor
   model at the point before the step, beside the change that actually happens.
+- :func:`batch_sharpness`: the mean over mini-batches of each batch's own curvature along its own gradient,
+  :math:`\mathbb{E}_B[g_B^\top H_B g_B / \lVert g_B \rVert^2]` (Andreyev & Beneventano 2024, "Edge of stochastic
+  stability"), the quantity mini-batch SGD holds at :math:`2/\eta` where full-batch GD holds :math:`\lambda_{max}`.
+- :func:`preconditioned_sharpness`, :func:`adam_preconditioner`, :func:`adam_threshold`: :math:`\lambda_{max}` of the
+  preconditioned Hessian :math:`P^{-1}H` and Adam's stability threshold on it (Cohen et al. 2022, "Adaptive gradient
+  methods at the edge of stability").
 """
 
 from __future__ import annotations
@@ -21,13 +27,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
 from pipeline.curvature._checks import CurvatureError
+from pipeline.curvature.eigen import lanczos
 from pipeline.curvature.operators import BN_MODE, CurvatureOperator, HessianOperator, ProbeSet, account, loss_sum
 
 # --------------------------------------------------------------------------------------------------------------
@@ -396,3 +403,275 @@ def quadratic_step_model(
         step_sharpness=curvature / step_norm_sq if step_norm_sq > 0 else math.nan,
         cosine=-first / (grad_norm * step_norm) if grad_norm * step_norm > 0 else math.nan,
     )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Batch sharpness (SGD) and preconditioned sharpness (Adam)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchSharpness:
+    r"""The mean over mini-batches of :math:`g_B^\top H_B g_B / \lVert g_B \rVert^2`, with its spread and cost.
+
+    :math:`g_B` and :math:`H_B` are the gradient and Hessian of the batch's *own* mean loss
+    :math:`L_B = \frac{1}{|B|} \sum_{i \in B} \ell_i`, not of the probe set. Batches whose gradient is exactly zero
+    have no direction and are left out of the mean (``zero_gradient`` counts them); a non-finite gradient (a run
+    about to diverge) makes ``value`` NaN.
+    """
+
+    value: float  # E_B[g_B'H_B g_B / |g_B|^2] over the `batches` batches used; NaN when none is usable
+    stderr: float  # standard error of that mean: std (N - 1 normalised) / sqrt(batches); NaN with fewer than 2
+    batches: int  # batches in the mean (0 when a gradient is non-finite)
+    per_batch: tuple[float, ...] = field(repr=False)  # the ratio of every given batch, in order; NaN where left out
+    hvps: int = 0  # Hessian-vector products spent: one per batch with a finite, non-zero gradient
+    gradients: int = 0  # mini-batch gradients spent (each with the graph its one product backpropagates through)
+    zero_gradient: int = 0  # batches left out because g_B = 0
+    bn_mode: str = BN_MODE
+    seconds: float = 0.0
+
+
+def _gradient_with_graph(op: HessianOperator) -> Tensor:
+    """The flat gradient of ``op``'s loss from the graph its reverse-over-reverse products reuse (one gradient in
+    all: the product along it needs no second pass)."""
+    _, grads = op._retained_graph()
+    flat = torch.cat([g.detach().reshape(-1) for g in grads]).to(torch.float64)
+    op._gradient = flat  # what op.gradient() would compute again without the graph
+    return flat.clone()
+
+
+def batch_sharpness(
+    model: nn.Module,
+    batches: Sequence[tuple[Tensor, Tensor]],
+    *,
+    loss: str = "cross_entropy",
+    wrt: list[str] | None = None,
+) -> BatchSharpness:
+    r"""Batch sharpness :math:`\mathbb{E}_B\big[g_B^\top H_B g_B / \lVert g_B \rVert^2\big]` over the given batches.
+
+    Andreyev & Beneventano (2024, "Edge of stochastic stability") show that mini-batch SGD does not hold
+    :math:`\lambda_{max}` of the full loss at :math:`2/\eta` as full-batch gradient descent does (Cohen et al. 2021):
+    the quantity it stabilises is this expectation over batches of the curvature of each batch's loss along the
+    batch's own gradient, the direction of the step SGD takes. Every batch gets a
+    :class:`~pipeline.curvature.operators.HessianOperator` of its own (the batch alone, BatchNorm in eval mode, the
+    model's repeatability checked once); its gradient comes from the graph that the one product along it reuses, so
+    each batch costs one gradient and one product. For a single batch holding the whole training set this is
+    :func:`gradient_sharpness` of that set.
+
+    Args:
+        model: the network in eval mode (checked: training-mode BatchNorm or dropout is refused).
+        batches: ``(x, y)`` pairs, each one mini-batch of inputs and targets (sizes may differ), e.g. fixed
+            batches of the run's batch size; at least one.
+        loss: ``cross_entropy`` or ``mse`` (see :func:`~pipeline.curvature.operators.loss_sum`).
+        wrt: parameter names (default: all trainable ones).
+
+    Returns:
+        :class:`BatchSharpness`; ``stderr`` treats the batches as independent draws of a random batch.
+
+    Raises:
+        CurvatureError: no batches, a batch that is not an ``(x, y)`` pair of equal, non-zero length, unknown
+            ``loss`` or names, a model in training mode.
+    """
+    batches = list(batches)
+    if not batches:
+        raise CurvatureError("batches: empty; need at least one (x, y) mini-batch")
+    start = time.perf_counter()
+    per_batch: list[float] = []
+    hvps = gradients = zero = 0
+    finite = True
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise CurvatureError(f"batches[{i}]: expected an (x, y) pair of tensors, got {type(batch).__name__}")
+        x, y = batch
+        try:
+            probe = ProbeSet.from_tensors(x, y, max(len(x), 1))
+        except CurvatureError as err:
+            raise CurvatureError(f"batches[{i}]: {err}") from None
+        # reverse_over_reverse: the graph of the gradient serves the one product along it
+        op = HessianOperator(model, probe, wrt=wrt, loss=loss, check=(i == 0))
+        g = _gradient_with_graph(op)
+        gradients += 1
+        if not bool(torch.isfinite(g).all()):
+            finite = False
+            per_batch.append(math.nan)
+            continue
+        norm_sq = float(g @ g)
+        if norm_sq == 0.0:
+            zero += 1
+            per_batch.append(math.nan)
+            continue
+        per_batch.append(float(g @ op.matvec(g)) / norm_sq)
+        hvps += 1
+    used = [r for r in per_batch if not math.isnan(r)]
+    n = len(used)
+    if not finite or n == 0:
+        value = stderr = math.nan
+    else:
+        value = math.fsum(used) / n
+        stderr = math.sqrt(math.fsum((r - value) ** 2 for r in used) / (n - 1) / n) if n > 1 else math.nan
+    return BatchSharpness(
+        value=value,
+        stderr=stderr,
+        batches=n if finite else 0,
+        per_batch=tuple(per_batch),
+        hvps=hvps,
+        gradients=gradients,
+        zero_gradient=zero,
+        seconds=time.perf_counter() - start,
+    )
+
+
+class PreconditionedSharpness(NamedTuple):
+    r""":math:`\lambda_{max}(P^{-1}H)` from :func:`preconditioned_sharpness` (unpacks as a 5-tuple)."""
+
+    value: float  # top eigenvalue of D^{-1/2} H D^{-1/2}, = lambda_max(P^{-1} H)
+    residual: float  # ||A u - lambda u|| of the symmetric A = D^{-1/2} H D^{-1/2} at its top eigenvector u
+    converged: bool  # the Lanczos residual met tol
+    hvps: int  # Hessian-vector products spent (the explicit residual included)
+    vector: Tensor  # u: the top eigenvector of A (flat float64, unit norm), the warm start of the next solve
+
+
+def preconditioned_sharpness(
+    model: nn.Module,
+    probe: ProbeSet,
+    preconditioner: Mapping[str, Tensor],
+    *,
+    loss: str = "cross_entropy",
+    tol: float = 1e-3,
+    max_hvps: int = 200,
+    v0: Tensor | None = None,
+    seed: int = 0,
+    operator: HessianOperator | None = None,
+) -> PreconditionedSharpness:
+    r"""Top eigenvalue of the preconditioned probe-set Hessian :math:`P^{-1}H` for a positive diagonal :math:`P = D`.
+
+    :math:`P^{-1}H` is not symmetric, but it is similar to :math:`A = D^{-1/2} H D^{-1/2}`
+    (:math:`P^{-1}H = D^{-1/2} A D^{1/2}`), which is: the same eigenvalues, real, and Lanczos finds the top one from
+    products :math:`A u = D^{-1/2} H (D^{-1/2} u)`. For a preconditioned step :math:`\theta \leftarrow \theta -
+    \eta P^{-1} m` this is the curvature that decides stability on a quadratic, as :math:`\lambda_{max}(H)` does for
+    SGD; Cohen et al. (2022, "Adaptive gradient methods at the edge of stability") find that full-batch Adam trains
+    with it at :func:`adam_threshold` (:math:`P` from :func:`adam_preconditioner`). The eigenvector of :math:`P^{-1}H`
+    is :math:`D^{-1/2} u`.
+
+    Args:
+        model: the network in eval mode (checked unless ``operator`` is given).
+        probe: the probe set (loss = mean over all its samples).
+        preconditioner: name -> diagonal of :math:`P` (positive and finite) over exactly the operator's parameters
+            (default: all trainable ones), with their shapes.
+        loss: ``cross_entropy`` or ``mse``.
+        tol: relative Ritz-residual tolerance of the Lanczos solve (see :func:`~pipeline.curvature.eigen.lanczos`).
+        max_hvps: products allowed, explicit residual included.
+        v0: warm start, e.g. the previous ``vector`` (flat, ``dim`` entries); ``None``: a seeded Gaussian.
+        seed: seed of that start vector (the global random state is never used).
+        operator: a :class:`HessianOperator` of this model and probe set already at the current weights (e.g. the
+            one a tracked :math:`\lambda_{max}` solve just used): its retained graph is reused and its account
+            counts these products too. ``loss`` is then the operator's.
+
+    Returns:
+        :class:`PreconditionedSharpness` ``(value, residual, converged, hvps, vector)``.
+
+    Raises:
+        CurvatureError: names or shapes of ``preconditioner`` that differ from the parameters', an entry that is not
+            positive and finite, a ``v0`` of the wrong shape, a model in training mode.
+    """
+    if operator is None:
+        op = HessianOperator(model, probe, loss=loss)
+    else:
+        if not isinstance(operator, HessianOperator) or operator.probe.size != probe.size:
+            raise CurvatureError(
+                f"operator: expected a HessianOperator over the {probe.size} probe samples, got "
+                f"{type(operator).__name__}" + (f" over {operator.probe.size}" if hasattr(operator, "probe") else "")
+            )
+        op = operator
+    diagonal = _flat(op, preconditioner, "preconditioner")
+    if not bool((diagonal > 0).all()):
+        raise CurvatureError(
+            f"preconditioner: must be positive; {int((diagonal <= 0).sum())} of {op.dim} entries are <= 0"
+        )
+    scale = diagonal.rsqrt()  # D^{-1/2}
+    if v0 is not None:
+        if not isinstance(v0, Tensor) or v0.shape != (op.dim,):
+            raise CurvatureError(f"v0: expected a vector of shape ({op.dim},), got {tuple(getattr(v0, 'shape', ()))}")
+        v0 = v0.detach().to(device=op.device, dtype=torch.float64)
+    top, _ = lanczos(
+        lambda u: scale * op.matvec(scale * u),
+        op.dim,
+        k_largest=1,
+        tol=tol,
+        max_matvecs=max_hvps,
+        v0=v0,
+        seed=seed,
+        device=op.device,
+    )
+    return PreconditionedSharpness(
+        value=float(top.eigenvalues[0]),
+        residual=float(top.residuals[0]),
+        converged=bool(top.converged[0]),
+        hvps=int(top.matvecs),
+        vector=top.eigenvectors[0].detach().clone(),
+    )
+
+
+def adam_preconditioner(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, Tensor] | None:
+    r"""Adam's diagonal preconditioner at its current state: :math:`P_t = (1 - \beta_1^t)\,\mathrm{diag}(\sqrt{\hat
+    v_t} + \epsilon)`, with :math:`\hat v_t = v_t / (1 - \beta_2^t)` the bias-corrected second moment after
+    :math:`t` steps.
+
+    With it Adam's update is :math:`\theta_{t+1} = \theta_t - \eta P_t^{-1} m_t` for the raw first moment
+    :math:`m_t = \beta_1 m_{t-1} + (1 - \beta_1) g_t` (Cohen et al. 2022, section 2), the form whose stability
+    threshold is :func:`adam_threshold`. Read from ``exp_avg_sq`` (``max_exp_avg_sq`` with amsgrad), ``step``,
+    ``betas`` and ``eps`` of each parameter's state and group; computed in float64. The optimiser is not modified.
+
+    Args:
+        optimizer: a ``torch.optim.Adam`` (or subclass) over the model's trainable parameters.
+        model: the network; its trainable parameter names key the result.
+
+    Returns:
+        name -> :math:`\mathrm{diag}\,P_t` (float64, the parameter's shape), or ``None`` before the first step
+        (no second moment yet).
+
+    Raises:
+        CurvatureError: another optimiser, a trainable parameter the optimiser does not hold, or one without state
+            while others have it.
+    """
+    if not isinstance(optimizer, torch.optim.Adam):
+        raise CurvatureError(f"optimizer: expected a torch.optim.Adam, got {type(optimizer).__name__}")
+    groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    outside = [n for n, p in named if id(p) not in groups]
+    if outside:
+        raise CurvatureError(f"optimizer: does not hold the model's parameters {outside[:4]}")
+    stepped = [n for n, p in named if "exp_avg_sq" in optimizer.state.get(p, {})]
+    if not stepped:
+        return None
+    if len(stepped) < len(named):
+        missing = [n for n, _ in named if n not in stepped]
+        raise CurvatureError(f"optimizer: no second moment for {missing[:4]} while other parameters have one")
+    out: dict[str, Tensor] = {}
+    for name, p in named:
+        state, group = optimizer.state[p], groups[id(p)]
+        t = float(state["step"])
+        if t < 1:
+            return None
+        beta1, beta2 = (float(b) for b in group["betas"])
+        second = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
+        v_hat = second.detach().to(torch.float64) / (1.0 - beta2**t)
+        out[name] = (1.0 - beta1**t) * (v_hat.sqrt() + float(group["eps"]))
+    return out
+
+
+def adam_threshold(lr: float, beta1: float) -> float:
+    r"""Adam's stability threshold on the preconditioned sharpness: :math:`(2 + 2\beta_1) / ((1 - \beta_1)\,\eta)`.
+
+    The heavy-ball bound :math:`(2 + 2\beta)/\eta` for momentum written as an exponential moving average,
+    :math:`m_t = \beta_1 m_{t-1} + (1 - \beta_1) g_t` (Cohen et al. 2022): :math:`38/\eta` at :math:`\beta_1 = 0.9`.
+    ``inf`` for ``lr <= 0``.
+
+    Raises:
+        CurvatureError: ``beta1`` outside :math:`[0, 1)`.
+    """
+    if not 0.0 <= beta1 < 1.0:
+        raise CurvatureError(f"beta1: must be in [0, 1), got {beta1!r}")
+    if lr <= 0:
+        return math.inf
+    return (2.0 + 2.0 * beta1) / ((1.0 - beta1) * lr)

@@ -28,8 +28,8 @@ PLOT_EXPORTS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "random_line": ("alpha", ("train_loss", "test_loss"), "loss along the filter-normalised random direction"),
     "tracked_sharpness": (
         "step",
-        ("lambda_max", "stability_threshold", "grad_sharpness"),
-        "λmax tracked during training, the optimiser's stability threshold and g'Hg/|g|²",
+        ("lambda_max", "stability_threshold", "grad_sharpness", "batch_sharpness"),
+        "λmax tracked during training, the optimiser's stability threshold, g'Hg/|g|² and the batch sharpness",
     ),
     "step_model": (
         "step",
@@ -71,7 +71,8 @@ def plot_exports(data: RunData) -> dict[str, pd.DataFrame]:
     tracked = data.tables.get("sharpness_history")
     if tracked is not None and not tracked.empty:
         rows = tracked.sort_values("step")
-        frames["tracked_sharpness"] = rows[["step", "lambda_max", "stability_threshold", "grad_sharpness"]]
+        x, ys, _ = PLOT_EXPORTS["tracked_sharpness"]  # tables of older code lack batch_sharpness: NaN, left out
+        frames["tracked_sharpness"] = rows.reindex(columns=[x, *ys])
         frames["step_model"] = rows[["step", "actual_change", "predicted_change"]]
     density = data.tables.get("hessian_density")
     if density is not None and not density.empty:

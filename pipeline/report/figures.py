@@ -108,45 +108,76 @@ def plot_sharpness_overview(runs: Mapping[str, RunData], path: str | Path) -> Pa
 def plot_tracked_sharpness(tables: Mapping[str, pd.DataFrame], path: str | Path, *, title: str = "") -> Path:
     """The ``sharpness_history`` tables of some runs (``{run: frame}``), two panels.
 
-    Left: tracked λmax (solid) and the curvature along the gradient g'Hg/|g|² (dotted) over the steps, each run
-    against its optimiser's stability threshold (dashed; 2/η for plain gradient descent, (2+2β)/η with momentum).
+    Left: tracked λmax (solid), the curvature along the gradient g'Hg/|g|² (dotted) and the batch sharpness
+    E_B[g_B'H_B g_B/|g_B|²] over fixed mini-batches (dash-dot; Andreyev & Beneventano 2024) over the steps, each
+    run against its optimiser's stability threshold (dashed; 2/η for plain gradient descent, (2+2β)/η with
+    momentum). For Adam, the preconditioned sharpness λmax(P⁻¹H) (solid with dots) against its threshold
+    (2+2β₁)/((1−β₁)η) (dashed; Cohen et al. 2022). Tables from before a column existed draw without it.
     Right: how well the quadratic model predicts the change of the probe loss over one step, as
     |actual − predicted| / |first-order term|, against η·λmax/2 (1 = the edge of stability).
     """
     fig, (ax_sharp, ax_model) = plt.subplots(1, 2, figsize=(11, 4))
     drawn, spans, edges = 0, [], []
-    thresholds: dict[tuple, list[tuple[str, str, bool]]] = {}  # runs with the same schedule share one line
+    # (label, schedule) -> runs: runs with the same threshold over the same steps share one line
+    thresholds: dict[tuple[str, tuple], list[tuple[str, str]]] = {}
+    positive = lambda s: s.where(np.isfinite(s) & (s > 0))  # noqa: E731 (log scale: gaps, not zeros)
     for i, (name, frame) in enumerate(tables.items()):
         if frame is None or frame.empty:
             continue
         rows = frame.sort_values("step")
         color = f"C{i % 10}"
-        positive = lambda s: s.where(np.isfinite(s) & (s > 0))  # noqa: E731 (log scale: gaps, not zeros)
         ax_sharp.plot(
             rows.step, positive(rows.lambda_max), "-", color=color, lw=1.2, label=rf"{name} $\lambda_{{max}}$"
         )
         ax_sharp.plot(
             rows.step, positive(rows.grad_sharpness), ":", color=color, lw=1, label=rf"{name} $g^\top Hg/\|g\|^2$"
         )
+        curves = [rows.lambda_max]
+        batch = rows.get("batch_sharpness")
+        if batch is not None and positive(batch).notna().any():
+            ax_sharp.plot(
+                rows.step,
+                positive(batch),
+                "-.",
+                color=color,
+                lw=1.2,
+                label=f"{name} batch sharpness",
+            )
+            curves.append(batch)
+        preconditioned = rows.get("preconditioned_sharpness")
+        if preconditioned is not None and positive(preconditioned).notna().any():
+            ax_sharp.plot(
+                rows.step,
+                positive(preconditioned),
+                ".-",
+                ms=3,
+                color=color,
+                lw=1.2,
+                label=rf"{name} $\lambda_{{max}}(P^{{-1}}H)$",
+            )
+            curves.append(preconditioned)
         threshold = rows.stability_threshold.where(np.isfinite(rows.stability_threshold))
         if threshold.notna().any():
             momentum = not np.allclose(threshold.dropna(), rows.two_over_lr[threshold.notna()], rtol=1e-9)
+            label = r"$(2+2\beta)/\eta$" if momentum else r"$2/\eta$"
             key = tuple(zip(rows.step.tolist(), threshold.round(12).tolist()))
-            thresholds.setdefault(key, []).append((name, color, momentum))
+            thresholds.setdefault((label, key), []).append((name, color))
+        adam = rows.get("preconditioned_threshold")
+        adam = adam.where(np.isfinite(adam)) if adam is not None else pd.Series(np.nan, index=rows.index)
+        if adam.notna().any():
+            key = tuple(zip(rows.step.tolist(), adam.round(12).tolist()))
+            thresholds.setdefault((r"$(2+2\beta_1)/((1-\beta_1)\eta)$", key), []).append((name, color))
         spans += [
-            float(v)
-            for v in (rows.lambda_max.min(), rows.lambda_max.max(), threshold.min(), threshold.max())
-            if math.isfinite(v)
+            float(v) for series in (*curves, threshold, adam) for v in (series.min(), series.max()) if math.isfinite(v)
         ]
         relative = (rows.model_error.abs() / rows.first_order.abs()).where(rows.first_order.abs() > 0)
         edge = rows.lr * rows.lambda_max / 2.0
         edges += [float(v) for v in edge if math.isfinite(v) and v > 0]
         ax_model.scatter(edge, positive(relative), s=8, color=color, alpha=0.7, label=name)
         drawn += 1
-    for schedule, owners in thresholds.items():
+    for (label, schedule), owners in thresholds.items():
         steps, values = np.array(schedule, dtype=float).T
         shared = len(owners) > 1 or len(thresholds) == 1
-        label = r"$(2+2\beta)/\eta$" if owners[0][2] else r"$2/\eta$"
         ax_sharp.plot(
             steps,
             values,
@@ -154,7 +185,7 @@ def plot_tracked_sharpness(tables: Mapping[str, pd.DataFrame], path: str | Path,
             lw=1,
             color="k" if shared else owners[0][1],
             alpha=0.8,
-            label=label + ("" if len(thresholds) == 1 else " (" + ", ".join(n for n, _, _ in owners) + ")"),
+            label=label + ("" if len(thresholds) == 1 else " (" + ", ".join(n for n, _ in owners) + ")"),
         )
     if not drawn:
         _empty(ax_sharp, "no tracked sharpness (train.track_sharpness_every: 0)")
@@ -167,8 +198,8 @@ def plot_tracked_sharpness(tables: Mapping[str, pd.DataFrame], path: str | Path,
             ax_sharp.set_ylim(bottom=0, top=1.15 * max(spans + [1e-12]))
         ax_sharp.set(
             xlabel="step",
-            ylabel="curvature (probe set)",
-            title=title or r"tracked $\lambda_{max}$ against the stability threshold",
+            ylabel="curvature",
+            title=title or "tracked sharpness against the stability threshold",
         )
         ax_model.set_yscale("log")
         if edges and max(edges) > 30 * min(edges):

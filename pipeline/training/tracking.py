@@ -13,11 +13,22 @@ statistics, as in the ``hessian`` stage; the training forward itself is untouche
   :math:`\Delta L \approx g^\top \Delta\theta + \tfrac12 \Delta\theta^\top H \Delta\theta` (for SGD,
   :math:`-\eta g^\top v + \tfrac12 \eta^2 v^\top H v`) beside the actual change of the probe loss.
 
+Beside them, two measures of the curvature the optimiser itself is stable on:
+
+- with ``train.track_batches``, the *batch sharpness* :math:`\mathbb{E}_B[g_B^\top H_B g_B / \lVert g_B \rVert^2]`
+  over fixed mini-batches of the run's batch size (:func:`~pipeline.curvature.dynamics.batch_sharpness`):
+  mini-batch SGD holds it at the threshold while :math:`\lambda_{max}` stays below (Andreyev & Beneventano 2024,
+  "Edge of stochastic stability");
+- for Adam, the *preconditioned sharpness* :math:`\lambda_{max}(P_t^{-1}H)` with Adam's preconditioner at the step
+  (:func:`~pipeline.curvature.dynamics.adam_preconditioner`), by Lanczos on the probe set warm-started from its own
+  previous vector, against :math:`(2 + 2\beta_1)/((1 - \beta_1)\eta)` (Cohen et al. 2022, "Adaptive gradient
+  methods at the edge of stability"). Before Adam's first step there is no preconditioner: NaN.
+
 Gradient descent on a quadratic is stable along a direction only when :math:`\eta\lambda < 2`; heavy-ball momentum
 :math:`\beta` moves the bound to :math:`(2 + 2\beta)/\eta` and Nesterov's to :math:`(2 + 2\beta)/((1 + 2\beta)\eta)`
 (Cohen et al. 2021, appendix). :func:`stability_threshold` gives the bound of the run's optimiser (NaN for Adam,
-whose bound concerns the preconditioned Hessian). The tracker never touches the global random state, so a tracked
-run trains exactly the same weights as an untracked one.
+whose bound concerns the preconditioned Hessian: :func:`preconditioned_threshold`). The tracker never touches the
+global random state, so a tracked run trains exactly the same weights as an untracked one.
 """
 
 from __future__ import annotations
@@ -28,21 +39,37 @@ import time
 import torch
 from torch import Tensor, nn
 
-from pipeline.config import TrainConfig
-from pipeline.curvature.dynamics import quadratic_step_model
+from pipeline.config import FULL_BATCH, TrainConfig
+from pipeline.curvature.dynamics import (
+    adam_preconditioner,
+    adam_threshold,
+    batch_sharpness,
+    preconditioned_sharpness,
+    quadratic_step_model,
+)
 from pipeline.curvature.eigen import lanczos
 from pipeline.curvature.operators import HessianOperator, ProbeSet, account
-
-COST = ("forwards", "gradients", "hvps")  # the tracked step's primitive operations, as cost_* columns
 from pipeline.tables import SHARPNESS_HISTORY
 
-__all__ = ["SharpnessTracker", "stability_threshold", "tracking_due", "TRACK_COLUMNS"]
+COST = ("forwards", "gradients", "hvps")  # the tracked step's primitive operations, as cost_* columns
+
+__all__ = [
+    "SharpnessTracker",
+    "stability_threshold",
+    "preconditioned_threshold",
+    "tracked_batch_indices",
+    "tracking_due",
+    "TRACK_COLUMNS",
+]
 
 # Columns of the `sharpness_history` table, in order: read from its schema (pipeline.tables), not re-listed.
 TRACK_COLUMNS = tuple(SHARPNESS_HISTORY.names)
 
 
 _BEFORE = ("lambda_max", "lambda_max_residual", "grad_sharpness", "grad_norm")
+_BATCH = ("batch_sharpness", "batch_sharpness_stderr")  # NaN, with batch_count 0, when off or not finite
+_PRECONDITIONED = ("preconditioned_sharpness", "preconditioned_residual")  # NaN unless Adam has taken a step
+TRACK_BATCHES_SEED_OFFSET = 7_919  # the fixed batches' generator: train.seed + this (not the batch order's seeds)
 _AFTER = (
     "probe_loss",
     "loss_after",
@@ -74,6 +101,32 @@ def stability_threshold(cfg: TrainConfig, lr: float) -> float:
     return (2.0 + 2.0 * beta) / lr
 
 
+def preconditioned_threshold(cfg: TrainConfig, lr: float) -> float:
+    r"""Adam's bound on the preconditioned sharpness, :math:`(2 + 2\beta_1)/((1 - \beta_1)\eta)`; NaN for SGD."""
+    if cfg.optimizer != "adam":
+        return math.nan
+    return adam_threshold(lr, cfg.adam_beta1)
+
+
+def tracked_batch_indices(n: int, batch_size: int | str, count: int, seed: int) -> list[Tensor]:
+    """Index batches of the batch sharpness: ``count`` disjoint batches of ``batch_size`` from ``n`` samples.
+
+    Drawn once, without replacement, from a generator seeded by ``seed + TRACK_BATCHES_SEED_OFFSET`` (the global
+    random state is not used); capped at the ``n // batch_size`` batches the split holds. ``batch_size`` ``"full"``
+    gives the whole split as one batch (full-batch gradient descent), and so does a batch size above ``n``.
+    ``count == 0`` gives none.
+    """
+    if count <= 0 or n <= 0:
+        return []
+    size = n if batch_size == FULL_BATCH else min(int(batch_size), n)
+    if size == n:
+        return [torch.arange(n)]
+    count = min(count, n // size)
+    generator = torch.Generator().manual_seed(seed + TRACK_BATCHES_SEED_OFFSET)
+    perm = torch.randperm(n, generator=generator)
+    return list(perm[: count * size].split(size))
+
+
 def tracking_due(cfg: TrainConfig, step: int, steps_per_epoch: int) -> bool:
     """Whether the step with 0-based global index ``step`` is tracked (``track_sharpness_every`` steps or epochs).
 
@@ -93,24 +146,40 @@ class SharpnessTracker:
 
     Usage, around one optimiser step of ``model`` (in training mode; the tracker switches to eval mode and back)::
 
-        before = tracker.before_step(model)        # λmax, g'Hg/|g|^2 at θ; returns the state to diff against
+        before = tracker.before_step(model, optimizer)  # λmax, g'Hg/|g|^2, batch and preconditioned sharpness at θ
         optimizer.step()
         row = tracker.after_step(model, before)    # the quadratic model of the step actually taken
 
-    ``vector`` (the last top eigenvector, flat float64 on the CPU) is the warm start of the next solve; the trainer
-    keeps it in its checkpoints so that a resumed run tracks as the uninterrupted one does.
+    ``batches``: the fixed ``(x, y)`` mini-batches of the batch sharpness, on the model's device (empty: off).
+    ``vector`` (the last top eigenvector, flat float64 on the CPU) is the warm start of the next λmax solve and
+    ``preconditioned_vector`` that of the next preconditioned one; the trainer keeps both in its checkpoints so
+    that a resumed run tracks as the uninterrupted one does.
     """
 
-    def __init__(self, probe: ProbeSet, *, loss: str, tol: float, max_hvps: int, seed: int = 0):
+    def __init__(
+        self,
+        probe: ProbeSet,
+        *,
+        loss: str,
+        tol: float,
+        max_hvps: int,
+        seed: int = 0,
+        batches: list[tuple[Tensor, Tensor]] | tuple = (),
+    ):
         self.probe = probe
         self.loss = loss
         self.tol = tol
         self.max_hvps = max_hvps
         self.seed = seed
+        self.batches = list(batches)
         self.vector: Tensor | None = None
+        self.preconditioned_vector: Tensor | None = None
 
-    def before_step(self, model: nn.Module) -> dict:
-        """Curvature at the current weights; returns the measurements and a copy of the state (parameters, buffers)."""
+    def before_step(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
+        """Curvature at the current weights; returns the measurements and a copy of the state (parameters, buffers).
+
+        ``optimizer``: the run's optimiser, read only; a ``torch.optim.Adam`` adds the preconditioned sharpness.
+        """
         started = time.perf_counter()
         was_training = model.training
         model.eval()
@@ -120,11 +189,13 @@ class SharpnessTracker:
             g = op.gradient()
             if not bool(torch.isfinite(g).all()):  # about to diverge: nothing to measure, nothing to warm-start
                 self.vector = None
+                self.preconditioned_vector = None
                 return {
                     "state": state,
                     "operator": op,
                     "finite": False,
-                    **{k: math.nan for k in _BEFORE},
+                    **{k: math.nan for k in (*_BEFORE, *_BATCH, *_PRECONDITIONED)},
+                    "batch_count": 0,
                     "lambda_max_converged": False,
                     "hvps": 0,
                     "warm_start": False,
@@ -144,6 +215,8 @@ class SharpnessTracker:
             self.vector = top.eigenvectors[0].detach().to("cpu", torch.float64).clone()
             grad_norm_sq = float(g @ g)
             grad_sharpness = float(g @ op.matvec(g)) / grad_norm_sq if grad_norm_sq > 0 else math.nan
+            batch = self._batch_sharpness(model)
+            preconditioned = self._preconditioned_sharpness(model, optimizer, op)
         finally:
             model.train(was_training)
         return {
@@ -157,8 +230,50 @@ class SharpnessTracker:
             "warm_start": warm,
             "grad_sharpness": grad_sharpness,
             "grad_norm": math.sqrt(grad_norm_sq),
+            **batch,
+            **preconditioned,
             "seconds": time.perf_counter() - started,
         }
+
+    def _batch_sharpness(self, model: nn.Module) -> dict:
+        """The batch sharpness over the fixed batches (NaN and a count of 0 without batches)."""
+        if not self.batches:
+            return {"batch_sharpness": math.nan, "batch_sharpness_stderr": math.nan, "batch_count": 0}
+        result = batch_sharpness(model, self.batches, loss=self.loss)
+        return {
+            "batch_sharpness": result.value,
+            "batch_sharpness_stderr": result.stderr,
+            "batch_count": result.batches,
+        }
+
+    def _preconditioned_sharpness(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None, op: HessianOperator
+    ) -> dict:
+        """λmax(P⁻¹H) with Adam's preconditioner, warm-started from ``preconditioned_vector`` (NaN for another
+        optimiser, before Adam's first step, or with a non-finite second moment). Its products are ``op``'s, so they
+        count in the row's ``cost_hvps``."""
+        off = {k: math.nan for k in _PRECONDITIONED}
+        if not isinstance(optimizer, torch.optim.Adam):
+            return off
+        preconditioner = adam_preconditioner(optimizer, model)
+        if preconditioner is None or not all(
+            bool((torch.isfinite(p) & (p > 0)).all()) for p in preconditioner.values()
+        ):
+            self.preconditioned_vector = None
+            return off
+        warm = self.preconditioned_vector is not None and self.preconditioned_vector.shape == (op.dim,)
+        value, residual, _, _, vector = preconditioned_sharpness(
+            model,
+            self.probe,
+            preconditioner,
+            tol=self.tol,
+            max_hvps=self.max_hvps,
+            v0=self.preconditioned_vector if warm else None,
+            seed=self.seed,
+            operator=op,
+        )
+        self.preconditioned_vector = vector.detach().to("cpu", torch.float64).clone()
+        return {"preconditioned_sharpness": value, "preconditioned_residual": residual}
 
     def after_step(self, model: nn.Module, before: dict) -> dict:
         """The quadratic model of the step from ``before['state']`` to the model's current parameters."""

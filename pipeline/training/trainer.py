@@ -7,8 +7,9 @@ CPU the final weights are bitwise identical. A non-finite loss stops the run and
 ``train.batch_size: full`` is full-batch gradient descent (one step per epoch over the whole train split);
 ``train.loss: mse`` trains on the squared error to the one-hot target (the edge-of-stability setting of Cohen et al.
 2021). With ``train.track_sharpness_every`` a :class:`~pipeline.training.tracking.SharpnessTracker` measures λmax, the
-curvature along the gradient and the quadratic model of the step at the due steps, on the probe set; those rows are
-``Trainer.state.sharpness`` (the ``sharpness_history`` table).
+curvature along the gradient and the quadratic model of the step at the due steps, on the probe set, and with
+``train.track_batches`` the batch sharpness over fixed mini-batches of the train split (and, for Adam, the
+preconditioned sharpness); those rows are ``Trainer.state.sharpness`` (the ``sharpness_history`` table).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
     sharpness: list[dict] = field(default_factory=list)  # tracked steps (train.track_sharpness_every)
     track_vector: torch.Tensor | None = None  # the last tracked top eigenvector: the next solve's warm start
+    track_preconditioned_vector: torch.Tensor | None = None  # the same for the preconditioned solve (Adam)
 
 
 class Trainer:
@@ -86,15 +88,21 @@ class Trainer:
         self.tracker = None
         if self.cfg.track_sharpness_every:
             from pipeline.curvature.operators import ProbeSet
-            from pipeline.training.tracking import SharpnessTracker
+            from pipeline.training.tracking import SharpnessTracker, tracked_batch_indices
 
             x_probe, y_probe = (t.to(self.device) for t in data.probe_tensors())
+            # The batch sharpness's fixed mini-batches, drawn once from the train split (their own seeded generator)
+            indices = tracked_batch_indices(
+                len(self.x_train), self.cfg.batch_size, self.cfg.track_batches, self.cfg.seed
+            )
+            batches = [(self.x_train[i.to(self.device)], self.y_train[i.to(self.device)]) for i in indices]
             self.tracker = SharpnessTracker(
                 ProbeSet.from_tensors(x_probe, y_probe, self.cfg.eval_batch_size),
                 loss=self.cfg.loss,
                 tol=self.cfg.track_tol,
                 max_hvps=self.cfg.track_max_hvps,
                 seed=self.cfg.seed,
+                batches=batches,
             )
 
     # ------------------------------------------------------------------ lifecycle
@@ -246,14 +254,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ sharpness tracking
     def _track_before(self, lr: float, epoch: int) -> dict | None:
-        """λmax and g'Hg/|g|² on the probe set before the step with index ``state.step``, when it is due."""
-        from pipeline.training.tracking import stability_threshold, tracking_due
+        """λmax, g'Hg/|g|², the batch and (Adam) preconditioned sharpness before the step with index ``state.step``,
+        when it is due."""
+        from pipeline.training.tracking import preconditioned_threshold, stability_threshold, tracking_due
 
         if self.tracker is None or not tracking_due(self.cfg, self.state.step, self.steps_per_epoch):
             return None
         self.tracker.vector = self.state.track_vector
-        before = self.tracker.before_step(self.model)
+        self.tracker.preconditioned_vector = self.state.track_preconditioned_vector
+        before = self.tracker.before_step(self.model, self.optimizer)
         self.state.track_vector = self.tracker.vector
+        self.state.track_preconditioned_vector = self.tracker.preconditioned_vector
         before.update(
             run=self.run.name,
             epoch=epoch - 1,
@@ -261,6 +272,7 @@ class Trainer:
             lr=lr,
             two_over_lr=2.0 / lr if lr > 0 else math.inf,
             stability_threshold=stability_threshold(self.cfg, lr),
+            preconditioned_threshold=preconditioned_threshold(self.cfg, lr),
         )
         return before
 
@@ -288,6 +300,7 @@ class Trainer:
             "history": s.history,
             "sharpness": s.sharpness,
             "track_vector": s.track_vector,
+            "track_preconditioned_vector": s.track_preconditioned_vector,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "config": self.run.to_dict(),
@@ -318,6 +331,7 @@ class Trainer:
             history=list(payload["history"]),
             sharpness=list(payload.get("sharpness", [])),
             track_vector=payload.get("track_vector"),
+            track_preconditioned_vector=payload.get("track_preconditioned_vector"),
         )
 
     # ------------------------------------------------------------------ history rows
@@ -375,29 +389,53 @@ class Trainer:
         """Headline numbers of the tracked sharpness (empty when tracking is off).
 
         ``sharpness_over_threshold_last_quarter``: the mean over the last quarter of the tracked steps of
-        λmax / (the optimiser's stability threshold), about 1 at the edge of stability (Cohen et al. 2021).
+        λmax / (the optimiser's stability threshold), about 1 at the edge of stability (Cohen et al. 2021);
+        ``batch_sharpness_over_threshold_last_quarter`` the same for the batch sharpness, about 1 at the edge of
+        stochastic stability of mini-batch SGD (Andreyev & Beneventano 2024), and
+        ``preconditioned_over_threshold_last_quarter`` for λmax(P⁻¹H) against Adam's (2+2β₁)/((1−β₁)η) (Cohen et
+        al. 2022). ``*_max``: the largest ratio over all tracked steps. None where no step gives a finite ratio (the
+        threshold is NaN for Adam and the preconditioned one for SGD).
         """
         rows = self.state.sharpness
         if not rows:
             return {}
         last = rows[-1]
         quarter = rows[len(rows) - max(len(rows) // 4, 1) :]
-        ratios = [
-            r["lambda_max"] / r["stability_threshold"]
-            for r in quarter
-            if math.isfinite(r["lambda_max"])
-            and math.isfinite(r["stability_threshold"])
-            and r["stability_threshold"] > 0
-        ]
         return {
             "tracked_steps": len(rows),
             "tracking_seconds": round(sum(r["seconds"] for r in rows), 3),
             "tracked_lambda_max": finite(last["lambda_max"]),
             "tracked_stability_threshold": finite(last["stability_threshold"]),
             "tracked_grad_sharpness": finite(last["grad_sharpness"]),
-            "sharpness_over_threshold_last_quarter": finite(sum(ratios) / len(ratios)) if ratios else None,
+            "sharpness_over_threshold_last_quarter": _mean_ratio(quarter, "lambda_max", "stability_threshold"),
+            "lambda_max_over_threshold_max": _max_ratio(rows, "lambda_max", "stability_threshold"),
+            "tracked_batch_sharpness": finite(last.get("batch_sharpness")),
+            "batch_sharpness_over_threshold_max": _max_ratio(rows, "batch_sharpness", "stability_threshold"),
+            "batch_sharpness_over_threshold_last_quarter": _mean_ratio(
+                quarter, "batch_sharpness", "stability_threshold"
+            ),
+            "tracked_preconditioned_sharpness": finite(last.get("preconditioned_sharpness")),
+            "preconditioned_over_threshold_last_quarter": _mean_ratio(
+                quarter, "preconditioned_sharpness", "preconditioned_threshold"
+            ),
             "tracked_hvps_mean": round(sum(r["hvps"] for r in rows) / len(rows), 2),
         }
+
+
+def _ratios(rows: list[dict], value: str, threshold: str) -> list[float]:
+    """``row[value] / row[threshold]`` of the rows where both are finite and the threshold positive."""
+    pairs = [(r.get(value, math.nan), r.get(threshold, math.nan)) for r in rows]  # rows of older code lack some
+    return [v / t for v, t in pairs if math.isfinite(v) and math.isfinite(t) and t > 0]
+
+
+def _mean_ratio(rows: list[dict], value: str, threshold: str) -> float | None:
+    ratios = _ratios(rows, value, threshold)
+    return finite(sum(ratios) / len(ratios)) if ratios else None
+
+
+def _max_ratio(rows: list[dict], value: str, threshold: str) -> float | None:
+    ratios = _ratios(rows, value, threshold)
+    return finite(max(ratios)) if ratios else None
 
 
 def train(

@@ -206,7 +206,12 @@ def test_repro_runs_every_stage_once_then_nothing(built, repo, env):
     spectrum = pd.read_parquet(repo / "reports/tables/mlp/hessian_spectrum.parquet")
     assert sorted(spectrum.epoch.unique()) == [0, 1, 2]  # eigenvalues at every checkpoint
     assert set(spectrum[spectrum.quantity == "trace"].epoch) == {2}  # details at the final one
-    assert set(spectrum.operator) == {"hessian", "ggn"} and (spectrum.bn_mode == "eval").all()
+    # hessian_rescaled: the measures again on Dinh et al.'s rescaling of the MLP's first ReLU layer pair
+    assert set(spectrum.operator) == {"hessian", "ggn", "hessian_rescaled"} and (spectrum.bn_mode == "eval").all()
+    assert set(spectrum[spectrum.operator == "hessian_rescaled"].epoch) == {2}  # at `details` only
+    reparam = json.loads((repo / "reports/tables/mlp/hessian_metrics.json").read_text())["reparametrisation"]
+    assert reparam["alpha"] == 10 and reparam["output_change"] < 1e-5
+    assert reparam["measures"]["lambda_max"]["ratio"] > 10
     assert {"net.1", "net.3"} <= set(spectrum.group)  # per-block spectra
     for run in ("mlp", "resnet20"):
         for figure in ("hessian_sharpness", "hessian_spectrum", "hessian_density"):

@@ -16,6 +16,7 @@ from pipeline.errors import DataError
 from pipeline.flows.common import markdown_artifact, table_artifact, unit_of_work
 from pipeline.io import plot_placeholder
 from pipeline.provenance import git_revision
+from pipeline.report.claims import reparam_rows, report_claims
 from pipeline.report.exports import write_plot_exports
 from pipeline.report.figures import (
     plot_dynamics_overview,
@@ -164,6 +165,12 @@ def report_flow(
         seeds=seed_rows(metrics, names),
         comparisons=comparison_rows(metrics),
         connectivity=connectivity_rows(metrics, names),
+        reparam=reparam_rows(metrics, names),
+        claims=report_claims(
+            metrics,
+            {name: runs[name].metadata.get("train_history", {}).get("run", {}) for name in names if name in runs},
+            {name: runs[name].tables.get("sharpness_history") for name in names if name in runs},
+        ),
     )
     index, readme = write_documents(report, Path(out_dir))
 

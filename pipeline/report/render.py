@@ -15,6 +15,14 @@ matplotlib.use("Agg")  # no display: figures are files
 
 
 from pipeline.io import atomic_path  # noqa: E402
+from pipeline.report.claims import (  # noqa: E402
+    CLAIMS_CAPTION,
+    REPARAM_CAPTION,
+    claims_html,
+    claims_markdown,
+    reparam_html,
+    reparam_markdown,
+)
 from pipeline.report.summary import (
     CONNECTIVITY_CAPTION,
     CONNECTIVITY_COLUMNS,
@@ -136,6 +144,10 @@ def render_markdown(report: Report, base: Path) -> str:
         lines += ["## Across seeds", "", seeds_markdown(report.seeds, report.comparisons), "", SEEDS_CAPTION, ""]
     if report.connectivity:
         lines += ["## Mode connectivity", "", connectivity_markdown(report.connectivity), "", CONNECTIVITY_CAPTION, ""]
+    if report.reparam:
+        lines += ["## Reparametrisation (Dinh et al.)", "", reparam_markdown(report.reparam), "", REPARAM_CAPTION, ""]
+    if report.claims:
+        lines += ["## What the landscape says", "", claims_markdown(report.claims), "", CLAIMS_CAPTION, ""]
     for title, path, caption in report.figures:
         rel = (
             Path(path).resolve().relative_to(base.resolve())
@@ -244,6 +256,8 @@ def render_html(report: Report) -> str:
 <dl class="legend">{legend}</dl>
 {seeds_html(report.seeds, report.comparisons)}
 {connectivity_html(report.connectivity)}
+{reparam_html(report.reparam)}
+{claims_html(report.claims)}
 {figures}
 <h2>Provenance</h2>
 <table id="provenance"><thead><tr><th>run</th><th>table</th><th>git revision</th><th>code</th><th>data</th><th>torch</th>

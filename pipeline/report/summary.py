@@ -214,6 +214,8 @@ class Report:
     seeds: list[dict[str, Any]] = field(default_factory=list)  # seed_rows
     comparisons: list[dict[str, Any]] = field(default_factory=list)  # comparison_rows
     connectivity: list[dict[str, Any]] = field(default_factory=list)  # connectivity_rows
+    reparam: list[dict[str, Any]] = field(default_factory=list)  # claims.reparam_rows
+    claims: list[Any] = field(default_factory=list)  # claims.Claim, in order
 
 
 # (measure of the `seeds` stage, header)

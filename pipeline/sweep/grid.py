@@ -55,6 +55,7 @@ from pipeline.data import PreparedData
 from pipeline.io import atomic_path, finite_tree, write_json
 from pipeline.metrics import MEASURES, hessian_headline
 from pipeline.provenance import code_fingerprint, provenance, source_fingerprint
+from pipeline.report.claims import CLAIMS_CAPTION, claims_markdown, sweep_claims
 from pipeline.sweep.figures import plot_sweep
 from pipeline.sweep.stats import Experiment, batch_size_effect, kendall_table, markdown_table
 from pipeline.training.checkpoints import parameters_finite
@@ -87,7 +88,7 @@ RESULT_FORMAT = 1
 MEASURE_SOURCES = ("curvature", "metrics.py")  # the code that turns a trained point into its measures
 # Measures the sweep can produce: those read from the hessian stage (the scans of the main pipeline are not run).
 SWEEP_MEASURES: tuple[str, ...] = tuple(m.name for m in MEASURES if all(stage == "hessian" for stage, _ in m.sources))
-BATCH_SIZE_MEASURES: tuple[str, ...] = ("lambda_max", "epsilon_sharpness_absolute")
+BATCH_SIZE_MEASURES: tuple[str, ...] = ("lambda_max", "epsilon_sharpness_absolute", "adaptive_worst_l2")
 OUTPUT_FILES = (
     "points.parquet",
     "kendall.parquet",
@@ -422,6 +423,8 @@ def _readme(frame: pd.DataFrame, kendall: pd.DataFrame, batch: pd.DataFrame, sum
             ("lambda_max", "λmax"),
             ("epsilon_sharpness_absolute", "ε-sharpness"),
             ("pac_bayes_sigma_isotropic", "PAC-Bayes σ"),
+            ("adaptive_worst_l2", "adaptive l2"),
+            ("adaptive_worst_linf", "adaptive l∞"),
         ],
     )
     effect = _markdown(
@@ -460,6 +463,12 @@ def _readme(frame: pd.DataFrame, kendall: pd.DataFrame, batch: pd.DataFrame, sum
             "size.",
             "",
             effect,
+            "",
+            "## What the landscape says",
+            "",
+            claims_markdown(sweep_claims(frame, kendall)),
+            "",
+            CLAIMS_CAPTION,
             "",
             "## Figure",
             "",

@@ -43,6 +43,12 @@ SUMMARY_COLUMNS: tuple[tuple[str, str, str], ...] = (
         "largest isotropic weight-noise scale keeping the expected loss increase within "
         "hessian.pac_bayes_bound (larger: flatter)",
     ),
+    (
+        "adaptive_sharpness",
+        "adaptive",
+        "adaptive sharpness, worst case in ||δ/|w| ||₂ <= hessian.adaptive_l2, m-sharpness (nats; invariant under "
+        "rescalings that keep the function)",
+    ),
     ("noise_scale", "B_simple", "gradient noise scale tr(Σ)/|g|² at the final checkpoint (McCandlish et al. 2018)"),
     (
         "lambda_max_lr_over_2",
@@ -116,6 +122,7 @@ def summary_rows(metrics: Mapping[str, Mapping[str, Any]], runs: Sequence[str]) 
                 "barrier": finite(lookup(m, "barrier")),
                 "epsilon_sharpness": finite(lookup(m, "epsilon_sharpness_absolute")),
                 "pac_bayes_sigma": finite(lookup(m, "pac_bayes_sigma_isotropic")),
+                "adaptive_sharpness": finite(lookup(m, "adaptive_worst_l2")),
                 "noise_scale": finite(lookup(m, "noise_scale")),
                 "lambda_max_lr_over_2": finite(lookup(m, "lambda_max_lr_over_2")),
                 "lr": None,

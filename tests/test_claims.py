@@ -53,14 +53,15 @@ def test_model_names_give_depth_and_skips():
 
 
 def test_skip_claim_follows_the_intervals():
-    (sharper,) = skip_claims(metrics([3.0, 3.2, 2.9]), CONFIGS)
+    sharper, deeper = skip_claims(metrics([3.0, 3.2, 2.9]), CONFIGS)
     assert sharper.verdict == SUPPORTED and "resnet20_noshort 3.033" in sharper.numbers
-    (overlap,) = skip_claims(metrics([1.0, 1.3, 0.8]), CONFIGS)
+    assert deeper.key == "a (deeper)" and deeper.verdict == NOT_TESTABLE  # no pair deeper than 20 among these runs
+    overlap, _ = skip_claims(metrics([1.0, 1.3, 0.8]), CONFIGS)
     assert overlap.verdict == NOT_SUPPORTED and "overlap" in overlap.numbers
-    (flatter,) = skip_claims(metrics([0.3, 0.31, 0.29]), CONFIGS)
+    flatter, _ = skip_claims(metrics([0.3, 0.31, 0.29]), CONFIGS)
     assert flatter.verdict == NOT_SUPPORTED and "flatter" in flatter.numbers
     one = metrics([3.0])
-    (untestable,) = skip_claims(one, CONFIGS)
+    untestable, _ = skip_claims(one, CONFIGS)
     assert untestable.verdict == NOT_TESTABLE
     # |lambda_min / lambda_max| per seed: 0.1/1.0, 0.1/1.1, 0.2/0.9
     assert f"{(0.1 + 0.1 / 1.1 + 0.2 / 0.9) / 3:.4g}" in sharper.numbers
@@ -76,8 +77,7 @@ def test_a_deeper_pair_adds_a_row_and_its_absence_is_said():
     rows = skip_claims(m, configs)
     assert [r.key for r in rows] == ["a (depth 20)", "a (depth 56)"]
     assert [r.verdict for r in rows] == [SUPPORTED, NOT_SUPPORTED]
-    (only,) = skip_claims({}, {"mlp": {"model_name": "mlp"}})
-    assert only.verdict == NOT_TESTABLE
+    assert {c.verdict for c in skip_claims({}, {"mlp": {"model_name": "mlp"}})} == {NOT_TESTABLE}
 
 
 def history(actual, predicted, lr=0.1, lam=1.0):
@@ -102,15 +102,16 @@ def test_quadratic_claim_uses_the_median_relative_error():
     assert "over 3 tracked steps" in with_nan.numbers
 
 
+def tracked(batch, top, threshold=10.0):
+    steps = range(len(batch))
+    return pd.DataFrame(
+        {"step": [10 * i for i in steps], "batch_sharpness": batch, "lambda_max": top, "stability_threshold": threshold}
+    )
+
+
 def test_threshold_claims_per_optimiser():
     m = {
-        "sgd": {
-            "train": {
-                "tracked_steps": 5,
-                "batch_sharpness_over_threshold_max": 0.95,
-                "lambda_max_over_threshold_max": 0.2,
-            }
-        },
+        "sgd": {"train": {"tracked_steps": 5}},  # its rule reads the sharpness_history table
         "gd": {"train": {"tracked_steps": 5, "sharpness_over_threshold_last_quarter": 1.021}},
         "adam": {"train": {"tracked_steps": 5, "preconditioned_over_threshold_last_quarter": 0.5}},
         "off": {"train": {"tracked_steps": 0}},
@@ -121,13 +122,17 @@ def test_threshold_claims_per_optimiser():
         "adam": {"train": {"optimizer": "adam", "batch_size": 64}},
         "off": {"train": {"optimizer": "sgd", "batch_size": 64}},
     }
-    rows = {c.key: c.verdict for c in threshold_claims(m, configs)}
+    # the first tracked step (the initialisation) is left out of SGD's largest ratio
+    histories = {"sgd": tracked([50.0, 9.5, 7.0], [80.0, 2.0, 1.0])}
+    rows = {c.key: c.verdict for c in threshold_claims(m, configs, histories)}
     assert rows == {"e (sgd)": SUPPORTED, "e (gd)": SUPPORTED, "e (adam)": NOT_SUPPORTED}
     m2 = copy.deepcopy(m)
-    m2["sgd"]["train"]["batch_sharpness_over_threshold_max"] = 0.3
     m2["gd"]["train"]["sharpness_over_threshold_last_quarter"] = 1.6
-    rows = {c.key: c.verdict for c in threshold_claims(m2, configs)}
+    rows = {c.key: c.verdict for c in threshold_claims(m2, configs, {"sgd": tracked([50.0, 3.0, 2.0], [80.0, 2, 1])})}
     assert rows["e (sgd)"] == NOT_SUPPORTED and rows["e (gd)"] == NOT_SUPPORTED
+    above = threshold_claims(m, configs, {"sgd": tracked([1.0, 9.5, 7.0], [1.0, 9.9, 1.0])})
+    assert above[0].verdict == NOT_SUPPORTED  # lambda_max not below the batch sharpness
+    assert threshold_claims(m, configs, {})[0].verdict == NOT_TESTABLE  # no table
     assert threshold_claims({}, {})[0].verdict == NOT_TESTABLE
 
 
@@ -182,9 +187,11 @@ def test_sweep_claims_read_the_rank_tests():
 
 def test_report_claims_and_rendering():
     claims = report_claims(metrics([3.0, 3.2, 2.9]), CONFIGS, {})
-    assert [c.key for c in claims] == ["a (depth 20)", "b", "c", "d", "e"]
+    assert [c.key for c in claims] == ["a (depth 20)", "a (deeper)", "b", "c", "d", "e"]
     text = claims_markdown(claims)
     assert text.count("\n") == len(claims) + 1 and "**supported**" in text
+    assert "\\|λmin/λmax\\|" in text  # a pipe inside a cell is escaped
+    assert all(line.count(" | ") == 4 for line in text.splitlines()[2:])
     assert "<table id='claims'>" in claims_html(claims) and claims_markdown([]) == ""
 
 

@@ -18,7 +18,8 @@ advance. The rules:
   error |ΔL − ΔL_quad| / |ΔL|; supported when it is below 0.2. Kendall's τ of the error against η·λmax/2 is shown.
 - (e) *gradient descent trains at the stability threshold* (Cohen et al. 2021; Andreyev & Beneventano 2024 for SGD):
   full batch, λmax over the threshold in the last quarter of the tracked steps within [0.8, 1.25]; mini-batch SGD,
-  the largest batch sharpness over the threshold within [0.8, 1.25] while λmax stays below it.
+  the largest batch sharpness over the threshold after the first tracked step (the initialisation) within
+  [0.8, 1.25] while λmax stays below it; Adam, λmax(P⁻¹H) over its threshold in the last quarter within the band.
 """
 
 from __future__ import annotations
@@ -118,41 +119,50 @@ def skip_claims(metrics: Mapping[str, Any], configs: Mapping[str, Mapping[str, A
     depths = sorted(d for d, skips in by_key if skips and (d, False) in by_key)
     claim = "skip connections smooth the landscape (Li et al. 2018)"
     rule = "λmax intervals over seeds: without skips above and separate → supported"
-    out = []
-    wanted = [20, max(depths)] if depths and max(depths) > 20 else [20]
-    for depth in wanted:
-        if depth not in depths:
-            deepest = f"deepest pair at depth {max(depths)}" if depths else "no pair of runs with and without skips"
-            out.append(
-                Claim(
-                    f"a (depth {depth})",
-                    claim,
-                    f"{deepest}; presets/skip_connections.yaml runs depths 20 and 56",
-                    rule,
-                    NOT_TESTABLE,
-                )
-            )
-            continue
-        skip, plain = by_key[(depth, True)], by_key[(depth, False)]
-        s, p = metrics[skip].get("seeds") or {}, metrics[plain].get("seeds") or {}
-        a, b = s.get("lambda_max") or {}, p.get("lambda_max") or {}
-        ratio_s, ratio_p = _per_seed_ratio(s), _per_seed_ratio(p)
-        basin_s = (metrics[skip].get("surface") or {}).get("basin_fraction")
-        basin_p = (metrics[plain].get("surface") or {}).get("basin_fraction")
-        numbers = (
-            f"λmax {skip} {_iv(a)}, {plain} {_iv(b)}; |λmin/λmax| {_iv(ratio_s)} vs {_iv(ratio_p)}; "
-            f"basin fraction (one seed) {_g(basin_s, 3)} vs {_g(basin_p, 3)}"
+    preset = "presets/skip_connections.yaml runs depths 20 and 56"
+    out = [
+        _skip_row(metrics, by_key, 20, claim, rule)
+        if 20 in depths
+        else Claim(
+            "a (depth 20)", claim, f"no pair of runs with and without skips at depth 20; {preset}", rule, NOT_TESTABLE
         )
-        if a.get("low") is None or b.get("low") is None:
-            verdict = NOT_TESTABLE
-            numbers += " (fewer than two completed seeds)"
-        elif b["low"] > a["high"]:
-            verdict = SUPPORTED
-        else:
-            verdict = NOT_SUPPORTED
-            numbers += " (intervals overlap)" if b["high"] >= a["low"] else " (without skips is flatter)"
-        out.append(Claim(f"a (depth {depth})", claim, numbers, rule + f", n = {min(a['n'], b['n'])}", verdict))
+    ]
+    if depths and depths[-1] > 20:
+        out.append(_skip_row(metrics, by_key, depths[-1], claim, rule))
+    else:
+        out.append(
+            Claim(
+                "a (deeper)",
+                claim,
+                f"no pair of runs with and without skips deeper than 20; {preset}",
+                rule,
+                NOT_TESTABLE,
+            )
+        )
     return out
+
+
+def _skip_row(metrics, by_key, depth: int, claim: str, rule: str) -> Claim:
+    skip, plain = by_key[(depth, True)], by_key[(depth, False)]
+    s, p = metrics[skip].get("seeds") or {}, metrics[plain].get("seeds") or {}
+    a, b = s.get("lambda_max") or {}, p.get("lambda_max") or {}
+    ratio_s, ratio_p = _per_seed_ratio(s), _per_seed_ratio(p)
+    basin_s = (metrics[skip].get("surface") or {}).get("basin_fraction")
+    basin_p = (metrics[plain].get("surface") or {}).get("basin_fraction")
+    numbers = (
+        f"λmax {skip} {_iv(a)}, {plain} {_iv(b)}; |λmin/λmax| {_iv(ratio_s)} vs {_iv(ratio_p)}; "
+        f"basin fraction (one seed) {_g(basin_s, 3)} vs {_g(basin_p, 3)}"
+    )
+    if a.get("low") is None or b.get("low") is None:
+        verdict = NOT_TESTABLE
+        numbers += " (fewer than two completed seeds)"
+    elif b["low"] > a["high"]:
+        verdict = SUPPORTED
+    else:
+        verdict = NOT_SUPPORTED
+        numbers += " (intervals overlap)" if b["high"] >= a["low"] else " (without skips is flatter)"
+    n = min(a.get("n", 0), b.get("n", 0))
+    return Claim(f"a (depth {depth})", claim, numbers, f"{rule}, n = {n}", verdict)
 
 
 def _kendall(x: Sequence[float], y: Sequence[float]) -> tuple[float, float, int]:
@@ -193,8 +203,24 @@ def _within(value: Any) -> bool:
     return isinstance(value, (int, float)) and THRESHOLD_BAND[0] <= value <= THRESHOLD_BAND[1]
 
 
-def threshold_claims(metrics: Mapping[str, Any], configs: Mapping[str, Mapping[str, Any]]) -> list[Claim]:
-    """(e) per run with tracked sharpness (see the module)."""
+def _largest_ratio(history: pd.DataFrame | None, value: str, threshold: str) -> float | None:
+    """max of ``value / threshold`` over the tracked steps after the first (the initialisation is no trained state,
+    and a BatchNorm network's eval-mode curvature there rests on the default running statistics)."""
+    if history is None or value not in history.columns or threshold not in history.columns:
+        return None
+    later = history[history["step"] > history["step"].min()]
+    ratios = (later[value] / later[threshold]).astype(float)
+    ratios = ratios[ratios.map(math.isfinite) & (later[threshold] > 0)]
+    return float(ratios.max()) if len(ratios) else None
+
+
+def threshold_claims(
+    metrics: Mapping[str, Any],
+    configs: Mapping[str, Mapping[str, Any]],
+    histories: Mapping[str, pd.DataFrame | None] | None = None,
+) -> list[Claim]:
+    """(e) per run with tracked sharpness (see the module); the SGD rule reads the run's ``sharpness_history``."""
+    histories = histories or {}
     out = []
     band = f"[{THRESHOLD_BAND[0]:g}, {THRESHOLD_BAND[1]:g}]"
     for run, config in configs.items():
@@ -225,11 +251,13 @@ def threshold_claims(metrics: Mapping[str, Any], configs: Mapping[str, Mapping[s
                 )
             )
         else:
-            batch = train.get("batch_sharpness_over_threshold_max")
-            top = train.get("lambda_max_over_threshold_max")
+            history = histories.get(run)
+            batch = _largest_ratio(history, "batch_sharpness", "stability_threshold")
+            top = _largest_ratio(history, "lambda_max", "stability_threshold")
             numbers = (
-                f"largest over the tracked steps: batch sharpness / threshold {_g(batch, 3)}, λmax / threshold "
-                f"{_g(top, 3)}; last quarter: {_g(train.get('batch_sharpness_over_threshold_last_quarter'), 3)}"
+                f"largest over the tracked steps after the first: batch sharpness / threshold {_g(batch, 3)}, "
+                f"λmax / threshold {_g(top, 3)}; last quarter: "
+                f"{_g(train.get('batch_sharpness_over_threshold_last_quarter'), 3)}"
             )
             if batch is None or top is None:
                 verdict = NOT_TESTABLE
@@ -240,7 +268,8 @@ def threshold_claims(metrics: Mapping[str, Any], configs: Mapping[str, Mapping[s
                     f"e ({run})",
                     "SGD trains with its batch sharpness at the stability threshold (Andreyev & Beneventano 2024)",
                     numbers,
-                    f"largest batch-sharpness ratio within {band} and λmax's below it → supported",
+                    f"largest batch-sharpness ratio after the first tracked step within {band} and λmax's below it "
+                    "→ supported",
                     verdict,
                 )
             )
@@ -319,8 +348,13 @@ def report_claims(
         *skip_claims(metrics, configs),
         *sweep_claims(None, None),
         quadratic_claim(histories),
-        *threshold_claims(metrics, configs),
+        *threshold_claims(metrics, configs, histories),
     ]
+
+
+def _cell(text: str) -> str:
+    """A markdown table cell: a ``|`` inside (as in |λmin/λmax|) would end the cell."""
+    return str(text).replace("|", "\\|")
 
 
 def claims_markdown(claims: Sequence[Claim]) -> str:
@@ -328,7 +362,10 @@ def claims_markdown(claims: Sequence[Claim]) -> str:
     if not claims:
         return ""
     lines = ["| claim | says | numbers | test | verdict |", "|---|---|---|---|---|"]
-    lines += [f"| {c.key} | {c.claim} | {c.numbers} | {c.test} | **{c.verdict}** |" for c in claims]
+    lines += [
+        "| " + " | ".join(_cell(v) for v in (c.key, c.claim, c.numbers, c.test)) + f" | **{c.verdict}** |"
+        for c in claims
+    ]
     return "\n".join(lines)
 
 

@@ -34,6 +34,7 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 
 from pipeline.metrics import BY_NAME, interval
+from pipeline.report.summary import _mean_interval as _iv
 
 __all__ = [
     "SUPPORTED",
@@ -80,14 +81,6 @@ class Claim:
 
 def _g(value: Any, digits: int = 4) -> str:
     return "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}g}"
-
-
-def _iv(entry: Mapping[str, Any] | None) -> str:
-    if not entry or entry.get("mean") is None:
-        return "–"
-    if entry.get("half_width") is None:
-        return f"{entry['mean']:.4g} (n = {entry['n']})"
-    return f"{entry['mean']:.4g} ± {entry['half_width']:.2g}"
 
 
 def resnet_pair_key(config: Mapping[str, Any]) -> tuple[int, bool] | None:

@@ -147,6 +147,39 @@ def cmd_ui(args: argparse.Namespace) -> int:
         unregister(server)
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Become a ``dask worker`` of the scheduler at ``args.address`` with this project's kernel settings.
+
+    The ``repro`` section of ``--params`` (pinned kernels, threads) is put in the worker's environment, because torch
+    reads it once, at import; the sweep's cluster check refuses a worker without it. One task at a time per worker
+    process (``--nthreads 1``): a point or tile uses ``repro.threads`` torch threads of its own.
+    """
+    from pipeline.config import ReproConfig, build_section, read_yaml
+    from pipeline.sweep.cluster import worker_environment
+
+    raw = read_yaml(args.params)
+    if not isinstance(raw, dict):
+        raise ConfigError("", f"{args.params}: expected a mapping of sections, got {type(raw).__name__}")
+    repro = build_section(ReproConfig, raw.get("repro") or {}, "repro")
+    pin, threads = repro.pin, repro.threads
+    env = worker_environment(pin, threads, os.environ.get("PREFECT_API_URL") or None)
+    command = [
+        sys.executable,
+        "-m",
+        "distributed.cli.dask_worker",
+        args.address,
+        "--nthreads",
+        "1",
+        "--nworkers",
+        str(args.nworkers),
+        "--no-dashboard",
+        *args.dask_args,
+    ]
+    print(f"landscape worker: {' '.join(command[3:])} ({args.params}: repro pin {pin}, threads {threads})", flush=True)
+    os.execve(sys.executable, command, env)
+    return 1  # not reached
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from pipeline.report import compare
 
@@ -211,6 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--repo", type=Path, default=Path("."))
     compare.set_defaults(func=cmd_compare)
+    worker = sub.add_parser("worker", help="run a Dask worker for the sweep or the scans, with the project's kernels")
+    worker.add_argument("address", help="the scheduler, tcp://HOST:PORT (dask scheduler prints it)")
+    worker.add_argument("--params", default="sweeps/params.yaml", help="whose repro section the worker applies")
+    worker.add_argument("--nworkers", type=int, default=1, help="worker processes on this machine")
+    worker.set_defaults(func=cmd_worker, dask_args=[])  # other options go on to `dask worker` (e.g. --host)
     ui = sub.add_parser("ui", help="start the Prefect server and UI on 127.0.0.1")
     ui.add_argument("--port", type=int, default=DEFAULT_PORT)
     ui.set_defaults(func=cmd_ui)
@@ -220,8 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command in ("run", "sweep"):  # `landscape run -f`: options for `dvc repro` pass through
-        args.dvc_args = [*extra, *args.dvc_args]
+    if extra and args.command in ("run", "sweep", "worker"):  # `landscape run -f`: options for `dvc repro` pass through
+        if args.command == "worker":
+            args.dask_args = extra
+        else:
+            args.dvc_args = [*extra, *args.dvc_args]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

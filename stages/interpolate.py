@@ -31,7 +31,8 @@ def main(argv=None):
     from pipeline.flows.runtime import configure_prefect
 
     configure_prefect(need_server=params.landscape.executor == "dask")
-    from pipeline.flows.landscape import interpolate_flow, task_runner
+    from pipeline.flows.cluster import task_runner
+    from pipeline.flows.landscape import interpolate_flow
 
     flow = interpolate_flow.with_options(task_runner=task_runner(params.landscape) or interpolate_flow.task_runner)
     flow(params, args.run, args.data, checkpoints, partner, args.vectors, args.tables, args.work, args.figures)

@@ -29,7 +29,8 @@ def main(argv=None):
     from pipeline.flows.runtime import configure_prefect
 
     configure_prefect(need_server=params.landscape.executor == "dask")
-    from pipeline.flows.landscape import surface_flow, task_runner
+    from pipeline.flows.cluster import task_runner
+    from pipeline.flows.landscape import surface_flow
 
     flow = surface_flow.with_options(task_runner=task_runner(params.landscape) or surface_flow.task_runner)
     flow(params, args.run, args.data, checkpoints, args.vectors, args.tables, args.work, args.figures)

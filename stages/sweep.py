@@ -25,10 +25,18 @@ def main(argv=None):
 
     from pipeline.flows.runtime import configure_prefect
 
-    configure_prefect()
+    on_dask = params.sweep.executor == "dask"
+    api_url = configure_prefect(need_server=on_dask)  # Dask workers report their task runs to a real server
+    if params.sweep.scheduler:  # every worker can import this code, has its kernels, sees the folder, reaches the API
+        from pipeline.sweep.cluster import check_cluster
+
+        workers = check_cluster(params.sweep.scheduler, args.points, api_url)
+        print(f"sweep: {len(workers)} Dask worker(s) at {params.sweep.scheduler} checked", flush=True)
+    from pipeline.flows.cluster import task_runner
     from pipeline.flows.sweep import sweep_flow
 
-    sweep_flow(params, data, args.points, args.out)
+    flow = sweep_flow.with_options(task_runner=task_runner(params.sweep)) if on_dask else sweep_flow
+    flow(params, data, args.points, args.out)
 
 
 def check_grid(params, data) -> None:

@@ -75,3 +75,6 @@ LONG_FILES = (
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONG_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: order within a file is kept
+
+
+from pipeline.sweep.cluster import local_cluster as dask_cluster  # noqa: E402, F401 - the tests' cluster

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import torch
 from chromium import chromium_binary, dump_dom, screenshot
-from conftest import REPO
+from conftest import REPO, dask_cluster
 from ruamel.yaml import YAML
 
 from pipeline.cli import start_prefect_server, stop_process
@@ -586,6 +586,30 @@ def test_a_scan_resumes_from_its_tiles_and_runs_the_same_on_dask(built, repo, en
     # workers run one thread each: the same function, summed in another order
     assert ((on_dask.loss - reference.loss).abs() <= 1e-5 * reference.loss.abs()).all()
     assert (on_dask.accuracy == reference.accuracy).all()
+
+    # through a scheduler's address: a `dask scheduler` and two `landscape worker` processes (as on two machines),
+    # whose torch has the kernels and threads of the params' repro section: the same bits as in this process
+    with dask_cluster(repo / "params.yaml", workers=2) as (address, _):
+        dask["landscape"].update({"executor": "dask", "scheduler": address})
+        YAML(typ="safe", pure=True).dump(dask, params)
+        result = _stage(
+            repo,
+            env,
+            "stages/surface.py",
+            "--run",
+            "resnet20",
+            "--params",
+            str(params),
+            "--tables",
+            str(tmp_path / "scheduler"),
+            "--work",
+            str(tmp_path / "scheduler_tiles"),
+            "--figures",
+            str(tmp_path / "f3"),
+        )
+    assert result.returncode == 0, result.stderr
+    assert f"dask {address}" in result.stdout + result.stderr
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "scheduler/surface_2d.parquet"), reference)  # bitwise
 
 
 def _diverged_copy(source: Path, folder: Path) -> Path:

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Sequence
@@ -20,6 +18,7 @@ from prefect.futures import as_completed
 from pipeline.config import LandscapeConfig, Params, resolve_device
 from pipeline.curvature.operators import ProbeSet
 from pipeline.data import DataError, PreparedData, load_prepared
+from pipeline.flows.cluster import local_cluster_threads
 from pipeline.flows.common import Progress, table_artifact, unit_of_work
 from pipeline.io import plot_placeholder, save_torch, write_json
 from pipeline.landscape import tiles
@@ -61,35 +60,6 @@ from pipeline.training.checkpoints import (
 # --------------------------------------------------------------------------------------------------------------
 # Executors
 # --------------------------------------------------------------------------------------------------------------
-
-
-def task_runner(cfg: LandscapeConfig):
-    """The Prefect task runner of ``cfg.executor``: ``None`` (local: tiles run in this process, in order) or a
-    ``DaskTaskRunner`` on ``cfg.scheduler`` or on a LocalCluster of ``cfg.workers`` single-threaded processes
-    bound to 127.0.0.1."""
-    if cfg.executor != "dask":
-        return None
-    from prefect_dask import DaskTaskRunner
-
-    logging.getLogger("distributed").setLevel(logging.WARNING)  # per-worker and per-connection lines at INFO
-    if cfg.scheduler:
-        return DaskTaskRunner(address=cfg.scheduler)
-    return DaskTaskRunner(
-        cluster_kwargs={
-            "n_workers": cfg.workers,
-            "threads_per_worker": 1,
-            "processes": True,
-            "host": "127.0.0.1",
-            "dashboard_address": None,
-        }
-    )
-
-
-def _worker_threads(cfg: LandscapeConfig) -> int | None:
-    """Torch threads per Dask worker of a LocalCluster (the machine's cores shared out); None leaves them alone."""
-    if cfg.executor != "dask" or cfg.scheduler:
-        return None
-    return max(1, (os.cpu_count() or 1) // cfg.workers)
 
 
 def _loss(payload: dict) -> str:
@@ -146,7 +116,7 @@ def run_jobs(jobs: Sequence[Job], cfg: LandscapeConfig, *, chunk: int, channels_
     """Evaluate every missing tile of ``jobs`` (one task each, through :func:`tiles.run_tiles`: finished tiles are
     saved as they arrive, so an interrupted scan resumes) and return ``{job name: (loss, accuracy)}``."""
     logger = get_run_logger()
-    threads = _worker_threads(cfg)
+    threads = local_cluster_threads(cfg)
     progress: list[Progress] = []
     points = 0
 

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from prefect import flow, get_run_logger
+from prefect.futures import as_completed
 
 from pipeline.config import HessianConfig
 from pipeline.curvature.operators import ProbeSet
 from pipeline.data import PreparedData
 from pipeline.flows.common import Progress, markdown_artifact, table_artifact, unit_of_work
+from pipeline.sweep.cluster import ClusterError
 from pipeline.sweep.grid import (
     SWEEP_MEASURES,
     Point,
@@ -29,10 +32,21 @@ from pipeline.sweep.stats import markdown_table, sweep_rows
 
 @unit_of_work
 def measure_point(
-    point: Point, data: PreparedData, probe: ProbeSet, folder: Path, cfg: HessianConfig, data_fingerprint: str
+    point: Point,
+    data: PreparedData,
+    probe: ProbeSet,
+    folder: Path,
+    cfg: HessianConfig,
+    data_fingerprint: str,
+    threads: int = 0,
 ) -> dict:
-    """Train one point (resuming from its checkpoints) and measure its final checkpoint, or reuse its result."""
+    """Train one point (resuming from its checkpoints) and measure its final checkpoint, or reuse its result.
+
+    ``threads``: torch's intra-op threads for the point (``repro.threads``; 0 leaves them), set here because on a
+    Dask worker this is the first code of the project that runs."""
     logger = get_run_logger()
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
     result = run_point(point, data, probe, folder, cfg, data_fingerprint=data_fingerprint, log=logger.info)
     train, hessian = result["metrics"]["train"], result["metrics"].get("hessian") or {}
     logger.info(
@@ -54,6 +68,20 @@ def measure_point(
     return result
 
 
+def _result(future, point: Point, cfg) -> dict:
+    """A submitted point's result; a point whose workers kept dying is one line (its finished siblings are kept)."""
+    try:
+        return future.result()
+    except Exception as err:
+        if type(err).__name__ != "KilledWorker":
+            raise
+        raise ClusterError(
+            f"sweep: point {point.name} was lost with {err.args[-1] if err.args else 'its worker'} and the workers "
+            f"after it (Dask's allowed-failures); the other points are kept: run the sweep again "
+            f"({cfg.scheduler or 'LocalCluster'})"
+        ) from None
+
+
 @unit_of_work(task_run_name="aggregate")
 def aggregate(points: list[Point], results: dict[str, dict], params: SweepParams, out_dir: Path) -> dict:
     """Rows of every point, Kendall's tau per measure, the batch-size effect; every output file."""
@@ -69,7 +97,7 @@ def sweep_flow(params: SweepParams, data: PreparedData, points_dir: Path, out_di
     points = grid_points(params)
     data_fingerprint = data.fingerprint()
     probe = make_probe(data, params.hessian)
-    points_dir = Path(points_dir)
+    points_dir = Path(points_dir).resolve() if params.sweep.executor == "dask" else Path(points_dir)  # workers' cwd
     done = sum(
         load_result(points_dir / p.name, point_fingerprint(p, params.hessian, data_fingerprint)) is not None
         for p in points
@@ -88,15 +116,36 @@ def sweep_flow(params: SweepParams, data: PreparedData, points_dir: Path, out_di
         len(data.probe_index),
     )
     progress = Progress(len(points), 0, "sweep", "point")
+    threads = params.repro.threads
     results: dict[str, dict] = {}
+
+    def task(point: Point):
+        return measure_point.with_options(task_run_name=point.name)
+
+    def arguments(point: Point) -> tuple:
+        return (point, data, probe, points_dir / point.name, params.hessian, data_fingerprint, threads)
+
     try:
-        for point in points:
-            results[point.name] = measure_point.with_options(task_run_name=point.name)(
-                point, data, probe, points_dir / point.name, params.hessian, data_fingerprint
-            )
-            progress.advance(1, {"last": point.name})
+        if params.sweep.executor != "dask":
+            for point in points:
+                results[point.name] = task(point)(*arguments(point))
+                progress.advance(1, {"last": point.name})
+        else:
+            todo = []
+            for point in points:  # measured points are read here; the others go to the cluster all at once
+                if load_result(points_dir / point.name, point_fingerprint(point, params.hessian, data_fingerprint)):
+                    results[point.name] = task(point)(*arguments(point))
+                    progress.advance(1, {"last": point.name})
+                else:
+                    todo.append(point)
+            futures = {task(point).submit(*arguments(point)): point for point in todo}
+            for future in as_completed(list(futures)):
+                point = futures[future]
+                results[point.name] = _result(future, point, params.sweep)
+                progress.advance(1, {"last": point.name})
     finally:
         progress.close()
+    results = {p.name: results[p.name] for p in points}  # grid order, whatever order the cluster finished in
 
     outputs = aggregate(points, results, params, Path(out_dir))
     kendall, summary = outputs["kendall"], outputs["metrics"]

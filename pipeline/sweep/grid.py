@@ -24,6 +24,7 @@ import hashlib
 import itertools
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ import pandas as pd
 import torch
 
 from pipeline.config import (
+    EXECUTORS,
     MAX_BATCH,
     ConfigError,
     DataConfig,
@@ -63,6 +65,7 @@ from pipeline.training.trainer import train
 
 __all__ = [
     "SweepGrid",
+    "SweepExecution",
     "SweepParams",
     "Point",
     "parse_sweep_params",
@@ -71,6 +74,7 @@ __all__ = [
     "check_grid_batch_sizes",
     "make_probe",
     "point_fingerprint",
+    "point_code_fingerprint",
     "headline",
     "run_point",
     "load_result",
@@ -124,6 +128,32 @@ class SweepGrid:
         return len(self.model) * len(self.lr) * len(self.batch_size) * len(self.seed)
 
 
+def _check_address(key: str, value: str) -> str:
+    if value and not re.fullmatch(r"(tcp|tls|ucx|inproc)://\S+", value):
+        raise ConfigError(key, f"expected a Dask address like tcp://HOST:PORT, or empty; got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class SweepExecution:
+    """``sweep`` section: where the points run. It decides no number (a point's result is the same bits in this
+    process and on any worker with the same kernels), so it is not a DVC parameter of the stage."""
+
+    executor: str = spec("local", choices=EXECUTORS, doc="local (one point after another here) | dask (prefect-dask)")
+    scheduler: str = spec(
+        "",
+        validate=lambda key, value: _check_address(key, value),
+        doc='dask: scheduler address, e.g. tcp://10.0.0.5:8786 (workers: `landscape worker`); "" = LocalCluster',
+    )
+    workers: int = spec(2, ge=1, le=1024, unit="processes", doc="dask LocalCluster only (one point at a time each)")
+
+    def __post_init__(self):
+        if self.scheduler and self.executor != "dask":
+            raise ConfigError(
+                "sweep.scheduler", "is read only with executor: dask; set executor: dask or leave it empty"
+            )
+
+
 @dataclass(frozen=True)
 class SweepParams:
     """The whole validated ``sweeps/params.yaml``."""
@@ -134,6 +164,7 @@ class SweepParams:
     hessian: HessianConfig
     grid: SweepGrid
     repro: ReproConfig = ReproConfig()  # applied by the stage wrapper before torch is imported
+    sweep: SweepExecution = SweepExecution()  # where the points run
 
 
 SWEEP_SECTIONS: dict[str, type] = {
@@ -143,6 +174,7 @@ SWEEP_SECTIONS: dict[str, type] = {
     "hessian": HessianConfig,
     "grid": SweepGrid,
     "repro": ReproConfig,
+    "sweep": SweepExecution,
 }
 
 
@@ -243,6 +275,12 @@ def _measure_code_fingerprint() -> str:
     """sha256 over the sources of the measures (the curvature wing and the headline of :mod:`pipeline.metrics`): a
     change there recomputes them (training code is in :func:`pipeline.provenance.code_fingerprint`)."""
     return hashlib.sha256(f"{source_fingerprint(MEASURE_SOURCES)} result format {RESULT_FORMAT}".encode()).hexdigest()
+
+
+def point_code_fingerprint() -> str:
+    """sha256 of the code that decides a point's numbers (training and measures): a Dask worker must report the
+    same, or it runs another version of the project (:mod:`pipeline.sweep.cluster`)."""
+    return hashlib.sha256(f"{code_fingerprint()} {_measure_code_fingerprint()}".encode()).hexdigest()
 
 
 def point_fingerprint(point: Point, hessian_cfg: HessianConfig, data_fingerprint: str) -> str:

@@ -68,6 +68,7 @@ LONG_FILES = (
     "test_training.py",
     "test_bounds.py",
     "test_sweep_run.py",
+    "test_cluster.py",
     "test_offline_plots.py",
 )
 

@@ -1,6 +1,8 @@
 """DVC stage ``sweep`` (``sweeps/dvc.yaml``): train every point of the flatness sweep's grid, measure its final
 checkpoint, and correlate the measures with the generalisation gap."""
 
+import os
+
 from pipeline.config import resolve_device
 from pipeline.stage import stage_arguments, stage_entry
 
@@ -32,6 +34,8 @@ def main(argv=None):
 
         workers = check_cluster(params.sweep.scheduler, args.points, api_url)
         print(f"sweep: {len(workers)} Dask worker(s) at {params.sweep.scheduler} checked", flush=True)
+    elif on_dask:  # a LocalCluster: its workers share this machine's cores (see pipeline.sweep.cluster)
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read by each worker process when it starts
     from pipeline.flows.cluster import task_runner
     from pipeline.flows.sweep import sweep_flow
 

@@ -147,11 +147,12 @@ def test_the_sweep_on_a_scheduler_is_the_in_process_sweep_bitwise(local, cluster
 @pytest.mark.skipif(chromium_binary() is None, reason="Debian's chromium is not installed: no browser")
 def test_the_prefect_ui_shows_the_points_the_workers_ran(on_cluster, server):
     """Prefect issue #19925 (task runs on a remote Dask cluster missing from the UI) does not hold here: the flow
-    run's page lists every point the workers ran."""
+    run's page counts every task run the workers ran (its timeline, drawn on a canvas, names them; its log list
+    loads lazily, so the names in the DOM are not a count)."""
     _, _, _, flow_run = on_cluster
     dom = dump_dom(f"{server.removesuffix('/api')}/runs/flow-run/{flow_run}", wait_ms=60_000, height=4000)
-    assert [name for name in POINTS if name not in dom] == []
-    assert "Completed" in dom
+    assert f">{len(POINTS) + 1} Task runs<" in dom  # the four points and the aggregate
+    assert "Completed" in dom and any(name in dom for name in POINTS)  # the points' own log lines
 
 
 def test_a_worker_killed_mid_point_loses_no_point(local, cluster, env, server, tmp_path):

@@ -161,8 +161,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if not isinstance(raw, dict):
         raise ConfigError("", f"{args.params}: expected a mapping of sections, got {type(raw).__name__}")
     repro = build_section(ReproConfig, raw.get("repro") or {}, "repro")
-    pin, threads = repro.pin, repro.threads
-    env = worker_environment(pin, threads, os.environ.get("PREFECT_API_URL") or None)
+    env = worker_environment(repro.pin, repro.threads, os.environ.get("PREFECT_API_URL") or None)
     command = [
         sys.executable,
         "-m",
@@ -175,7 +174,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         "--no-dashboard",
         *args.dask_args,
     ]
-    print(f"landscape worker: {' '.join(command[3:])} ({args.params}: repro pin {pin}, threads {threads})", flush=True)
+    print(
+        f"landscape worker: {' '.join(command[3:])} ({args.params}: repro pin {repro.pin}, threads {repro.threads})",
+        flush=True,
+    )
     os.execve(sys.executable, command, env)
     return 1  # not reached
 
@@ -258,11 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command in ("run", "sweep", "worker"):  # `landscape run -f`: options for `dvc repro` pass through
-        if args.command == "worker":
-            args.dask_args = extra
-        else:
-            args.dvc_args = [*extra, *args.dvc_args]
+    if extra and args.command in ("run", "sweep"):  # `landscape run -f`: options for `dvc repro` pass through
+        args.dvc_args = [*extra, *args.dvc_args]
+    elif extra and args.command == "worker":  # `landscape worker ADDRESS --host ...`: options for `dask worker`
+        args.dask_args = extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

@@ -127,6 +127,16 @@ def test_an_experiment_is_a_revision_too(repo):
         run(repo, str(BIN / "dvc"), "checkout", "-q", "--force", check=False)
 
 
+def queue_status_when_done(repo, timeout: float) -> str:
+    """`dvc queue status` once nothing is queued or running any more (or after ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = run(repo, str(BIN / "dvc"), "queue", "status").stdout
+        if not re.search(r"\b(Queued|Running)\b", status) or time.monotonic() > deadline:
+            return status
+        time.sleep(2)
+
+
 def test_a_queued_sweep_runs_every_grid_point_and_each_is_a_revision(repo):
     """The README's sweep recipe: `dvc exp run --queue` with a grid of -S values, then `dvc queue start`."""
     dvc = str(BIN / "dvc")
@@ -135,12 +145,7 @@ def test_a_queued_sweep_runs_every_grid_point_and_each_is_a_revision(repo):
     assert len(names) == 4
     try:
         run(repo, dvc, "queue", "start", "-j", "1")
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            status = run(repo, dvc, "queue", "status").stdout
-            if not re.search(r"\b(Queued|Running)\b", status):
-                break
-            time.sleep(2)
+        status = queue_status_when_done(repo, 240)
         assert status.count("Success") == 4, status
         shown = json.loads(run(repo, dvc, "exp", "show", "--json").stdout)
         exps = {}  # experiment name -> (lr, batch size, test accuracy)

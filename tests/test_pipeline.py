@@ -562,21 +562,13 @@ def test_a_scan_resumes_from_its_tiles_and_runs_the_same_on_dask(built, repo, en
     dask["landscape"].update({"executor": "dask", "workers": 2})
     params = tmp_path / "dask.yaml"
     YAML(typ="safe", pure=True).dump(dask, params)
-    result = _stage(
-        repo,
-        env,
-        "stages/surface.py",
-        "--run",
-        "resnet20",
-        "--params",
-        str(params),
-        "--tables",
-        str(tmp_path / "dask"),
-        "--work",
-        str(tmp_path / "dask_tiles"),
-        "--figures",
-        str(tmp_path / "f2"),
-    )
+
+    def surface(name: str):  # the resnet20 surface with `params`, into tmp_path/<name>
+        tables, work, figures = (str(tmp_path / f"{name}{suffix}") for suffix in ("", "_tiles", "_figures"))
+        args = ("--run", "resnet20", "--params", str(params), "--tables", tables, "--work", work, "--figures", figures)
+        return _stage(repo, env, "stages/surface.py", *args)
+
+    result = surface("dask")
     assert result.returncode == 0, result.stderr
     assert "dask LocalCluster x2" in result.stdout + result.stderr
     on_dask = pd.read_parquet(tmp_path / "dask/surface_2d.parquet")
@@ -592,21 +584,7 @@ def test_a_scan_resumes_from_its_tiles_and_runs_the_same_on_dask(built, repo, en
     with dask_cluster(repo / "params.yaml", workers=2) as (address, _):
         dask["landscape"].update({"executor": "dask", "scheduler": address})
         YAML(typ="safe", pure=True).dump(dask, params)
-        result = _stage(
-            repo,
-            env,
-            "stages/surface.py",
-            "--run",
-            "resnet20",
-            "--params",
-            str(params),
-            "--tables",
-            str(tmp_path / "scheduler"),
-            "--work",
-            str(tmp_path / "scheduler_tiles"),
-            "--figures",
-            str(tmp_path / "f3"),
-        )
+        result = surface("scheduler")
     assert result.returncode == 0, result.stderr
     assert f"dask {address}" in result.stdout + result.stderr
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "scheduler/surface_2d.parquet"), reference)  # bitwise

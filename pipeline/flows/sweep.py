@@ -98,10 +98,12 @@ def sweep_flow(params: SweepParams, data: PreparedData, points_dir: Path, out_di
     data_fingerprint = data.fingerprint()
     probe = make_probe(data, params.hessian)
     points_dir = Path(points_dir).resolve() if params.sweep.executor == "dask" else Path(points_dir)  # workers' cwd
-    done = sum(
-        load_result(points_dir / p.name, point_fingerprint(p, params.hessian, data_fingerprint)) is not None
+    measured = {
+        p.name
         for p in points
-    )
+        if load_result(points_dir / p.name, point_fingerprint(p, params.hessian, data_fingerprint))
+    }
+    done = len(measured)
     logger.info(
         "sweep: %d points (%s x lr %s x batch size %s x seed %s), %d already measured; %s: %d train, %d test, probe %d",
         len(points),
@@ -131,14 +133,10 @@ def sweep_flow(params: SweepParams, data: PreparedData, points_dir: Path, out_di
                 results[point.name] = task(point)(*arguments(point))
                 progress.advance(1, {"last": point.name})
         else:
-            todo = []
-            for point in points:  # measured points are read here; the others go to the cluster all at once
-                if load_result(points_dir / point.name, point_fingerprint(point, params.hessian, data_fingerprint)):
-                    results[point.name] = task(point)(*arguments(point))
-                    progress.advance(1, {"last": point.name})
-                else:
-                    todo.append(point)
-            futures = {task(point).submit(*arguments(point)): point for point in todo}
+            for point in (p for p in points if p.name in measured):  # read here; the others go to the cluster
+                results[point.name] = task(point)(*arguments(point))
+                progress.advance(1, {"last": point.name})
+            futures = {task(point).submit(*arguments(point)): point for point in points if point.name not in measured}
             for future in as_completed(list(futures)):
                 point = futures[future]
                 results[point.name] = _result(future, point, params.sweep)

@@ -13,6 +13,7 @@ server, and the sweep stage pointed at the scheduler's address.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -67,13 +68,15 @@ def api(url: str, path: str, body: dict) -> list[dict]:
         return json.load(response)
 
 
-def last_flow_run(url: str) -> str:
-    return api(url, "/flow_runs/filter", {"sort": "START_TIME_DESC", "limit": 1})[0]["id"]
+def flow_run_of(output: str) -> str:
+    """The id of the sweep's flow run, from the stage's own "View at .../runs/flow-run/<id>" line (the server's
+    database may hold other tests' runs, newer ones among them)."""
+    return re.search(r"/runs/flow-run/([0-9a-f-]{36})", output).group(1)
 
 
-def task_runs_of_last_sweep(url: str) -> dict[str, str]:
-    """``{task run name: state}`` of the newest ``sweep`` flow run on the server."""
-    runs = api(url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [last_flow_run(url)]}}, "limit": 200})
+def task_runs(url: str, flow_run: str) -> dict[str, str]:
+    """``{task run name: state}`` of ``flow_run``."""
+    runs = api(url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run]}}, "limit": 200})
     return {run["name"]: run["state_type"] for run in runs}
 
 
@@ -120,7 +123,7 @@ def on_cluster(cluster, env, server, tmp_path_factory):
     params = sweep_params(folder / "params.yaml", executor="dask", scheduler=address)
     result = run_sweep(params, folder, env)
     assert result.returncode == 0, result.stderr[-3000:]
-    return folder, params, result, last_flow_run(server)
+    return folder, params, result, flow_run_of(result.stdout + result.stderr)
 
 
 def test_the_sweep_on_a_scheduler_is_the_in_process_sweep_bitwise(local, cluster, on_cluster, env, server):
@@ -131,8 +134,7 @@ def test_the_sweep_on_a_scheduler_is_the_in_process_sweep_bitwise(local, cluster
     on_dask = pd.read_parquet(folder / "out/points.parquet")
     assert list(on_dask.experiment) == POINTS and (on_dask.status == "completed").all()
     pd.testing.assert_frame_equal(on_dask, local)  # every measure, the same bits
-    runs = api(server, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run]}}, "limit": 200})
-    assert {run["name"]: run["state_type"] for run in runs} == {
+    assert task_runs(server, flow_run) == {
         **{name: "COMPLETED" for name in POINTS},
         "aggregate": "COMPLETED",
     }
@@ -179,7 +181,7 @@ def test_a_worker_killed_mid_point_loses_no_point(local, cluster, env, server, t
     on_dask = pd.read_parquet(tmp_path / "out/points.parquet")
     assert (on_dask.status == "completed").all() and len(on_dask) == 4
     pd.testing.assert_frame_equal(on_dask, local)  # the lost point ran again from its checkpoints: the same bits
-    assert set(task_runs_of_last_sweep(server)) == {*POINTS, "aggregate"}
+    assert set(task_runs(server, flow_run_of(stdout + stderr))) == {*POINTS, "aggregate"}
 
 
 def _shadow_project(folder: Path) -> Path:

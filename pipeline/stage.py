@@ -186,6 +186,7 @@ STAGE_PATHS: dict[str, tuple[str, str]] = {
     "tables": ("reports/tables/{run}", "the run's tables and *_metrics.json"),
     "figures": ("reports/figures/{run}", "the run's figures"),
     "metrics": ("reports/metrics.json", "every run's headline numbers (the metrics stage)"),
+    "live": ("reports/live/{run}", "DVCLive's per-epoch metrics.json and plots/metrics/*.tsv (train@<run>)"),
 }
 
 

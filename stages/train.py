@@ -5,7 +5,7 @@ from pipeline.stage import stage_arguments, stage_entry
 
 
 def main(argv=None):
-    args, params = stage_arguments(__doc__, argv, "data", "checkpoints", "tables")
+    args, params = stage_arguments(__doc__, argv, "data", "checkpoints", "tables", "live")
     # torch-using modules after the params: a bad command line or params file ends in a fraction of a second
     from pipeline.data import require_prepared
 
@@ -28,6 +28,7 @@ def main(argv=None):
         tables / "train_history.parquet",
         tables / "train_metrics.json",
         tables / "sharpness_history.parquet",
+        args.live,
     )
 
 

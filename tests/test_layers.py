@@ -18,7 +18,7 @@ from test_stage_deps import ROOT, _module_file, imported_modules
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("__init__", "errors", "io"),
     ("config",),
-    ("repro", "provenance", "tables", "metrics", "data", "docs"),
+    ("repro", "provenance", "tables", "metrics", "data", "docs", "live"),
     ("curvature",),
     ("training",),
     ("landscape",),

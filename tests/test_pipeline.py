@@ -262,7 +262,7 @@ def test_repro_runs_every_stage_once_then_nothing(built, repo, env):
     readme = (repo / "reports/README.md").read_text()
     for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", readme):
         assert (repo / "reports" / link).is_file(), link
-    for quantity in ("loss", "accuracy", "sharpness", "density", "partner_path", "random_line"):
+    for quantity in ("sharpness", "density", "partner_path", "random_line"):
         for run in ("mlp", "resnet20"):
             assert json.loads((repo / f"reports/plots/{quantity}/{run}.json").read_text()), (quantity, run)
     shown = dvc(repo, env, "plots", "show", "--json")  # every data plot resolves its fields

@@ -17,17 +17,21 @@ from pipeline.curvature.operators import BN_MODE
 from pipeline.data import load_prepared
 from pipeline.flows.common import Progress, table_artifact, unit_of_work
 from pipeline.io import write_json
+from pipeline.live import EpochLog
 from pipeline.provenance import provenance
 from pipeline.tables import SHARPNESS_HISTORY, TRAIN_HISTORY, write_table
 from pipeline.training.trainer import Trainer
 
 
 @unit_of_work
-def train_until_checkpoint(trainer: Trainer, progress: Progress) -> dict:
-    """Train epochs up to and including the next checkpoint (or the end); returns the last epoch row."""
+def train_until_checkpoint(trainer: Trainer, progress: Progress, live: EpochLog | None = None) -> dict:
+    """Train epochs up to and including the next checkpoint (or the end); returns the last epoch row. Each epoch
+    row also goes to DVCLive (``live``) as it is made."""
     logger = get_run_logger()
     while True:
         row = trainer.train_epoch()
+        if live is not None:
+            live.log(row)
         progress.advance(1, {"loss": f"{row['batch_loss']:.3f}", "test_acc": f"{row['test_accuracy']:.3f}"})
         logger.info(
             "epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | lr %.4g",
@@ -70,18 +74,22 @@ def _train(
     metrics_path: Path,
     label: str,
     sharpness_path: Path | None = None,
+    live_dir: Path | None = None,
 ) -> dict:
     logger = get_run_logger()
     trainer = Trainer(run, load_prepared(data_dir), checkpoint_dir)
     logger.info("%s: %s on %s, seed %d, %s", label, run.model_name, trainer.device, run.train.seed, trainer.start())
+    live = EpochLog(live_dir, trainer.state.history) if live_dir is not None else None  # restored epochs first
     progress = Progress(run.train.epochs, trainer.state.epoch, f"{label}", "epoch")
     try:
         while not trainer.done:
             train_until_checkpoint.with_options(task_run_name=f"epochs-to-checkpoint-{trainer.state.epoch + 1}")(
-                trainer, progress
+                trainer, progress, live
             )
     finally:
         progress.close()
+    if live is not None:
+        live.close()
     summary = write_train_outputs(trainer, history_path, metrics_path, sharpness_path)
     if trainer.state.sharpness:
         logger.info(
@@ -116,10 +124,19 @@ def train_flow(
     history_path: Path,
     metrics_path: Path,
     sharpness_path: Path | None = None,
+    live_dir: Path | None = None,
 ) -> dict:
-    """Train one run, resuming from ``checkpoint_dir`` when its checkpoints match the config, data and code."""
+    """Train one run, resuming from ``checkpoint_dir`` when its checkpoints match the config, data and code; with
+    ``live_dir``, every epoch also goes to DVCLive there (:class:`pipeline.live.EpochLog`)."""
     return _train(
-        params.run(run_name), data_dir, checkpoint_dir, history_path, metrics_path, f"train {run_name}", sharpness_path
+        params.run(run_name),
+        data_dir,
+        checkpoint_dir,
+        history_path,
+        metrics_path,
+        f"train {run_name}",
+        sharpness_path,
+        live_dir,
     )
 
 

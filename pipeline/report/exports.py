@@ -1,5 +1,6 @@
 """The small JSON files that ``dvc plots`` draws (:data:`PLOT_EXPORTS`): one per run and quantity, from the run
-tables, strict JSON (non-finite numbers as null)."""
+tables, strict JSON (non-finite numbers as null). The per-epoch training curves are not among them: DVCLive writes
+those during training (:mod:`pipeline.live`, ``reports/live/<run>/``)."""
 
 from __future__ import annotations
 
@@ -15,13 +16,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from pipeline.io import atomic_path, finite_tree  # noqa: E402
-from pipeline.report.figures import eigen_rows, epoch_rows
+from pipeline.report.figures import eigen_rows
 from pipeline.report.summary import RunData
 
 # <quantity folder>: (x field, y fields, meaning); one JSON file per run, so `dvc plots diff` overlays revisions per run.  # noqa: E501
 PLOT_EXPORTS: dict[str, tuple[str, tuple[str, ...], str]] = {
-    "loss": ("epoch", ("train_loss", "test_loss"), "cross-entropy per epoch"),
-    "accuracy": ("epoch", ("train_accuracy", "test_accuracy"), "accuracy per epoch"),
     "sharpness": ("epoch", ("lambda_max", "two_over_lr"), "Hessian λmax per checkpoint and 2/η"),
     "density": ("lambda", ("density",), "smoothed spectral density, final checkpoint"),
     "partner_path": ("t", ("train_loss", "test_loss"), "loss from the run (t=0) to its second-seed model (t=1)"),
@@ -52,11 +51,6 @@ def _path_frame(line: pd.DataFrame, path: str, x: str) -> pd.DataFrame:
 def plot_exports(data: RunData) -> dict[str, pd.DataFrame]:
     """The frames of :data:`PLOT_EXPORTS` that this run's tables allow (an empty table gives none)."""
     frames: dict[str, pd.DataFrame] = {}
-    history = data.tables.get("train_history")
-    if history is not None and not history.empty:
-        rows = epoch_rows(history)
-        frames["loss"] = rows[["epoch", "train_loss", "test_loss"]]
-        frames["accuracy"] = rows[["epoch", "train_accuracy", "test_accuracy"]]
     spectrum = data.tables.get("hessian_spectrum")
     if spectrum is not None and not spectrum.empty:
         top = eigen_rows(spectrum).query("index == 0").sort_values("epoch")

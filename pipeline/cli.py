@@ -111,16 +111,35 @@ def _run_forwarding_signals(command: list[str], env: dict[str, str]) -> int:
 
 def repro_with_prefect(port: int, dvc_args: Sequence[str]) -> int:
     """Run ``dvc repro DVC_ARGS`` reporting to this project's Prefect server, started for the run when needed."""
+    import uuid
+
+    from pipeline.flows.chain import PIPELINE_RUN_ENV, finish_pipeline_run
+
     url, server = _project_server_or_start(port)
-    print(f"Prefect UI: {url.removesuffix('/api')}  (flow runs of this pipeline appear there)", flush=True)
+    run_id = uuid.uuid4().hex[:12]
+    print(
+        f"Prefect UI: {url.removesuffix('/api')}  (this run's flow runs carry the tag pipeline-run:{run_id})",
+        flush=True,
+    )
     # Stages call `python`: make it this environment's interpreter even when the venv is not activated.
     env = {
         **os.environ,
         "PREFECT_API_URL": url,
+        PIPELINE_RUN_ENV: run_id,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     try:
-        return _run_forwarding_signals(["dvc", "repro", *dvc_args], env)
+        code = _run_forwarding_signals(["dvc", "repro", *dvc_args], env)
+        if code == 0:  # the stages DVC skipped, as Cached flow runs of this run (a failed run skipped nothing)
+            targets = [a for a in dvc_args if not a.startswith("-")] or ["dvc.yaml"]  # (dvc repro's default)
+            os.environ["PREFECT_API_URL"] = url
+            try:
+                skipped = finish_pipeline_run(run_id, ".", targets)
+            except Exception as err:  # noqa: BLE001 - the record is for the UI; the run itself succeeded
+                print(f"warning: skipped stages not recorded in Prefect ({type(err).__name__}: {err})", flush=True)
+            else:
+                print(f"recorded {len(skipped)} skipped (cached) stage(s) in Prefect", flush=True)
+        return code
     finally:
         if server is not None:
             stop_process(server)

@@ -44,7 +44,24 @@ DVC_YAML = textwrap.dedent("""
 
 
 def run(repo, *args, check=True):
-    env = {
+    result = subprocess.run(list(args), cwd=repo, env=_env(), capture_output=True, text=True)
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def start_queue(repo, jobs: int) -> None:
+    """`dvc queue start -j JOBS`, returning once the workers are started (not when they are done: the workers
+    outlive the command and keep its output open, so their output goes to a file, not to a pipe `run` waits on)."""
+    with open(Path(repo) / ".dvc/tmp/queue-start.log", "w") as log:
+        started = subprocess.run(
+            [str(BIN / "dvc"), "queue", "start", "-j", str(jobs)], cwd=repo, env=_env(), stdout=log, stderr=log
+        )
+    assert started.returncode == 0, (Path(repo) / ".dvc/tmp/queue-start.log").read_text()
+
+
+def _env() -> dict[str, str]:
+    return {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
         "DVC_NO_ANALYTICS": "1",
@@ -53,10 +70,6 @@ def run(repo, *args, check=True):
         "GIT_COMMITTER_NAME": "t",
         "GIT_COMMITTER_EMAIL": "t@t",
     }
-    result = subprocess.run(list(args), cwd=repo, env=env, capture_output=True, text=True)
-    if check:
-        assert result.returncode == 0, result.stdout + result.stderr
-    return result
 
 
 def set_lr(repo, lr):
@@ -144,7 +157,7 @@ def test_a_queued_sweep_runs_every_grid_point_and_each_is_a_revision(repo):
     names = re.findall(r"Queued experiment '([^']+)'", queued.stdout)
     assert len(names) == 4
     try:
-        run(repo, dvc, "queue", "start", "-j", "1")
+        start_queue(repo, 1)
         status = queue_status_when_done(repo, 240)
         assert status.count("Success") == 4, status
         shown = json.loads(run(repo, dvc, "exp", "show", "--json").stdout)

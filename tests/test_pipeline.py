@@ -71,6 +71,7 @@ INTERPOLATE = {"interpolate@mlp", "interpolate@resnet20"}
 SURFACE = {"surface@mlp", "surface@resnet20"}
 SCANS = {*INTERPOLATE, *SURFACE, "landscape_figures"}
 SUMMARY = {"metrics", "report"}
+ALL_STAGES = {"prepare", *TRAIN, *HESSIAN, *PARTNER, *SEEDS, *SCANS, *SUMMARY}
 
 
 def _check_connectivity(repo: Path, run: str, lines: pd.DataFrame, metrics: dict, *, data_dir: Path) -> None:
@@ -179,7 +180,7 @@ def built(repo, env) -> str:
 
 
 def test_repro_runs_every_stage_once_then_nothing(built, repo, env):
-    assert stages_run(built) == {"prepare", *TRAIN, *HESSIAN, *PARTNER, *SEEDS, *SCANS, *SUMMARY}
+    assert stages_run(built) == ALL_STAGES
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     assert set(metrics) == {"mlp", "resnet20", "comparisons"}
     for run in ("mlp", "resnet20"):  # three seeds, measured alike; seed 0 is the run, seed 1 its partner
@@ -265,8 +266,15 @@ def test_repro_runs_every_stage_once_then_nothing(built, repo, env):
     for quantity in ("sharpness", "density", "partner_path", "random_line"):
         for run in ("mlp", "resnet20"):
             assert json.loads((repo / f"reports/plots/{quantity}/{run}.json").read_text()), (quantity, run)
+    for run, epochs in (("mlp", 2), ("resnet20", 1)):  # DVCLive's view of training: a step per epoch, 0 the init
+        live = json.loads((repo / f"reports/live/{run}/metrics.json").read_text())
+        history = pd.read_parquet(repo / f"reports/tables/{run}/train_history.parquet").query("scope == 'epoch'")
+        assert live["step"] == live["epoch"] == epochs and live["test"]["loss"] == history.test_loss.iloc[-1]
+        rows = (repo / f"reports/live/{run}/plots/metrics/test/accuracy.tsv").read_text().split()
+        assert rows[:2] == ["step", "accuracy"] and rows[2::2] == [str(e) for e in range(epochs + 1)]
     shown = dvc(repo, env, "plots", "show", "--json")  # every data plot resolves its fields
     assert '"errors"' not in shown.stdout and "could not find" not in shown.stderr.lower(), shown.stderr
+    assert "reports/live/mlp/plots/metrics/train/loss.tsv" in shown.stdout
 
     second = dvc(repo, env, "repro")
     assert stages_run(second.stdout) == set()
@@ -356,11 +364,17 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 async def main():
     async with get_client() as client:
-        runs = {}
-        for run in await client.read_flow_runs(limit=200):
+        runs, found = {}, []
+        while not found or len(found) % 200 == 0:  # every flow run, in pages of the server's largest limit
+            page = await client.read_flow_runs(limit=200, offset=len(found))
+            found += page
+            if not page:
+                break
+        for run in found:
             tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
                                                 limit=200)
-            runs.setdefault(run.name, []).append({"state": run.state_type.value,
+            runs.setdefault(run.name, []).append({"state": run.state_type.value, "state_name": run.state_name,
+                                                  "tags": run.tags, "task_tags": [t.tags for t in tasks],
                                                   "tasks": {t.name: t.state_type.value for t in tasks}})
         artifacts = sorted({a.key for a in await client.read_artifacts(limit=200) if a.key})
     print(json.dumps({"runs": runs, "artifacts": artifacts}))
@@ -398,6 +412,13 @@ def test_the_prefect_api_records_every_stage_with_its_task_runs_and_artifacts(bu
     assert "epochs-to-checkpoint-1" in completed("train-mlp")
     assert {"random-train-tile-0000", "partner-test-tile-0000"} <= set(completed("interpolate-mlp"))
     assert {"figure-training", "figure-spectra", "plot-exports", "write-documents"} <= set(completed("report"))
+    # one pipeline run: every stage of the built `dvc repro` carries its id (prepare ran in that repro only)
+    (prepare,) = [r for r in runs["prepare-synthetic"] if r["state_name"] == "Completed" and len(r["tags"]) > 1]
+    (run_tag,) = [t for t in prepare["tags"] if t.startswith("pipeline-run:")]
+    chained = [r for rs in runs.values() for r in rs if run_tag in r["tags"]]
+    assert {t for r in chained for t in r["tags"] if t.startswith("stage:")} == {f"stage:{s}" for s in ALL_STAGES}
+    assert {t for r in chained for t in r["tags"] if t.startswith("rev:")} == {"rev:unknown"}  # (no commit here)
+    assert all(r["state_name"] == "Completed" and all(run_tag in tags for tags in r["task_tags"]) for r in chained)
     assert {
         "metrics",
         "surface-resnet20",
@@ -706,6 +727,16 @@ def test_landscape_run_uses_a_reachable_server_and_runs_dvc_repro(built, repo, e
     assert f"Prefect UI: {env['PREFECT_API_URL'].removesuffix('/api')}" in result.stdout
     assert "starting a Prefect server" not in result.stdout  # reused the running one
     assert "Data and pipelines are up to date" in result.stdout
+    # nothing ran: every stage is recorded as a Cached flow run of this pipeline run, under its own flow
+    (run_id,) = re.findall(r"carry the tag pipeline-run:(\w+)", result.stdout)
+    assert f"recorded {len(ALL_STAGES)} skipped (cached) stage(s) in Prefect" in result.stdout
+    query = subprocess.run([sys.executable, "-c", PREFECT_QUERY], env=env, capture_output=True, text=True)
+    runs = json.loads(query.stdout)["runs"]
+    cached = {n: r for n, rs in runs.items() for r in rs if f"pipeline-run:{run_id}" in r["tags"]}
+    assert {t for r in cached.values() for t in r["tags"] if t.startswith("stage:")} == {
+        f"stage:{s}" for s in ALL_STAGES
+    }
+    assert {r["state_name"] for r in cached.values()} == {"Cached"} and "train-mlp" in cached and "report" in cached
 
 
 def test_the_python_api_gives_the_stages_numbers(built, repo):

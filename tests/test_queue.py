@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_compare import BIN, queue_status_when_done, run
+from test_compare import BIN, queue_status_when_done, run, start_queue
 
 from pipeline.flows.runtime import free_port, start_prefect_server, stop_process
 
@@ -79,7 +79,7 @@ def test_two_queued_experiments_run_at_once_and_report_to_one_server(server, tmp
     assert len(names) == 4
     os.environ["PREFECT_API_URL"] = server  # `run` passes os.environ on: `dvc queue start` and its workers get it
     try:
-        run(root, dvc, "queue", "start", "-j", "2")
+        start_queue(root, 2)
         status = queue_status_when_done(root, 300)
         assert status.count("Success") == 4, status
     finally:

@@ -146,7 +146,19 @@ def configure_prefect(*, need_server: bool = False) -> str | None:
     for the life of this process, announced with one line on stderr.
 
     Returns the API URL in use, or None for ephemeral mode (announced with one warning line on stderr).
+
+    The stage then joins its pipeline run (:func:`pipeline.flows.chain.join_pipeline_run`): its flow and task runs
+    are tagged with the run's id, revision, experiment and stage, and the stages upstream of it that DVC skipped
+    are recorded as such.
     """
+    url = _choose_server(need_server=need_server)
+    from pipeline.flows.chain import join_pipeline_run
+
+    join_pipeline_run(url)
+    return url
+
+
+def _choose_server(*, need_server: bool) -> str | None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     for key, value in CLIENT_SETTINGS.items():
         os.environ.setdefault(key, value)

@@ -418,7 +418,8 @@ def test_the_prefect_api_records_every_stage_with_its_task_runs_and_artifacts(bu
     chained = [r for rs in runs.values() for r in rs if run_tag in r["tags"]]
     assert {t for r in chained for t in r["tags"] if t.startswith("stage:")} == {f"stage:{s}" for s in ALL_STAGES}
     assert {t for r in chained for t in r["tags"] if t.startswith("rev:")} == {"rev:unknown"}  # (no commit here)
-    assert all(r["state_name"] == "Completed" and all(run_tag in tags for tags in r["task_tags"]) for r in chained)
+    assert all(r["state_name"] == "Completed" for r in chained)
+    assert not any(tags for r in chained for tags in r["task_tags"])  # flow runs only (pipeline.flows.chain)
     assert {
         "metrics",
         "surface-resnet20",

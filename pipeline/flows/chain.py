@@ -2,8 +2,8 @@
 
 DVC runs each stage of a ``dvc repro`` (by hand, through ``landscape run``, ``dvc exp run`` or a queued experiment)
 as a process of its own, so Prefect sees unrelated flow runs. :func:`join_pipeline_run` (called by
-:func:`pipeline.flows.runtime.configure_prefect`, which every stage calls) gives each stage's flow run, and its task
-runs, the tags of :func:`run_tags`:
+:func:`pipeline.flows.runtime.configure_prefect`, which every stage calls) gives each stage's flow runs (every flow
+is declared with :func:`pipeline_flow`) the tags of :func:`run_tags`:
 
 - ``pipeline-run:<id>``: the one ``dvc repro`` (:func:`pipeline_run_id`);
 - ``rev:<sha>``: the git revision it ran at (an experiment's baseline commit; ``-dirty`` for uncommitted edits);
@@ -16,7 +16,8 @@ Completed state named ``Cached`` with the same tags (:func:`record_skipped`): by
 upstream of it (DVC has visited them all before it starts), and by ``landscape run`` for every stage of the run
 once ``dvc repro`` has succeeded (:func:`finish_pipeline_run`), which covers a run where nothing ran at all.
 
-The functions above :func:`join_pipeline_run` are Prefect-free; Prefect is imported inside the ones that use it.
+The task runs are not tagged (see :func:`tag_flow_run`); they are found under their flow run. The functions above
+the ``with Prefect`` line are Prefect-free; Prefect is imported inside the ones that use it.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def run_tags(environ: Mapping[str, str] = os.environ, run_id: str | None = None)
     return tags
 
 
-def stage_flow(stage: str) -> tuple[str, str]:
+def flow_names(stage: str) -> tuple[str, str]:
     """(flow name, flow run name) of a DVC stage's flow: ``train@mlp`` -> (``train``, ``train-mlp``);
     ``landscape_figures`` -> (``landscape-figures``, ``landscape-figures``); ``sweeps/dvc.yaml:sweep`` -> sweep."""
     name = stage.rsplit(":", 1)[-1]
@@ -135,19 +136,42 @@ def unrecorded(stages: Iterable[str], recorded: Iterable[str]) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------- with Prefect
 
-_ENTERED: list = []  # the tags context this process entered (one at a time)
+_TAGS: list[str] = []  # this process's tags (:func:`join_pipeline_run`), given to each flow run as it starts
 
 
-def apply_tags(tags: Iterable[str]) -> None:
-    """Enter ``prefect.tags(*tags)`` for the rest of this process: every flow and task run created after it has
-    them (a stage is one process; a second call replaces the first's tags)."""
-    from prefect import tags as prefect_tags
+def set_run_tags(tags: Iterable[str]) -> None:
+    """The tags :func:`tag_flow_run` gives every flow run this process starts from now on (a stage is one
+    process; a second call replaces the first's)."""
+    _TAGS[:] = list(tags)
 
-    while _ENTERED:
-        _ENTERED.pop().__exit__(None, None, None)
-    context = prefect_tags(*tags)
-    context.__enter__()
-    _ENTERED.append(context)
+
+def current_run_tags() -> list[str]:
+    """The tags set by :func:`set_run_tags` (empty before)."""
+    return list(_TAGS)
+
+
+def tag_flow_run(flow, flow_run, state) -> None:
+    """Prefect ``on_running`` hook: add this process's tags to the flow run that starts.
+
+    On the flow run only, not through ``prefect.tags``: every tag of a task run makes Prefect acquire a tag
+    concurrency slot on the server before the task runs (one more API call per task and a lease to renew), and
+    when the server answers 503 the task, and so the stage, fails. A hook's failure is logged by Prefect and stops
+    nothing.
+    """
+    if not _TAGS:
+        return
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run.id, tags=sorted(set(flow_run.tags) | set(_TAGS)))
+
+
+def pipeline_flow(**options):
+    """``prefect.flow(**options)`` whose runs carry this process's pipeline-run tags (:func:`tag_flow_run`):
+    the decorator of every stage's flow."""
+    from prefect import flow
+
+    return flow(on_running=[tag_flow_run], **options)
 
 
 def recorded_stages(run_id: str) -> set[str]:
@@ -178,7 +202,7 @@ def record_skipped(stages: Iterable[str], tags: Iterable[str]) -> list[str]:
     names = []
     with get_client(sync_client=True) as client:
         for stage in stages:
-            flow_name, run_name = stage_flow(stage)
+            flow_name, run_name = flow_names(stage)
             client.create_flow_run(
                 flow(name=flow_name)(_skipped_stage),
                 name=run_name,
@@ -194,15 +218,15 @@ def _skipped_stage() -> None:
 
 
 def join_pipeline_run(api_url: str | None, environ: Mapping[str, str] = os.environ) -> list[str]:
-    """Tag this stage's runs (:func:`run_tags`, :func:`apply_tags`); with a server (``api_url``), record the
-    stages upstream of this one that did not run in this pipeline run as skipped. Returns the tags.
+    """Tag this stage's flow runs (:func:`run_tags`, :func:`set_run_tags`); with a server (``api_url``), record
+    the stages upstream of this one that did not run in this pipeline run as skipped. Returns the tags.
 
-    Recording needs only the server's record of this run, and DVC's index (about half a second); any failure of
-    it is one warning line: it never stops a stage.
+    Recording needs the server's record of this run and DVC's index (about a second); any failure of it is one
+    warning line: it never stops a stage.
     """
     run_id = pipeline_run_id(environ)
     tags = run_tags(environ, run_id)
-    apply_tags(tags)
+    set_run_tags(tags)
     stage = environ.get("DVC_STAGE", "").strip()
     if api_url and run_id and stage:
         try:

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 
 from pipeline.config import HessianConfig, Params, resolve_device
 from pipeline.curvature.analysis import BN_MODE, analyse, eigen_settings
 from pipeline.curvature.figures import plot_density, plot_sharpness, plot_spectrum
 from pipeline.curvature.operators import ProbeSet
 from pipeline.data import PreparedData, load_prepared
+from pipeline.flows.chain import pipeline_flow
 from pipeline.flows.common import Progress, table_artifact, unit_of_work
 from pipeline.io import save_torch, write_json
 from pipeline.metrics import hessian_headline
@@ -84,7 +85,7 @@ def analyse_checkpoint(
     }
 
 
-@flow(name="hessian", flow_run_name="hessian-{run_name}")
+@pipeline_flow(name="hessian", flow_run_name="hessian-{run_name}")
 def hessian_flow(
     params: Params,
     run_name: str,

@@ -12,12 +12,13 @@ from typing import Sequence
 
 import pandas as pd
 import torch
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.futures import as_completed
 
 from pipeline.config import LandscapeConfig, Params, resolve_device
 from pipeline.curvature.operators import ProbeSet
 from pipeline.data import DataError, PreparedData, load_prepared
+from pipeline.flows.chain import pipeline_flow
 from pipeline.flows.cluster import local_cluster_threads
 from pipeline.flows.common import Progress, table_artifact, unit_of_work
 from pipeline.io import plot_placeholder, save_torch, write_json
@@ -382,7 +383,7 @@ def _alignment_payload(run_name: str, cfg: LandscapeConfig, alignment: Alignment
     return payload
 
 
-@flow(name="interpolate", flow_run_name="interpolate-{run_name}")
+@pipeline_flow(name="interpolate", flow_run_name="interpolate-{run_name}")
 def interpolate_flow(
     params: Params,
     run_name: str,
@@ -667,7 +668,7 @@ def curvature_point(
     return curvature_at(model, directions, coords, probe, tol=tol, seed=seed, loss=loss)
 
 
-@flow(name="surface", flow_run_name="surface-{run_name}")
+@pipeline_flow(name="surface", flow_run_name="surface-{run_name}")
 def surface_flow(
     params: Params,
     run_name: str,

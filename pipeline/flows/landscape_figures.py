@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 
 from pipeline.config import Params
 from pipeline.errors import DataError
+from pipeline.flows.chain import pipeline_flow
 from pipeline.io import plot_placeholder
 from pipeline.landscape.figures import (
     plot_connectivity_side_by_side,
@@ -17,7 +18,7 @@ from pipeline.landscape.figures import (
 )
 
 
-@flow(name="landscape-figures", flow_run_name="landscape-figures")
+@pipeline_flow(name="landscape-figures", flow_run_name="landscape-figures")
 def landscape_figures_flow(params: Params, tables_dir: Path, out_dir: Path) -> dict:
     """The runs side by side: surfaces on one colour scale, 1-D curves along the random direction, and the
     mode-connectivity paths (naive, aligned, with statistics reset or repaired) one column per run."""

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 
 from pipeline.config import Params
+from pipeline.flows.chain import pipeline_flow
 from pipeline.flows.common import table_artifact, unit_of_work
 from pipeline.io import write_json
 from pipeline.metrics import collect, metrics_json
@@ -18,7 +19,7 @@ def collect_metrics(tables_dir: Path) -> dict:
     return collect(tables_dir)
 
 
-@flow(name="metrics", flow_run_name="metrics")
+@pipeline_flow(name="metrics", flow_run_name="metrics")
 def metrics_flow(params: Params, tables_dir: Path, out_path: Path) -> dict:
     """Gather the headline numbers of the configured runs into one ``metrics.json`` (for ``dvc metrics diff``)."""
     metrics, missing = metrics_json(collect_metrics(tables_dir), [run.name for run in params.runs])

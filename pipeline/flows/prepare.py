@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 
 from pipeline.config import Params
 from pipeline.data import prepare_dataset, save_prepared
+from pipeline.flows.chain import pipeline_flow
 from pipeline.flows.common import unit_of_work
 
 
-@flow(name="prepare", flow_run_name="prepare-{params.data.dataset}")
+@pipeline_flow(name="prepare", flow_run_name="prepare-{params.data.dataset}")
 def prepare_flow(params: Params, out_dir: Path) -> dict:
     """Load, split and standardise the dataset; fix the probe subset; write ``out_dir``."""
     logger = get_run_logger()

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 
 from pipeline.config import Params
 from pipeline.errors import DataError
+from pipeline.flows.chain import pipeline_flow
 from pipeline.flows.common import markdown_artifact, table_artifact, unit_of_work
 from pipeline.io import plot_placeholder
 from pipeline.provenance import git_revision
@@ -92,7 +93,7 @@ def write_documents(report: Report, out_dir: Path) -> tuple[Path, Path]:
     )
 
 
-@flow(name="report", flow_run_name="report")
+@pipeline_flow(name="report", flow_run_name="report")
 def report_flow(
     params: Params,
     metrics_path: Path,

@@ -8,12 +8,13 @@ import time
 from pathlib import Path
 
 import torch
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 
 from pipeline.config import Params, resolve_device
 from pipeline.curvature.analysis import BN_MODE
 from pipeline.curvature.operators import ProbeSet
 from pipeline.data import PreparedData, load_prepared
+from pipeline.flows.chain import pipeline_flow
 from pipeline.flows.common import Progress, table_artifact, unit_of_work
 from pipeline.io import write_json
 from pipeline.metrics import summarise
@@ -76,7 +77,7 @@ def measure_seed(
     return row
 
 
-@flow(name="seeds", flow_run_name="seeds-{run_name}")
+@pipeline_flow(name="seeds", flow_run_name="seeds-{run_name}")
 def seeds_flow(
     params: Params,
     run_name: str,

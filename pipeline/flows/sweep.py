@@ -7,12 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.futures import as_completed
 
 from pipeline.config import HessianConfig
 from pipeline.curvature.operators import ProbeSet
 from pipeline.data import PreparedData
+from pipeline.flows.chain import pipeline_flow
 from pipeline.flows.common import Progress, markdown_artifact, table_artifact, unit_of_work
 from pipeline.sweep.cluster import ClusterError
 from pipeline.sweep.grid import (
@@ -89,7 +90,7 @@ def aggregate(points: list[Point], results: dict[str, dict], params: SweepParams
     return write_outputs(frame, out_dir)
 
 
-@flow(name="sweep", flow_run_name="sweep-{params.data.dataset}")
+@pipeline_flow(name="sweep", flow_run_name="sweep-{params.data.dataset}")
 def sweep_flow(params: SweepParams, data: PreparedData, points_dir: Path, out_dir: Path) -> dict:
     """Train and measure every point of ``params.grid`` under ``points_dir/<point>/`` (finished points with the same
     fingerprint are reused), then write the sweep's outputs to ``out_dir``."""

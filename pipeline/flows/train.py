@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 
 from pipeline.config import Params, RunConfig
 from pipeline.curvature.operators import BN_MODE
 from pipeline.data import load_prepared
+from pipeline.flows.chain import pipeline_flow
 from pipeline.flows.common import Progress, table_artifact, unit_of_work
 from pipeline.io import write_json
 from pipeline.live import EpochLog
@@ -115,7 +116,7 @@ def _train(
     return summary
 
 
-@flow(name="train", flow_run_name="train-{run_name}")
+@pipeline_flow(name="train", flow_run_name="train-{run_name}")
 def train_flow(
     params: Params,
     run_name: str,
@@ -149,7 +150,7 @@ def partner_run(params: Params, run_name: str) -> RunConfig:
     return dataclasses.replace(run, train=dataclasses.replace(run.train, seed=seed, track_sharpness_every=0))
 
 
-@flow(name="partner", flow_run_name="partner-{run_name}")
+@pipeline_flow(name="partner", flow_run_name="partner-{run_name}")
 def partner_flow(
     params: Params, run_name: str, data_dir: Path, checkpoint_dir: Path, history_path: Path, metrics_path: Path
 ) -> dict:

@@ -132,9 +132,8 @@ def repro_with_prefect(port: int, dvc_args: Sequence[str]) -> int:
         code = _run_forwarding_signals(["dvc", "repro", *dvc_args], env)
         if code == 0:  # the stages DVC skipped, as Cached flow runs of this run (a failed run skipped nothing)
             targets = [a for a in dvc_args if not a.startswith("-")] or ["dvc.yaml"]  # (dvc repro's default)
-            os.environ["PREFECT_API_URL"] = url
             try:
-                skipped = finish_pipeline_run(run_id, ".", targets)
+                skipped = finish_pipeline_run(run_id, ".", targets, url)
             except Exception as err:  # noqa: BLE001 - the record is for the UI; the run itself succeeded
                 print(f"warning: skipped stages not recorded in Prefect ({type(err).__name__}: {err})", flush=True)
             else:

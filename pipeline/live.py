@@ -53,18 +53,31 @@ def epoch_rows(history: Iterable[Mapping[str, object]]) -> list[Mapping[str, obj
     return sorted((r for r in history if r.get("scope") == "epoch"), key=lambda r: int(r["epoch"]))
 
 
-class EpochLog:
-    """DVCLive's ``Live`` on ``folder`` for one run: :meth:`log` an epoch row, :meth:`close` at the end.
+def _live(folder: Path):
+    """DVCLive's ``Live`` writing ``folder``'s files only, without its DVC integration.
 
-    ``dvcyaml=False``: the stage's ``dvc.yaml`` entry declares the files (DVCLive writing a ``dvc.yaml`` of its own
-    would duplicate them); no experiment is saved by DVCLive (``dvc exp run`` saves it).
+    That integration opens the DVC repository and asks git for the baseline revision, to save an experiment or
+    write a ``dvc.yaml`` of its own, neither of which is wanted here: the stage's ``dvc.yaml`` entry declares the
+    files, and ``dvc exp run`` saves the experiment. It also fails in a git repository without commits (dvclive
+    3.49: ``scm.get_rev()`` raises ``SCMError: Empty git repo``, which its ``catch_and_warn(DvcException)`` lets
+    through) and costs the stage a DVC repository open.
     """
+    from dvclive import Live
+
+    class FilesOnly(Live):
+        def _init_dvc(self) -> None:
+            pass
+
+    return FilesOnly(str(folder), dvcyaml=False, save_dvc_exp=False, report=None)
+
+
+class EpochLog:
+    """DVCLive's ``Live`` on ``folder`` for one run (:func:`_live`): :meth:`log` an epoch row, :meth:`close` at the
+    end."""
 
     def __init__(self, folder: str | Path, history: Iterable[Mapping[str, object]] = ()):
-        from dvclive import Live
-
         self.folder = Path(folder)
-        self.live = Live(str(self.folder), dvcyaml=False, save_dvc_exp=False, report=None)
+        self.live = _live(self.folder)
         for row in epoch_rows(history):  # a resumed run: the epochs its checkpoints restored
             self.log(row)
 

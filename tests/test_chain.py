@@ -285,10 +285,10 @@ def test_one_dvc_repro_is_one_tagged_chain_and_a_skipped_stage_shows_as_cached(s
     run_id = uuid.uuid4().hex[:12]  # (as landscape run makes it; the server's database outlives this test)
     environ = {**os.environ, chain.PIPELINE_RUN_ENV: run_id}
     assert "skipping" in subprocess.run([dvc, "repro"], cwd=root, env=environ, capture_output=True, text=True).stdout
-    assert chain.finish_pipeline_run(run_id, root, ["dvc.yaml"]) == ["first", "second"]
+    assert chain.finish_pipeline_run(run_id, root, ["dvc.yaml"], server) == ["first", "second"]
     cached = _flow_runs(server, f"pipeline-run:{run_id}")
     assert {s: r["state_name"] for s, r in cached.items()} == {"first": "Cached", "second": "Cached"}
-    assert chain.finish_pipeline_run(run_id, root, ["dvc.yaml"]) == []  # recorded once
+    assert chain.finish_pipeline_run(run_id, root, ["dvc.yaml"], server) == []  # recorded once
 
 
 def test_a_running_queued_experiment_shows_its_epoch_in_dvc_exp_show_and_its_runs_carry_its_name(standin, server):

@@ -71,3 +71,21 @@ def test_a_resumed_run_writes_what_an_uninterrupted_one_does(tmp_path):
     for path in sorted((tmp_path / "whole").rglob("*.*")):
         twin = tmp_path / "resumed" / path.relative_to(tmp_path / "whole")
         assert twin.read_text() == path.read_text(), path
+
+
+def test_it_logs_in_a_dvc_repository_whose_git_has_no_commit_yet(tmp_path, monkeypatch):
+    """A fresh `git init` + `dvc init`, as a new project (and the tests' copies) start: DVCLive's own DVC
+    integration asked git for a revision there and failed (dvclive 3.49: SCMError 'Empty git repo')."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([str(Path(sys.executable).parent / "dvc"), "init", "-q"], cwd=tmp_path, check=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))  # as under dvc repro
+    log = EpochLog("live")
+    log.log(_row(0))
+    log.close()
+    assert json.loads((tmp_path / "live/metrics.json").read_text())["step"] == 0
+    assert not (tmp_path / "live/dvc.yaml").exists() and not (tmp_path / "dvc.yaml").exists()

@@ -239,11 +239,15 @@ def join_pipeline_run(api_url: str | None, environ: Mapping[str, str] = os.envir
     return tags
 
 
-def finish_pipeline_run(run_id: str, root: str | Path, targets: Iterable[str] | None) -> list[str]:
+def finish_pipeline_run(run_id: str, root: str | Path, targets: Iterable[str] | None, api_url: str) -> list[str]:
     """After a successful ``dvc repro`` of ``targets`` under ``landscape run``: record every stage of it that has
-    no flow run of this pipeline run as skipped. Returns the stages recorded."""
+    no flow run of this pipeline run on the server at ``api_url`` as skipped. Returns the stages recorded."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     environ = {**os.environ, PIPELINE_RUN_ENV: run_id, "DVC_ROOT": str(root)}
     tags = run_tags(environ, run_id)
-    missing = unrecorded(stage_graph(root, targets), recorded_stages(run_id))
-    record_skipped(missing, tags)
+    graph = stage_graph(root, targets)
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):  # (whatever this process's settings say)
+        missing = unrecorded(graph, recorded_stages(run_id))
+        record_skipped(missing, tags)
     return missing

@@ -79,3 +79,19 @@ def pytest_collection_modifyitems(config, items):
 
 
 from pipeline.sweep.cluster import local_cluster as dask_cluster  # noqa: E402, F401 - the tests' cluster
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real Prefect server on 127.0.0.1 for the module (its home, and log, in a temporary folder): its API URL."""
+    from pipeline.flows.runtime import free_port, start_prefect_server, stop_process
+
+    home = tmp_path_factory.mktemp("prefect")
+    previous = Path.cwd()
+    os.chdir(home)  # the server's log goes to ./.prefect
+    try:
+        process = start_prefect_server(free_port())
+    finally:
+        os.chdir(previous)
+    yield f"http://127.0.0.1:{process.args[-1]}/api"
+    stop_process(process)

@@ -18,10 +18,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-from test_compare import BIN, queue_status_when_done, run, start_queue
+from test_compare import BIN, queue_status_when_done, run, standin_repo, start_queue
 
 from pipeline.flows import chain
-from pipeline.flows.runtime import free_port, start_prefect_server, stop_process
+from pipeline.flows.runtime import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -194,19 +194,6 @@ DVC_YAML = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect")
-    previous = Path.cwd()
-    os.chdir(home)
-    try:
-        process = start_prefect_server(free_port())
-    finally:
-        os.chdir(previous)
-    yield f"http://127.0.0.1:{process.args[-1]}/api"
-    stop_process(process)
-
-
 def _api(server: str, path: str, body: dict) -> list[dict]:
     request = urllib.request.Request(
         f"{server}/{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
@@ -233,19 +220,15 @@ def _run_tag(flow_run: dict) -> str:
 
 @pytest.fixture
 def standin(tmp_path, server):
-    root = tmp_path / "repo"
-    root.mkdir()
-    dvc = str(BIN / "dvc")
-    run(root, "git", "init", "-q")
-    run(root, dvc, "init", "-q")
-    run(root, dvc, "config", "core.analytics", "false")
-    (root / "first.py").write_text(FIRST)
-    (root / "second.py").write_text(SECOND)
-    (root / "dvc.yaml").write_text(DVC_YAML)
-    (root / "params.yaml").write_text("train:\n  lr: 0.1\n  epochs: 3\n  sleep: 0.0\n")
-    (root / ".gitignore").write_text("/live/\n")
-    run(root, "git", "add", "-A")
-    run(root, "git", "commit", "-qm", "stand-in")
+    params = "train:\n  lr: 0.1\n  epochs: 3\n  sleep: 0.0\n"
+    files = {
+        "first.py": FIRST,
+        "second.py": SECOND,
+        "dvc.yaml": DVC_YAML,
+        "params.yaml": params,
+        ".gitignore": "/live/\n",
+    }
+    root = standin_repo(tmp_path / "repo", files)
     os.environ["PREFECT_API_URL"] = server  # `run` passes os.environ on: dvc, its stages and the queue's workers
     try:
         yield root

@@ -28,7 +28,7 @@ from conftest import REPO, dask_cluster
 from ruamel.yaml import YAML
 
 from pipeline.config import ConfigError
-from pipeline.flows.runtime import free_port, start_prefect_server, stop_process
+from pipeline.flows.runtime import free_port
 from pipeline.sweep.cluster import ClusterError, _probe, check_cluster, worker_identity, worker_problems
 from pipeline.sweep.grid import parse_sweep_params
 
@@ -78,20 +78,6 @@ def task_runs(url: str, flow_run: str) -> dict[str, str]:
     """``{task run name: state}`` of ``flow_run``."""
     runs = api(url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run]}}, "limit": 200})
     return {run["name"]: run["state_type"] for run in runs}
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect")
-    previous = Path.cwd()
-    os.chdir(home)  # the server's log goes to ./.prefect
-    try:
-        process = start_prefect_server(free_port())
-    finally:
-        os.chdir(previous)
-    url = f"http://127.0.0.1:{process.args[-1]}/api"
-    yield url
-    stop_process(process)
 
 
 @pytest.fixture(scope="module")

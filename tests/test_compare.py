@@ -50,6 +50,19 @@ def run(repo, *args, check=True):
     return result
 
 
+def standin_repo(root: Path, files: dict[str, str]) -> Path:
+    """A new git + DVC repository at ``root`` holding ``files`` (path -> text), committed: a stand-in pipeline."""
+    root.mkdir()
+    run(root, "git", "init", "-q")
+    run(root, str(BIN / "dvc"), "init", "-q")
+    run(root, str(BIN / "dvc"), "config", "core.analytics", "false")
+    for name, text in files.items():
+        (root / name).write_text(text)
+    run(root, "git", "add", "-A")
+    run(root, "git", "commit", "-qm", "stand-in")
+    return root
+
+
 def start_queue(repo, jobs: int) -> None:
     """`dvc queue start -j JOBS`, returning once the workers are started (not when they are done: the workers
     outlive the command and keep its output open, so their output goes to a file, not to a pipe `run` waits on)."""

@@ -12,12 +12,8 @@ import re
 import subprocess
 import textwrap
 import urllib.request
-from pathlib import Path
 
-import pytest
-from test_compare import BIN, queue_status_when_done, run, start_queue
-
-from pipeline.flows.runtime import free_port, start_prefect_server, stop_process
+from test_compare import BIN, queue_status_when_done, run, standin_repo, start_queue
 
 STAGE = textwrap.dedent("""
     import json, os, pathlib, time
@@ -48,32 +44,10 @@ DVC_YAML = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect")
-    previous = Path.cwd()
-    os.chdir(home)
-    try:
-        process = start_prefect_server(free_port())
-    finally:
-        os.chdir(previous)
-    yield f"http://127.0.0.1:{process.args[-1]}/api"
-    stop_process(process)
-
-
 def test_two_queued_experiments_run_at_once_and_report_to_one_server(server, tmp_path):
-    root = tmp_path / "repo"
-    root.mkdir()
+    files = {"stage.py": STAGE, "dvc.yaml": DVC_YAML, "params.yaml": "train:\n  lr: 0.1\n", ".gitignore": "/reports/\n"}
+    root = standin_repo(tmp_path / "repo", files)
     dvc = str(BIN / "dvc")
-    run(root, "git", "init", "-q")
-    run(root, dvc, "init", "-q")
-    run(root, dvc, "config", "core.analytics", "false")
-    (root / "stage.py").write_text(STAGE)
-    (root / "dvc.yaml").write_text(DVC_YAML)
-    (root / "params.yaml").write_text("train:\n  lr: 0.1\n")
-    (root / ".gitignore").write_text("/reports/\n")
-    run(root, "git", "add", "-A")
-    run(root, "git", "commit", "-qm", "stand-in")
     queued = run(root, dvc, "exp", "run", "--queue", "-S", "train.lr=0.2,0.3,0.4,0.5")
     names = re.findall(r"Queued experiment '([^']+)'", queued.stdout)
     assert len(names) == 4

@@ -8,27 +8,35 @@ import subprocess
 import sys
 from functools import lru_cache
 from pathlib import Path
+from typing import Iterable
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
-@lru_cache(maxsize=1)
-def git_revision() -> str:
-    """``<sha>`` of HEAD, with ``-dirty`` when tracked files differ; ``unknown`` outside a git checkout."""
+def git_revision_of(root: str | Path, exclude: Iterable[str] = (), digits: int | None = None) -> str:
+    """``<sha>`` of HEAD in the git checkout holding ``root`` (its first ``digits`` hex digits), with ``-dirty`` when
+    tracked files differ, other than those the pathspecs ``exclude`` leave out; ``unknown`` outside a checkout."""
     try:
         sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=PACKAGE_DIR
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=root
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", *exclude],
             capture_output=True,
             text=True,
             check=True,
-            cwd=PACKAGE_DIR,
+            cwd=root,
         ).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
+        return sha[:digits] + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+@lru_cache(maxsize=1)
+def git_revision() -> str:
+    """``<sha>`` of HEAD of this package's checkout, with ``-dirty`` when tracked files differ; ``unknown`` outside a
+    git checkout."""
+    return git_revision_of(PACKAGE_DIR)
 
 
 # The sources whose code decides the trained weights: the training wing, the data it trains on, the kernel pinning.

@@ -25,9 +25,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import subprocess
 from pathlib import Path
 from typing import Iterable, Mapping
+
+from pipeline.provenance import git_revision_of
 
 PIPELINE_RUN_ENV = "LANDSCAPE_PIPELINE_RUN"  # set by `landscape run` for its `dvc repro`
 CACHED = "Cached"  # the name of a skipped stage's Completed state (Prefect's own name for a cached result)
@@ -69,20 +70,7 @@ DVC_WRITES = (":(exclude,glob)**/dvc.lock", ":(exclude,glob)**/.gitignore")
 def git_revision(root: str | Path) -> str:
     """12 hex digits of HEAD in ``root``, with ``-dirty`` when tracked files other than those DVC writes as it runs
     (:data:`DVC_WRITES`) differ from it; ``unknown`` outside git."""
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *DVC_WRITES],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return sha[:12] + ("-dirty" if dirty else "")
+    return git_revision_of(root, DVC_WRITES, digits=12)
 
 
 def run_tags(environ: Mapping[str, str] = os.environ, run_id: str | None = None) -> list[str]:

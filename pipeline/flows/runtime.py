@@ -147,9 +147,9 @@ def configure_prefect(*, need_server: bool = False) -> str | None:
 
     Returns the API URL in use, or None for ephemeral mode (announced with one warning line on stderr).
 
-    The stage then joins its pipeline run (:func:`pipeline.flows.chain.join_pipeline_run`): its flow and task runs
-    are tagged with the run's id, revision, experiment and stage, and the stages upstream of it that DVC skipped
-    are recorded as such.
+    The stage then joins its pipeline run (:func:`pipeline.flows.chain.join_pipeline_run`): its flow runs are
+    tagged with the run's id, revision, experiment and stage, and the stages upstream of it that DVC skipped are
+    recorded as such.
     """
     url = _choose_server(need_server=need_server)
     from pipeline.flows.chain import join_pipeline_run
